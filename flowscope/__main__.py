@@ -1,0 +1,5 @@
+"""``python -m flowscope ...`` is the same as ``flowscope ...``."""
+
+from flowscope.cli import run
+
+run()

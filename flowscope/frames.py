@@ -1,0 +1,212 @@
+"""Tidy frames: the one place where recorded tensors become pandas, and their files.
+
+``stats``: one row per (run, step, layer, kind, call, tensor), one column per statistic.
+``hists``: one row per histogram bin, ``hist`` = "linear" (every bin, over the snapshot's own
+finite range) or "log" (non-empty bins on the fixed log-magnitude edges).
+Both are saved as Parquet with flowscope's metadata in the file, and ``meta.json`` beside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flowscope.errors import FlowscopeError
+from flowscope.stats import RAW, HistSpec, LogEdges
+
+KEYS = ["run", "step", "layer_idx", "layer", "module_type", "kind", "call", "tensor"]
+STATS = [
+    "count",
+    "nan",
+    "inf",
+    "mean",
+    "std",
+    "rms",
+    "min",
+    "max",
+    "absmax",
+    "frac_zero",
+    "frac_saturated",
+]
+EXTRA = ["dtype", "device", "hist_stride"]
+HIST_COLUMNS = ["hist", "bin", "lo", "hi", "count"]
+META_KEY = b"flowscope"
+FILES = ("stats.parquet", "hists.parquet", "meta.json")
+
+
+@dataclass
+class Records:
+    """Frames and metadata of one recording (or one study config)."""
+
+    stats: pd.DataFrame
+    hists: pd.DataFrame
+    meta: dict[str, Any]
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write the three files into ``out_dir`` atomically (temporary file, then rename)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet(self.stats, out / "stats.parquet", self.meta)
+        write_parquet(self.hists, out / "hists.parquet", self.meta)
+        atomic_write_text(out / "meta.json", json.dumps(self.meta, indent=2, default=str))
+        return out
+
+
+def load(run_dir: str | os.PathLike[str]) -> Records:
+    """Read a folder written by ``Recorder.save`` / ``Records.save``.
+
+    Example:
+        >>> rec = load("reports/my-model")  # doctest: +SKIP
+        >>> rec.stats.query("kind == 'gradient'")  # doctest: +SKIP
+
+    Raises:
+        FlowscopeError: when the folder or one of its files is missing or not flowscope's.
+    """
+    folder = Path(run_dir)
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise FlowscopeError(
+            f"{str(folder)!r} is not a flowscope records folder: missing {', '.join(missing)}"
+        )
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        stats = pq.read_table(folder / "stats.parquet").to_pandas()
+        hists = pq.read_table(folder / "hists.parquet").to_pandas()
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise FlowscopeError(f"cannot read flowscope records in {str(folder)!r}: {err}") from err
+    absent = [c for c in KEYS + STATS if c not in stats.columns]
+    if absent:
+        raise FlowscopeError(f"{str(folder / 'stats.parquet')!r} lacks columns {absent}")
+    return Records(stats=stats, hists=hists, meta=meta)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new, never half."""
+    with _atomic(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
+    """Parquet with flowscope's metadata in the schema, written atomically."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    merged = {**(table.schema.metadata or {}), META_KEY: json.dumps(meta, default=str).encode()}
+    with _atomic(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(merged), tmp)
+
+
+class _atomic:
+    """Context manager yielding a temporary path in the target's folder, renamed on success."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def build_records(
+    host: Sequence[tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]],
+    spec: HistSpec,
+    meta: dict[str, Any],
+    run: str,
+) -> Records:
+    """Frames from the recorder's host buffers: (keys, raw, linear counts, log counts) chunks."""
+    keys = [k for chunk in host for k in chunk[0]]
+    if not keys:
+        return Records(_empty_stats(), pd.DataFrame(columns=KEYS + HIST_COLUMNS), meta)
+    raw = np.concatenate([c[1] for c in host])
+    lin = np.concatenate([c[2] for c in host])
+    log = np.concatenate([c[3] for c in host])
+    index = pd.DataFrame([asdict(k) for k in keys])
+    index.insert(0, "run", run)
+    stats = pd.concat([index[KEYS], moments(raw), index[["dtype", "device"]]], axis=1)
+    stats["hist_stride"] = raw[:, RAW["stride"]].astype(np.int64)
+    hists = pd.concat(
+        [linear_bins(index[KEYS], raw, lin), log_bins(index[KEYS], log, spec.log)],
+        ignore_index=True,
+    )
+    return Records(stats=stats, hists=hists, meta={**meta, "run": run})
+
+
+def _empty_stats() -> pd.DataFrame:
+    return pd.DataFrame(columns=KEYS + STATS + EXTRA)
+
+
+def moments(raw: np.ndarray) -> pd.DataFrame:
+    """The statistics columns from raw snapshot vectors (rows of ``stats.RAW_FIELDS``)."""
+    col = {name: raw[:, i] for name, i in RAW.items()}
+    n = col["numel"]
+    finite = n - col["nonfinite"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d_mean = col["sum"] / finite
+        var = np.maximum(col["sumsq"] / finite - d_mean**2, 0.0)
+        mean = col["shift"] + d_mean
+        lo = col["shift"] + col["min"]
+        hi = col["shift"] + col["max"]
+        out = {
+            "count": n.astype(np.int64),
+            "nan": col["nan"].astype(np.int64),
+            "inf": (col["nonfinite"] - col["nan"]).astype(np.int64),
+            "mean": mean,
+            "std": np.sqrt(var),
+            "rms": np.sqrt(var + mean**2),
+            "min": lo,
+            "max": hi,
+            "absmax": np.maximum(np.abs(lo), np.abs(hi)),
+            "frac_zero": (n - col["nonzero"]) / finite,
+            "frac_saturated": col["saturated"] / finite,
+        }
+    return pd.DataFrame(out)
+
+
+def linear_bins(index: pd.DataFrame, raw: np.ndarray, lin: np.ndarray) -> pd.DataFrame:
+    """One row per linear bin; edges from each snapshot's own finite [min, max]."""
+    snaps, bins = lin.shape
+    lo = raw[:, RAW["shift"]] + raw[:, RAW["min"]]
+    width = (raw[:, RAW["max"]] - raw[:, RAW["min"]]) / bins
+    b = np.tile(np.arange(bins), snaps)
+    rows = np.repeat(np.arange(snaps), bins)
+    frame = index.iloc[rows].reset_index(drop=True)
+    frame["hist"] = "linear"
+    frame["bin"] = b
+    frame["lo"] = lo[rows] + b * width[rows]
+    frame["hi"] = lo[rows] + (b + 1) * width[rows]
+    frame["count"] = lin.reshape(-1)
+    return frame
+
+
+def log_bins(index: pd.DataFrame, log: np.ndarray, edges: LogEdges) -> pd.DataFrame:
+    """One row per non-empty bin of the fixed log-magnitude histogram."""
+    rows, b = np.nonzero(log)
+    bounds = np.array([edges.bounds(i) for i in range(edges.size)])
+    frame = index.iloc[rows].reset_index(drop=True)
+    frame["hist"] = "log"
+    frame["bin"] = b
+    frame["lo"] = bounds[b, 0]
+    frame["hi"] = bounds[b, 1]
+    frame["count"] = log[rows, b]
+    return frame
+
+
+def log_edges_of(meta: dict[str, Any]) -> LogEdges:
+    """The log-histogram edges a recording used, from its metadata."""
+    lo, hi, per_decade = meta.get("log_edges", (-30, 30, 1))
+    return LogEdges(lo=int(lo), hi=int(hi), per_decade=int(per_decade))

@@ -1,0 +1,484 @@
+"""Hooks on any PyTorch model: ``fs.watch(model)`` records per-layer distributions.
+
+The recorder attaches forward hooks to the selected modules (every leaf by default), captures
+dL/d(output) with ``output.register_hook`` set from inside the forward hook (full backward
+hooks reject in-place ops such as ``ReLU(inplace=True)``), and reads parameters and their
+gradients with post-accumulate-grad hooks. Every snapshot is reduced on the tensor's device by
+:func:`flowscope.stats.snapshot`; nothing is copied to the host until a flush.
+
+This module imports torch only; frames are built lazily by :mod:`flowscope.frames`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from flowscope.errors import FlowscopeError, unknown
+from flowscope.stats import RAW_FIELDS, HistSpec, LogEdges, snapshot
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flowscope.frames import Records
+
+KINDS = ("activation", "gradient", "weight", "weight_grad")
+ROOT = "<root>"
+
+# Saturation intervals by module type: finite outputs at or beyond (lo, hi) count as saturated.
+DEFAULT_SATURATION: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Tanh: (-0.99, 0.99),
+    nn.Sigmoid: (0.01, 0.99),
+    nn.Softsign: (-0.99, 0.99),
+    nn.Hardsigmoid: (0.0, 1.0),
+}
+# Modules whose outputs are exactly zero on a set of positive measure: with drop_zeros="auto"
+# their linear histograms leave the zeros out and the zero share is stated instead.
+ZERO_OUTPUT: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
+)
+
+ModuleSelector = type[nn.Module] | str
+SaturationMap = Mapping[type[nn.Module] | str, tuple[float, float] | None]
+
+
+@dataclass(frozen=True)
+class SnapKey:
+    """Where a snapshot came from: one row of the stats frame."""
+
+    step: int
+    layer_idx: int
+    layer: str
+    module_type: str
+    kind: str
+    call: int
+    tensor: str
+    dtype: str
+    device: str
+
+
+@dataclass
+class _Buffers:
+    """Snapshots not yet flushed (device tensors) and those already on the host."""
+
+    keys: list[SnapKey] = field(default_factory=list)
+    raw: list[torch.Tensor] = field(default_factory=list)
+    lin: list[torch.Tensor] = field(default_factory=list)
+    log: list[torch.Tensor] = field(default_factory=list)
+
+
+def watch(
+    model: nn.Module,
+    *,
+    modules: ModuleSelector | Sequence[ModuleSelector] | None = None,
+    kinds: Sequence[str] = KINDS,
+    every: int = 1,
+    bins: int = 64,
+    hist_sample: int = 32768,
+    log_bins_per_decade: int = 1,
+    saturation: SaturationMap | None = None,
+    drop_zeros: bool | Literal["auto"] = "auto",
+    name: str = "",
+) -> Recorder:
+    """Attach flowscope to ``model`` and return the recorder (also a context manager).
+
+    Example:
+        >>> import torch, flowscope as fs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+        >>> with fs.watch(model) as rec:
+        ...     model(torch.randn(8, 4)).sum().backward()
+        >>> sorted(rec.stats.kind.unique())
+        ['activation', 'gradient', 'weight', 'weight_grad']
+
+        In a training loop: ``rec = fs.watch(model, every=50)``, ``rec.step()`` after each
+        optimizer step, ``rec.close()`` at the end.
+
+    Args:
+        model: any ``nn.Module``.
+        modules: which modules to watch: a module type, a glob on qualified names
+            (``"encoder.*.mlp"``), or a list of them. Default: every leaf module and every
+            module that owns parameters directly.
+        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``.
+        every: record on steps 0, every, 2*every, ...; ``rec.step()`` advances the step.
+        bins: bins of the linear histogram (over each snapshot's own range).
+        hist_sample: histograms count a strided sample of at most this many elements;
+            the statistics are always exact.
+        log_bins_per_decade: resolution of the fixed log-magnitude histogram (1e-30..1e30).
+        saturation: per module type (class or class name) the (lo, hi) interval outside which
+            an output is saturated, or None to switch it off; merged into the defaults
+            (tanh/softsign +-0.99, sigmoid 0.01/0.99, hardtanh at its clamp values).
+        drop_zeros: leave exact zeros out of the linear histograms; "auto" does it for
+            ReLU-like modules' activations.
+        name: the ``run`` column of the frames.
+
+    Returns:
+        The attached :class:`Recorder`.
+
+    Raises:
+        FlowscopeError: for an unknown kind, a selector that matches no module, or a
+            setting out of range.
+    """
+    return Recorder(
+        model,
+        modules=modules,
+        kinds=kinds,
+        every=every,
+        hist=_hist_spec(bins, hist_sample, log_bins_per_decade),
+        saturation=saturation,
+        drop_zeros=drop_zeros,
+        name=name,
+    )
+
+
+def _hist_spec(bins: int, sample: int, per_decade: int) -> HistSpec:
+    """Validated histogram settings."""
+    for label, value, low in (
+        ("bins", bins, 1),
+        ("hist_sample", sample, 16),
+        ("log_bins_per_decade", per_decade, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise FlowscopeError(f"{label} must be an integer >= {low}, got {value!r}")
+    return HistSpec(bins=bins, sample=sample, log=LogEdges(per_decade=per_decade))
+
+
+class Recorder:
+    """Hooks on a model and the snapshots they took. Build it with :func:`watch`.
+
+    ``stats`` and ``hists`` are pandas frames (built on first access after new snapshots);
+    ``records()`` bundles them with ``meta`` for saving. ``close()`` removes every hook and is
+    safe to call twice.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: ModuleSelector | Sequence[ModuleSelector] | None,
+        kinds: Sequence[str],
+        every: int,
+        hist: HistSpec,
+        saturation: SaturationMap | None,
+        drop_zeros: bool | Literal["auto"],
+        name: str,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise FlowscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        self.kinds = _check_kinds(kinds)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise FlowscopeError(f"every must be an integer >= 1, got {every!r}")
+        if drop_zeros not in (True, False, "auto"):
+            raise FlowscopeError(f"drop_zeros must be True, False or 'auto', got {drop_zeros!r}")
+        self.model = model
+        self.every = every
+        self.hist = hist
+        self.name = name
+        self._drop_zeros = drop_zeros
+        self._saturation = _saturation_table(saturation)
+        self.targets = select_modules(model, modules)
+        self.step_index = 0
+        self._closed = False
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+        self._calls: dict[str, int] = {}
+        self._layer_idx: dict[str, int] = {}
+        self._pending = _Buffers()
+        self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
+        self._frames: Records | None = None
+        self.started = time.time()
+        self._attach()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (module, tensor and parameter hooks). Idempotent."""
+        self._closed = True
+        for handle in self._handles + self._tensor_handles:
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def active(self) -> bool:
+        """True when the current step is recorded."""
+        return not self._closed and self.step_index % self.every == 0
+
+    def step(self) -> None:
+        """Advance to the next training step (call once per optimizer step)."""
+        self.step_index += 1
+        self._calls.clear()
+        for handle in self._tensor_handles:  # tensors of finished steps: hooks no longer needed
+            handle.remove()
+        self._tensor_handles.clear()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        seen: set[int] = set()
+        for qualname, module in self.targets:
+            self._handles.append(module.register_forward_hook(self._forward_hook(qualname, module)))
+            if "weight_grad" not in self.kinds:
+                continue
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    hook = self._param_hook(qualname, module, pname, param)
+                    self._handles.append(param.register_post_accumulate_grad_hook(hook))
+
+    def _forward_hook(self, qualname: str, target: nn.Module) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if module is not target or not self.active:  # a deepcopy carries hooks along
+                return
+            call = self._calls.get(qualname, -1) + 1
+            self._calls[qualname] = call
+            self._layer_idx.setdefault(qualname, len(self._layer_idx))
+            if call == 0 and "weight" in self.kinds:
+                for pname, param in module.named_parameters(recurse=False):
+                    self._record(param, self._key(qualname, module, "weight", 0, pname, param))
+            for path, tensor in _float_tensors(output):
+                key = self._key(qualname, module, "activation", call, path, tensor)
+                if "activation" in self.kinds:
+                    self._record(tensor, key, module)
+                if "gradient" in self.kinds and tensor.requires_grad:
+                    gkey = SnapKey(**{**key.__dict__, "kind": "gradient"})
+                    self._tensor_handles.append(tensor.register_hook(self._grad_hook(gkey, module)))
+
+        return hook
+
+    def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if not self._closed:
+                self._record(grad, key, module)
+
+        return hook
+
+    def _param_hook(
+        self, qualname: str, module: nn.Module, pname: str, target: torch.Tensor
+    ) -> Any:
+        def hook(param: torch.Tensor) -> None:
+            if param is target and self.active and param.grad is not None:
+                self._layer_idx.setdefault(qualname, len(self._layer_idx))
+                self._record(
+                    param.grad, self._key(qualname, module, "weight_grad", 0, pname, param)
+                )
+
+        return hook
+
+    def _key(
+        self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
+    ) -> SnapKey:
+        return SnapKey(
+            step=self.step_index,
+            layer_idx=self._layer_idx.get(qualname, -1),
+            layer=qualname,
+            module_type=type(module).__name__,
+            kind=kind,
+            call=call,
+            tensor=path,
+            dtype=str(t.dtype).removeprefix("torch."),
+            device=str(t.device),
+        )
+
+    def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
+        """Reduce one tensor on its device and keep the result (no host transfer)."""
+        is_act = key.kind == "activation"
+        sat = self._saturation_for(module) if is_act and module is not None else None
+        drop = self._drop_zeros is True or (
+            self._drop_zeros == "auto" and is_act and isinstance(module, ZERO_OUTPUT)
+        )
+        raw, lin, log = snapshot(t, self.hist, sat, drop)
+        self._pending.keys.append(key)
+        self._pending.raw.append(raw)
+        self._pending.lin.append(lin)
+        self._pending.log.append(log)
+        self._frames = None
+
+    def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
+        for cls in type(module).__mro__:
+            if cls in self._saturation:
+                return self._saturation[cls]
+        if isinstance(module, nn.Hardtanh):  # also ReLU6: saturated at its clamp values
+            return (float(module.min_val), float(module.max_val))
+        return None
+
+    # -- results -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Move pending snapshots to the host: one transfer per device and buffer."""
+        pending, self._pending = self._pending, _Buffers()
+        if not pending.keys:
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for i, vec in enumerate(pending.raw):
+            by_device.setdefault(vec.device, []).append(i)
+        widths = np.cumsum([len(pending.raw[0]), len(pending.lin[0])])
+        for rows in by_device.values():
+            rows_on_device = [
+                torch.cat([pending.raw[i], pending.lin[i], pending.log[i]]) for i in rows
+            ]
+            host = torch.stack(rows_on_device).cpu().numpy()  # the one transfer
+            raw, lin, log = np.split(host, widths, axis=1)
+            self._host.append(([pending.keys[i] for i in rows], raw, lin, log))
+
+    def records(self) -> Records:
+        """All snapshots so far as frames plus metadata (see :class:`flowscope.frames.Records`)."""
+        from flowscope import frames
+
+        self.flush()
+        if self._frames is None:
+            self._frames = frames.build_records(self._host, self.hist, self.meta, self.name)
+        return self._frames
+
+    @property
+    def stats(self) -> pd.DataFrame:
+        """One row per (step, layer, kind, call, tensor); one column per statistic."""
+        return self.records().stats
+
+    @property
+    def hists(self) -> pd.DataFrame:
+        """One row per histogram bin (linear: every bin; log: non-empty bins)."""
+        return self.records().hists
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Versions, devices, dtypes, settings and times of this recording."""
+        devices = sorted({str(p.device) for p in self.model.parameters()}) or ["cpu"]
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()})
+        return {
+            "flowscope": _version(),
+            "torch": torch.__version__,
+            "model": type(self.model).__name__,
+            "devices": devices,
+            "dtypes": dtypes,
+            "kinds": list(self.kinds),
+            "every": self.every,
+            "bins": self.hist.bins,
+            "hist_sample": self.hist.sample,
+            "log_edges": [self.hist.log.lo, self.hist.log.hi, self.hist.log.per_decade],
+            "steps": self.step_index + 1,
+            "started": self.started,
+            "written": time.time(),
+            "raw_fields": list(RAW_FIELDS),
+        }
+
+    def save(self, out_dir: str) -> None:
+        """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``."""
+        self.records().save(out_dir)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step_index}"
+        return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
+
+
+def _version() -> str:
+    from flowscope import __version__
+
+    return __version__
+
+
+def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """Validated kinds, in canonical order."""
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise unknown("kind", kind, KINDS)
+    if not kinds:
+        raise FlowscopeError(f"kinds is empty; choose from {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def _saturation_table(overrides: SaturationMap | None) -> dict[type, tuple[float, float] | None]:
+    """Default saturation intervals updated with the user's (by class or class name)."""
+    table: dict[type, tuple[float, float] | None] = dict(DEFAULT_SATURATION)
+    by_name = {cls.__name__: cls for cls in vars(nn).values() if isinstance(cls, type)}
+    for target, interval in (overrides or {}).items():
+        cls = by_name.get(target) if isinstance(target, str) else target
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise unknown(
+                "module type in saturation",
+                target,
+                [n for n, c in by_name.items() if issubclass(c, nn.Module)],
+            )
+        if interval is not None:
+            ok = isinstance(interval, tuple | list) and len(interval) == 2
+            if not ok or not float(interval[0]) < float(interval[1]):
+                raise FlowscopeError(
+                    f"saturation for {cls.__name__} must be (lo, hi) with lo < hi, or None;"
+                    f" got {interval!r}"
+                )
+            interval = (float(interval[0]), float(interval[1]))
+        table[cls] = interval
+    return table
+
+
+def select_modules(
+    model: nn.Module, modules: ModuleSelector | Sequence[ModuleSelector] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs ``watch`` hooks, in ``named_modules`` order.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> [n for n, _ in select_modules(net, torch.nn.Linear)]
+        ['0']
+    """
+    named = [(n or ROOT, m) for n, m in model.named_modules()]
+    if modules is None:
+        return [
+            (n, m)
+            for n, m in named
+            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
+        ]
+    selectors = [modules] if isinstance(modules, str | type) else list(modules)
+    chosen: set[str] = set()
+    for sel in selectors:
+        if isinstance(sel, str):
+            hits = {n for n, _ in named if fnmatch.fnmatchcase(n, sel)}
+        elif isinstance(sel, type) and issubclass(sel, nn.Module):
+            hits = {n for n, m in named if isinstance(m, sel)}
+        else:
+            raise FlowscopeError(
+                f"modules entries are module types or name patterns (str), got {sel!r}"
+            )
+        if not hits:
+            shown = ", ".join(n for n, _ in named[:12]) + (", ..." if len(named) > 12 else "")
+            raise FlowscopeError(f"modules selector {sel!r} matches no module; names: {shown}")
+        chosen |= hits
+    return [(n, m) for n, m in named if n in chosen]
+
+
+def _float_tensors(
+    output: Any, path: str = "", depth: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Floating-point tensors in a module output, with their path ("" for a bare tensor)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point():
+            yield path, output
+    elif depth < 4 and isinstance(output, Mapping):
+        for k, v in output.items():
+            yield from _float_tensors(v, f"{path}.{k}" if path else str(k), depth + 1)
+    elif depth < 4 and isinstance(output, tuple | list):
+        for i, v in enumerate(output):
+            yield from _float_tensors(v, f"{path}.{i}" if path else str(i), depth + 1)

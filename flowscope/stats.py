@@ -1,0 +1,233 @@
+"""Statistics and histograms of one tensor snapshot, computed on the tensor's device.
+
+Nothing here waits on the accelerator: no ``.item()``, no ``.cpu()``, no Python branch on a
+tensor's value. Each snapshot becomes three small tensors on its device:
+
+* a float64 vector of ``RAW_FIELDS`` (sums, extremes and counts; the moments are finished on
+  the host in :mod:`flowscope.frames`, which is the only place tensors become pandas);
+* a linear histogram over the snapshot's own finite range ``[min, max]``;
+* a log-magnitude histogram on fixed edges (sign x decades, a zero bin, an underflow and an
+  overflow bin each side), so snapshots from any layer, step or run add up bin by bin.
+
+Moments are exact over every element. Histograms are counted on a deterministic strided
+sample of at most ``hist_sample`` elements (a prime stride, so a sample never locks onto one
+feature column); ``stride`` is recorded so counts can be scaled back.
+
+Statistics are over the finite values: NaN and Inf are counted, and the rest of the layer's
+numbers stay meaningful. The trick that keeps this branch-free: the tensor is shifted by one
+of its own finite values ``c`` and non-finite entries are replaced by that value (shifted: 0).
+A value of the tensor lies inside its own range, so min and max are unaffected, and it adds
+exactly 0 to the shifted sums. The shift also makes the variance from sums of squares
+numerically safe when the mean is far from zero (sigmoid outputs, say).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# The raw per-snapshot vector; frames.py turns it into count/mean/std/rms/... per row.
+RAW_FIELDS = (
+    "numel",  # all elements
+    "nonfinite",  # NaN + Inf
+    "nan",
+    "shift",  # c, the finite value the sums are taken about
+    "sum",  # sum of (x - c) over finite x
+    "sumsq",  # sum of (x - c)^2 over finite x
+    "min",  # min(x - c) over finite x
+    "max",  # max(x - c) over finite x
+    "nonzero",  # count of x != 0, NaN and Inf included
+    "saturated",  # count of finite x outside the saturation interval (NaN if no interval)
+    "stride",  # histogram sample stride (1 = every element)
+)
+RAW = {name: i for i, name in enumerate(RAW_FIELDS)}
+
+SHIFT_PROBE = 64  # the shift is the first finite value among the first SHIFT_PROBE elements
+
+
+@dataclass(frozen=True)
+class LogEdges:
+    """Fixed log-magnitude bins: ``per_decade`` bins per decade from 1e``lo`` to 1e``hi``.
+
+    Layout of the ``2 * per_sign + 1`` counts: negative values from the most negative
+    (index 0) towards zero, then the exact-zero bin, then positive values upwards. Per sign:
+    an underflow bin (0 < |x| < 1e``lo``), the decades, an overflow bin (|x| >= 1e``hi``,
+    Inf included).
+
+    Example:
+        >>> e = LogEdges()
+        >>> e.size, e.zero_index
+        (125, 62)
+    """
+
+    lo: int = -30
+    hi: int = 30
+    per_decade: int = 1
+
+    @property
+    def per_sign(self) -> int:
+        return (self.hi - self.lo) * self.per_decade + 2
+
+    @property
+    def size(self) -> int:
+        return 2 * self.per_sign + 1
+
+    @property
+    def zero_index(self) -> int:
+        return self.per_sign
+
+    def magnitude_bounds(self, j: int) -> tuple[float, float]:
+        """(lower, upper) |x| bounds of magnitude bin j (0 = underflow, per_sign-1 = overflow)."""
+        if j == 0:
+            return 0.0, 10.0**self.lo
+        if j == self.per_sign - 1:
+            return 10.0**self.hi, math.inf
+        k = self.lo * self.per_decade + (j - 1)
+        return 10.0 ** (k / self.per_decade), 10.0 ** ((k + 1) / self.per_decade)
+
+    def bounds(self, index: int) -> tuple[float, float]:
+        """(lo, hi) signed value bounds of bin ``index`` in the full layout."""
+        z = self.zero_index
+        if index == z:
+            return 0.0, 0.0
+        if index > z:
+            return self.magnitude_bounds(index - z - 1)
+        a, b = self.magnitude_bounds(z - 1 - index)
+        return -b, -a
+
+
+@dataclass(frozen=True)
+class HistSpec:
+    """How histograms are taken: linear bin count, sample cap, log edges."""
+
+    bins: int = 64
+    sample: int = 32768
+    log: LogEdges = LogEdges()
+
+
+def _next_prime(n: int) -> int:
+    """Smallest prime >= n (n is small: numel / sample)."""
+    n = max(n, 2)
+    while any(n % p == 0 for p in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
+def sample_stride(numel: int, cap: int) -> int:
+    """Stride of the histogram sample: 1 when the tensor fits, else a prime >= numel / cap."""
+    return 1 if numel <= cap else _next_prime(-(-numel // cap))
+
+
+def _count(idx: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    """Weighted bin counts; bincount on CPU (fastest there), scatter_add elsewhere (no sync)."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, weights=weights, minlength=size).to(torch.float64)
+    out = torch.zeros(size, dtype=weights.dtype, device=idx.device)
+    return out.scatter_add_(0, idx, weights).to(torch.float64)
+
+
+def _shift(flat: torch.Tensor) -> torch.Tensor:
+    """A finite value of ``flat`` (the first one in its head), as a 1-element tensor; 0 if none."""
+    head = flat[:SHIFT_PROBE]
+    finite = torch.isfinite(head)
+    first = finite.to(torch.uint8).argmax().reshape(1)
+    return torch.where(finite.any(), head.index_select(0, first), torch.zeros_like(head[:1]))
+
+
+def snapshot(
+    x: torch.Tensor,
+    spec: HistSpec,
+    saturation: tuple[float, float] | None = None,
+    drop_zeros: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics and histograms of ``x`` as device tensors, with no host synchronization.
+
+    Example:
+        >>> raw, lin, log = snapshot(torch.tensor([0.0, 1.0, 2.0, float("nan")]), HistSpec(bins=2))
+        >>> raw[RAW["nan"]].item(), lin.tolist()
+        (1.0, [1.0, 2.0])
+
+    Args:
+        x: any floating tensor (any shape, any device); fp16/bf16 are counted in fp32.
+        spec: histogram settings.
+        saturation: (lo, hi); finite values with x <= lo or x >= hi count as saturated.
+        drop_zeros: leave exact zeros out of the linear histogram (their share is in the
+            statistics); the lecture's ReLU figures are drawn this way.
+
+    Returns:
+        ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
+        ``spec.bins`` and ``spec.log.size``.
+    """
+    with torch.no_grad():
+        flat = x.detach().reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        n = flat.numel()
+        if n == 0:
+            return _empty(spec, flat.device)
+        c = _shift(flat)
+        y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
+        lo_hi = torch.aminmax(y)
+        nonfinite = torch.count_nonzero(flat - flat)
+        nan = torch.count_nonzero(torch.isnan(flat))
+        if saturation is None:
+            sat = torch.full((), math.nan, dtype=torch.float64, device=flat.device)
+        else:
+            lo, hi = saturation
+            outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
+            sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
+        stride = sample_stride(n, spec.sample)
+        floats = torch.stack([c[0], y.sum(), (y * y).sum(), lo_hi.min, lo_hi.max])
+        counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)])
+        raw = torch.cat(
+            [
+                torch.full((1,), float(n), dtype=torch.float64, device=flat.device),
+                counts[:2].to(torch.float64),
+                floats.to(torch.float64),
+                counts[2:].to(torch.float64),
+                sat.to(torch.float64).reshape(1),
+                torch.full((1,), float(stride), dtype=torch.float64, device=flat.device),
+            ]
+        )
+        sample = flat[::stride]
+        lin = _linear_hist(sample, c + lo_hi.min, c + lo_hi.max, spec.bins, drop_zeros)
+        log = _log_hist(sample, spec.log)
+        return raw, lin, log
+
+
+def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The snapshot of an empty tensor: zero counts, NaN moments."""
+    raw = torch.full((len(RAW_FIELDS),), math.nan, dtype=torch.float64, device=device)
+    for field in ("numel", "nonfinite", "nan", "nonzero"):
+        raw[RAW[field]] = 0.0
+    raw[RAW["stride"]] = 1.0
+    zeros = torch.zeros(spec.bins, dtype=torch.float64, device=device)
+    return raw, zeros, torch.zeros(spec.log.size, dtype=torch.float64, device=device)
+
+
+def _linear_hist(
+    s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, drop_zeros: bool
+) -> torch.Tensor:
+    """Counts of finite sample values in ``bins`` equal bins over [lo, hi] (device scalars)."""
+    keep = (s - s) == 0  # finite
+    if drop_zeros:
+        keep &= s != 0
+    width = hi - lo
+    scale = torch.where(width > 0, bins / width, torch.zeros_like(width))  # constant: bin 0
+    pos = (torch.nan_to_num(s, 0.0, 0.0, 0.0) - lo) * scale
+    idx = torch.nan_to_num_(pos, 0.0, bins - 1.0, 0.0).clamp_(0, bins - 1).long()
+    return _count(idx, keep.to(s.dtype), bins)
+
+
+def _log_hist(s: torch.Tensor, edges: LogEdges) -> torch.Tensor:
+    """Counts of sample values (Inf included, NaN left out) on the fixed log-magnitude bins."""
+    mag = torch.log10(s.abs()).mul_(edges.per_decade).floor_()
+    lo_k, hi_k = edges.lo * edges.per_decade, edges.hi * edges.per_decade
+    # magnitude bin j: 0 underflow, 1.. decades, per_sign - 1 overflow
+    j = torch.nan_to_num_(mag, 0.0, float(hi_k), float(lo_k - 1)).clamp_(lo_k - 1, hi_k)
+    j = j - (lo_k - 1)
+    sign = torch.sign(torch.nan_to_num(s, 0.0))
+    idx = (edges.zero_index + sign * (j + 1)).long()
+    return _count(idx, (s == s).to(s.dtype), edges.size)

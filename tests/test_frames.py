@@ -1,0 +1,105 @@
+"""Tidy frames and their files: shape of the tables, Parquet round trip, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+import flowscope as fs
+from flowscope.errors import FlowscopeError
+from flowscope.frames import KEYS, META_KEY, STATS, atomic_write_text
+
+
+@pytest.fixture
+def recorded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    rec = fs.watch(model, bins=32, name="demo")
+    for _ in range(2):
+        model(torch.randn(50, 10)).sum().backward()
+        rec.step()
+    rec.close()
+    return rec
+
+
+def test_stats_frame_is_tidy(recorded):
+    stats = recorded.stats
+    assert list(stats.columns[: len(KEYS)]) == KEYS
+    assert set(STATS) <= set(stats.columns)
+    assert not stats.duplicated(KEYS).any()  # one row per observation
+    assert set(stats.run) == {"demo"} and sorted(stats.step.unique()) == [0, 1]
+    # three leaf modules x (activation + gradient) + 4 parameters x (weight + weight_grad)
+    assert len(stats.query("step == 0")) == 3 * 2 + 4 * 2
+
+
+def test_hists_frame_counts_agree_with_stats(recorded):
+    hists, stats = recorded.hists, recorded.stats
+    lin = hists.query("hist == 'linear'")
+    assert lin.groupby(KEYS).size().eq(32).all()
+    merged = lin.groupby(KEYS)["count"].sum().rename("hist_total").reset_index()
+    merged = merged.merge(stats, on=KEYS)
+    relu = merged.query("module_type == 'ReLU' and kind == 'activation'")
+    others = merged.drop(relu.index)
+    # sample counts x stride cover the finite values (zeros left out for ReLU, drop_zeros=auto)
+    finite = others["count"] - others["nan"] - others["inf"]
+    assert (others.hist_total * others.hist_stride >= finite - others.hist_stride).all()
+    nonzero = relu["count"] * (1 - relu["frac_zero"])
+    assert (relu.hist_total == nonzero.round()).all()
+    # linear bins span exactly [min, max] of each snapshot
+    ends = (
+        lin.groupby(KEYS)
+        .agg(lo=("lo", "min"), hi=("hi", "max"))
+        .reset_index()
+        .merge(stats, on=KEYS)
+    )
+    assert ends.lo.to_numpy() == pytest.approx(ends["min"].to_numpy())
+    assert ends.hi.to_numpy() == pytest.approx(ends["max"].to_numpy())
+    log = hists.query("hist == 'log'").groupby(KEYS)["count"].sum()
+    assert (log > 0).all()
+
+
+def test_parquet_round_trip_with_metadata(recorded, tmp_path):
+    recorded.save(tmp_path / "run")
+    back = fs.load(tmp_path / "run")
+    assert back.stats.equals(recorded.stats)
+    assert back.hists.equals(recorded.hists)
+    meta = json.loads(pq.read_schema(tmp_path / "run" / "stats.parquet").metadata[META_KEY])
+    assert meta["torch"] == torch.__version__ and meta["run"] == "demo"
+    assert meta["devices"] == ["cpu"] and meta["dtypes"] == ["float32"]
+    assert back.meta["steps"] == 3
+
+
+def test_load_rejects_foreign_or_broken_folders(tmp_path, recorded):
+    with pytest.raises(FlowscopeError, match=r"missing stats\.parquet, hists\.parquet, meta\.json"):
+        fs.load(tmp_path)
+    recorded.save(tmp_path / "run")
+    (tmp_path / "run" / "stats.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(FlowscopeError, match="cannot read flowscope records"):
+        fs.load(tmp_path / "run")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "meta.json"
+    atomic_write_text(target, "old")
+
+    def broken(self, text):
+        Path.write_bytes(self, b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
+
+
+def test_empty_recording_gives_empty_frames():
+    rec = fs.watch(nn.Linear(2, 2))
+    rec.close()
+    assert rec.stats.empty and list(rec.stats.columns[: len(KEYS)]) == KEYS

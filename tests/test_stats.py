@@ -1,0 +1,151 @@
+"""Snapshot statistics and histograms against plain numpy on the same values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowscope.frames import moments
+from flowscope.stats import RAW, HistSpec, LogEdges, sample_stride, snapshot
+
+
+def reference(values: np.ndarray, saturation: tuple[float, float] | None = None) -> dict:
+    """Statistics over the finite values, computed in float64 with numpy."""
+    v = values.astype(np.float64).ravel()
+    fin = v[np.isfinite(v)]
+    out = {
+        "count": v.size,
+        "nan": int(np.isnan(v).sum()),
+        "inf": int(np.isinf(v).sum()),
+        "mean": fin.mean(),
+        "std": fin.std(),
+        "rms": math.sqrt((fin**2).mean()),
+        "min": fin.min(),
+        "max": fin.max(),
+        "absmax": np.abs(fin).max(),
+        "frac_zero": (fin == 0).mean(),
+    }
+    if saturation is not None:
+        lo, hi = saturation
+        out["frac_saturated"] = ((fin <= lo) | (fin >= hi)).mean()
+    return out
+
+
+def measured(x: torch.Tensor, **kwargs) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    raw, lin, log = snapshot(x, HistSpec(**kwargs.pop("spec", {})), **kwargs)
+    row = moments(raw.numpy()[None]).iloc[0].to_dict()
+    return row, raw.numpy(), lin.numpy(), log.numpy()
+
+
+def check(row: dict, ref: dict, rtol: float = 1e-5) -> None:
+    """Relative agreement; a near-zero mean is judged against the tensor's scale (rms)."""
+    scale = abs(ref.get("rms", 0.0)) or 1.0
+    for name, want in ref.items():
+        assert row[name] == pytest.approx(want, rel=rtol, abs=rtol * scale), name
+
+
+@pytest.mark.parametrize("shape", [(1000, 500), (7,), (3, 5, 11), (1,)])
+def test_moments_match_numpy(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
+    row, *_ = measured(x)
+    check(row, reference(x.numpy()))
+
+
+def test_variance_stays_exact_when_mean_dominates():
+    # sigmoid-like outputs: mean 0.5, std 1e-3; a naive E[x^2] - E[x]^2 in fp32 loses this
+    x = 0.5 + 1e-3 * torch.randn(200_000, generator=torch.Generator().manual_seed(2))
+    row, *_ = measured(x)
+    assert row["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-4)
+
+
+def test_nan_and_inf_are_counted_and_left_out():
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    x[0] = float("nan")  # the first element: the shift must come from a finite one
+    x[5] = float("inf")
+    x[17] = -float("inf")
+    x[123] = float("nan")
+    row, _, lin, log = measured(x)
+    check(row, reference(x.numpy()))
+    assert (row["nan"], row["inf"]) == (2, 2)
+    assert lin.sum() == 10_000 - 4  # the linear histogram counts the finite values only
+    assert log.sum() == 10_000 - 2  # the log histogram keeps +-Inf in its overflow bins
+    assert log[0] == 1 and log[-1] == 1
+
+
+def test_all_nonfinite_and_empty_and_constant():
+    row, *_ = measured(torch.full((5,), float("nan")))
+    assert row["nan"] == 5 and math.isnan(row["mean"])
+    row, _, lin, log = measured(torch.empty(0, 3))
+    assert row["count"] == 0 and lin.sum() == 0 and log.sum() == 0
+    row, _, lin, log = measured(torch.full((100,), 2.5))
+    assert (row["mean"], row["std"], row["min"], row["max"]) == (2.5, 0.0, 2.5, 2.5)
+    assert lin[0] == 100  # zero width: everything in the first bin, nothing lost
+
+
+def test_saturation_and_zero_fraction():
+    x = torch.tanh(4 * torch.randn(50_000, generator=torch.Generator().manual_seed(4)))
+    x[:1000] = 0.0
+    x[1000] = float("inf")  # compares as "outside" but is not a finite saturated value
+    row, *_ = measured(x, saturation=(-0.99, 0.99))
+    check(row, reference(x.numpy(), (-0.99, 0.99)))
+    row, *_ = measured(x)
+    assert math.isnan(row["frac_saturated"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_inputs(dtype):
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
+    row, _, lin, log = measured(x)
+    check(row, reference(x.float().numpy()), rtol=1e-6)
+    assert lin.sum() == 4096 and log.sum() == 4096
+
+
+def test_linear_histogram_matches_numpy_on_the_sample():
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(6))
+    row, raw, lin, _ = measured(x, spec={"bins": 50, "sample": 10_000})
+    stride = int(raw[RAW["stride"]])
+    assert stride == sample_stride(x.numel(), 10_000) == 11  # next prime >= 10.0003
+    sample = x.numpy()[::stride].astype(np.float64)
+    want, _ = np.histogram(sample, bins=50, range=(row["min"], row["max"]))
+    assert lin.sum() == sample.size
+    assert np.abs(lin - want).sum() <= 4  # only values on a bin edge may fall either side
+
+
+def test_linear_histogram_can_leave_out_zeros():
+    x = torch.relu(torch.randn(20_000, generator=torch.Generator().manual_seed(7)))
+    _, _, lin, _ = measured(x, drop_zeros=True)
+    assert lin.sum() == int((x != 0).sum())
+
+
+def test_log_histogram_bins_by_decade():
+    values = [0.0, 3e-31, 1.5e-3, 2e-3, -7.0, -7e29, 5e30, 1e-30, 9.99e-1]
+    _, _, _, log = measured(torch.tensor(values, dtype=torch.float64))
+    e = LogEdges()
+    expect = np.zeros(e.size)
+    for v in values:
+        if v == 0:
+            expect[e.zero_index] += 1
+            continue
+        k = math.floor(math.log10(abs(v)))
+        j = 0 if k < e.lo else e.per_sign - 1 if k >= e.hi else k - e.lo + 1
+        expect[e.zero_index + (1 if v > 0 else -1) * (j + 1)] += 1
+    np.testing.assert_array_equal(log, expect)
+
+
+def test_log_edges_bounds_are_consistent():
+    e = LogEdges(per_decade=2)
+    assert e.size == 2 * ((30 - -30) * 2 + 2) + 1
+    for i in range(e.size - 1):
+        lo, hi = e.bounds(i)
+        assert lo <= hi
+        assert hi == pytest.approx(e.bounds(i + 1)[0])  # contiguous from -inf to +inf
+    assert e.bounds(0)[0] == -math.inf and e.bounds(e.size - 1)[1] == math.inf
+
+
+def test_no_autograd_graph_is_built():
+    x = torch.randn(100, requires_grad=True)
+    raw, lin, log = snapshot(x * 2, HistSpec())
+    assert not raw.requires_grad and not lin.requires_grad and not log.requires_grad
