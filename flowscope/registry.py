@@ -7,7 +7,8 @@ the study files and the frames. An unknown name gets "did you mean" and the allo
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from flowscope.errors import FlowscopeError, unknown
@@ -51,6 +52,15 @@ class Registry(Generic[T]):
             return self._entries[name]
         except (KeyError, TypeError):
             raise unknown(self.kind, name, self._entries, where) from None
+
+    def check_args(self, name: str, kwargs: Mapping[str, object], where: str = "") -> T:
+        """The entry ``name`` after checking ``kwargs`` against its signature (did-you-mean)."""
+        entry = self.get(name, where)
+        allowed = list(inspect.signature(entry).parameters)  # type: ignore[arg-type]
+        for key in kwargs:
+            if key not in allowed:
+                raise unknown(f"{self.kind} {name!r} argument", key, allowed, where)
+        return entry
 
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted names, optionally filtered by a glob pattern."""

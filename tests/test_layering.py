@@ -27,7 +27,8 @@ def test_torch_core_does_not_load_pandas_plots_or_click():
         "import torch, flowscope as fs\n"
         "m = torch.nn.Linear(3, 3)\n"
         "with fs.watch(m) as rec:\n    m(torch.randn(2, 3)).sum().backward()\n"
-        "import flowscope.stats, flowscope.recorder, flowscope.registry"
+        "import flowscope.stats, flowscope.recorder, flowscope.registry\n"
+        "import flowscope.inits, flowscope.nets, flowscope.data, flowscope.activations"
     )
     assert "torch" in mods
     assert not mods & {"pandas", "matplotlib", "seaborn", "click", "pyarrow"}
