@@ -21,25 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flowscope.columns import EXTRA, HIST_COLUMNS, KEYS, STATS
 from flowscope.errors import FlowscopeError
 from flowscope.stats import RAW, HistSpec, LogEdges
 
-KEYS = ["run", "step", "layer_idx", "layer", "module_type", "kind", "call", "tensor"]
-STATS = [
-    "count",
-    "nan",
-    "inf",
-    "mean",
-    "std",
-    "rms",
-    "min",
-    "max",
-    "absmax",
-    "frac_zero",
-    "frac_saturated",
-]
-EXTRA = ["dtype", "device", "hist_stride"]
-HIST_COLUMNS = ["hist", "bin", "lo", "hi", "count"]
 META_KEY = b"flowscope"
 FILES = ("stats.parquet", "hists.parquet", "meta.json")
 

@@ -197,6 +197,25 @@ _add(
 )
 
 
+def _repeated_rows(
+    weight: Tensor, std: float | None, params: Mapping[str, float], gen: torch.Generator | None
+) -> None:
+    """One N(0, 1/n_in) row, repeated for every output unit (CS/DS 541 exercise 3)."""
+    scale = 1 / math.sqrt(fans(weight)[0])  # std_rule is None: the entries are not i.i.d.
+    row = torch.empty_like(weight[:1]).normal_(0.0, scale, generator=gen)
+    weight.copy_(row.expand_as(weight))
+
+
+_add(
+    InitScheme(
+        "repeated_rows",
+        "every row the same N(0, 1/n_in) draw: all units start identical (symmetry)",
+        lambda i, o, p: None,
+        _repeated_rows,
+    )
+)
+
+
 def fans(weight: Tensor) -> tuple[int, int]:
     """The (fan_in, fan_out) of a Linear or ConvNd weight, from its shape.
 

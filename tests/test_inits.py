@@ -33,8 +33,20 @@ def _gaussian_names() -> list[str]:
 
 def test_registry_holds_exactly_the_documented_schemes() -> None:
     assert INITS.names() == sorted(
-        ["zeros", "constant", "small", "large", "xavier", "glorot", "he", "orthogonal", "normal"]
+        [
+            *["zeros", "constant", "small", "large", "xavier", "glorot", "he", "orthogonal"],
+            *["normal", "repeated_rows"],
+        ]
     )
+
+
+def test_repeated_rows_makes_identical_units_at_the_xavier_scale() -> None:
+    w = INITS.get("repeated_rows")(
+        torch.empty(300, 400), generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(w, w[:1].expand_as(w))  # every unit starts identical
+    assert w[0].std().item() == pytest.approx(400**-0.5, rel=0.1)
+    assert init_std("repeated_rows", 400, 300) is None  # not i.i.d.: no Gaussian std to quote
 
 
 @pytest.mark.parametrize("name", INITS.names())

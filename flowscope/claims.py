@@ -1,0 +1,277 @@
+"""The claims of a study's source, checked on the measured frames.
+
+A claim selects configs (``where``), takes a per-layer series (``of = "activation.std"``, or
+``"probe.distinct_units"``) over the layers matching ``layers`` in execution order, and either
+
+* reduces it to one number per config (``reduce``: first, last, mean, min, max, last/first,
+  first/last, gain = geometric-mean per-layer ratio in forward order, gain_to_input = the
+  same walking back toward the input (for gradients), spread = max/min) and tests it
+  (``below`` / ``above`` / ``between``) — it holds when every selected config passes; or
+* compares configs along a sweep axis (``across``) with ``expect``: ``increasing`` /
+  ``decreasing`` (the reduced value, strictly, in axis order), ``same`` (max/min across the
+  axis <= ``band``, layer by layer unless ``reduce`` is given), ``differ`` (the opposite:
+  somewhere the configs differ by more than ``band``), or ``power`` (log-log slope
+  of the reduced value against the axis within ``tol`` of ``power``); the other axes and the
+  seed form separate groups, and each must pass.
+
+The verdict keeps the numbers: one value per config (or group) and the condition's bounds.
+Thresholds come from the source's wording and are not tuned to make claims pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flowscope.errors import FlowscopeError, unknown
+from flowscope.spec import matches
+
+REDUCERS = (
+    "first", "last", "mean", "min", "max", "last/first", "first/last", "gain", "gain_to_input",
+    "spread",
+)  # fmt: skip
+EXPECTS = ("increasing", "decreasing", "same", "differ", "power")
+STAT_KINDS = ("activation", "gradient", "weight", "weight_grad")
+
+
+@dataclass
+class Verdict:
+    """The outcome of one claim."""
+
+    id: str
+    text: str
+    held: bool | None  # None: nothing measured matched the claim
+    detail: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_claim_spec(claim: dict[str, Any], where: str) -> None:
+    """Validate one claim table (called while loading the study)."""
+    source, _, stat = claim["of"].partition(".")
+    if source == "probe":
+        from flowscope.probes import PROBES
+
+        PROBES.get(stat, where)
+    elif source not in STAT_KINDS:
+        raise unknown("claim 'of' kind", source, [*STAT_KINDS, "probe"], where)
+    elif stat not in STAT_COLUMNS:
+        raise unknown("claim 'of' statistic", stat, STAT_COLUMNS, where)
+    if "reduce" in claim and claim["reduce"] not in REDUCERS:
+        raise unknown("reduce", claim["reduce"], REDUCERS, where)
+    tests = [k for k in ("below", "above", "between", "expect") if k in claim]
+    if len(tests) != 1:
+        raise FlowscopeError(
+            f"{where}: a claim needs exactly one of below, above, between, expect; got {tests}"
+        )
+    if "expect" in claim:
+        if claim["expect"] not in EXPECTS:
+            raise unknown("expect", claim["expect"], EXPECTS, where)
+        if "across" not in claim:
+            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs across = AXIS")
+        if claim["expect"] in ("increasing", "decreasing", "power") and "reduce" not in claim:
+            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs a reduce")
+        if claim["expect"] == "power" and "power" not in claim:
+            raise FlowscopeError(f"{where}: expect='power' needs power = EXPONENT")
+    elif "reduce" not in claim:
+        raise FlowscopeError(f"{where}: below/above/between need a reduce")
+    between = claim.get("between")
+    if between is not None and not (isinstance(between, list) and len(between) == 2):
+        raise FlowscopeError(f"{where}: between must be [low, high], got {between!r}")
+
+
+STAT_COLUMNS = (
+    "mean", "std", "rms", "min", "max", "absmax", "frac_zero", "frac_saturated", "nan", "inf",
+)  # fmt: skip
+
+
+def evaluate(
+    claims: list[dict[str, Any]],
+    stats: pd.DataFrame,
+    probes: pd.DataFrame,
+    axis_columns: list[str],
+) -> list[Verdict]:
+    """Every claim's verdict on a study's merged frames."""
+    return [evaluate_one(c, stats, probes, axis_columns) for c in claims]
+
+
+def evaluate_one(
+    claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame, axis_columns: list[str]
+) -> Verdict:
+    series = layer_series(claim, stats, probes)
+    for column, wanted in claim.get("where", {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        series = series[series[column].isin(allowed)]
+    base = Verdict(
+        claim["id"],
+        claim["text"],
+        None,
+        "",
+        where=claim.get("where", {}),
+        note=claim.get("note", ""),
+    )
+    if series.empty:
+        base.detail = "no measured layer matched this claim (check where/of/layers)"
+        return base
+    if "expect" in claim:
+        return _across(claim, series, axis_columns, base)
+    values = series.groupby("config", sort=False)["value"].apply(
+        lambda s: reduce_series(s.to_numpy(), claim["reduce"])
+    )
+    ok, bound = _condition(claim, values)
+    base.held = bool(ok.all())
+    base.numbers = {"value": {k: _num(v) for k, v in values.items()}, **bound}
+    worst = values[~ok].index[0] if not ok.all() else None
+    base.detail = _describe(claim, values, bound, worst)
+    return base
+
+
+def layer_series(claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """Rows (config columns, layer, value) in execution order, at the claim's step."""
+    source, _, stat = claim["of"].partition(".")
+    glob = claim.get("layers")
+    if source == "probe":
+        frame = probes[probes["probe"] == stat]
+        if frame.empty:
+            return frame.assign(value=[])
+        frame = frame[frame["step"] == _step(claim, frame)]
+        frame = frame.assign(layer_idx=range(len(frame)))  # probe rows come in layer order
+    else:
+        tensor = claim.get("tensor", "weight" if source.startswith("weight") else "")
+        frame = stats[
+            (stats["kind"] == source) & (stats["tensor"] == tensor) & (stats["call"] == 0)
+        ]
+        frame = frame[frame["step"] == _step(claim, frame)].rename(columns={stat: "value"})
+    frame = frame[[matches(glob, name) for name in frame["layer"]]]
+    return frame.sort_values(["config", "layer_idx"], kind="stable")
+
+
+def _step(claim: dict[str, Any], frame: pd.DataFrame) -> Any:
+    """The step a claim reads: its ``step`` key, else each config's last recorded step."""
+    if "step" in claim:
+        return claim["step"]
+    return frame.groupby("config")["step"].transform("max")
+
+
+def reduce_series(v: np.ndarray, how: str) -> float:
+    """One number from a per-layer series (execution order)."""
+    if v.size == 0:
+        return math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if how == "first":
+            return float(v[0])
+        if how == "last":
+            return float(v[-1])
+        if how == "mean":
+            return float(np.mean(v))
+        if how == "min":
+            return float(np.min(v))
+        if how == "max":
+            return float(np.max(v))
+        if how == "last/first":
+            return float(v[-1] / v[0])
+        if how == "first/last":
+            return float(v[0] / v[-1])
+        if how == "gain":
+            return float((v[-1] / v[0]) ** (1.0 / max(v.size - 1, 1)))
+        if how == "gain_to_input":  # per-layer factor walking back toward the input
+            return float((v[0] / v[-1]) ** (1.0 / max(v.size - 1, 1)))
+        if how == "spread":
+            return float(np.max(v) / np.min(v))
+    raise unknown("reduce", how, REDUCERS)
+
+
+def _condition(claim: dict[str, Any], values: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
+    if "below" in claim:
+        return values < claim["below"], {"below": claim["below"]}
+    if "above" in claim:
+        return values > claim["above"], {"above": claim["above"]}
+    lo, hi = claim["between"]
+    return (values >= lo) & (values <= hi), {"between": [lo, hi]}
+
+
+def _describe(claim: dict[str, Any], values: pd.Series, bound: dict[str, Any], worst: Any) -> str:
+    rule = ", ".join(f"{k} {v}" for k, v in bound.items())
+    shown = "; ".join(f"{_label(k)}: {_fmt(v)}" for k, v in list(values.items())[:6])
+    more = f" (+{len(values) - 6} more)" if len(values) > 6 else ""
+    head = f"{claim['reduce']} of {claim['of']}"
+    tail = f" — fails at {_label(worst)}" if worst is not None else ""
+    return f"{head} ({rule}): {shown}{more}{tail}"
+
+
+def _across(
+    claim: dict[str, Any], series: pd.DataFrame, axis_columns: list[str], base: Verdict
+) -> Verdict:
+    axis = claim["across"]
+    if axis not in series.columns:
+        raise unknown("claim 'across' axis", axis, axis_columns, claim["id"])
+    others = [c for c in [*axis_columns, "seed"] if c != axis and series[c].nunique() > 1]
+    groups = series.groupby(others, sort=False) if others else [((), series)]
+    results: dict[str, Any] = {}
+    passed = []
+    for key, group in groups:
+        keys = key if isinstance(key, tuple) else (key,)
+        label = ",".join(f"{c}={v}" for c, v in zip(others, keys, strict=False))
+        ok, number = _expect(claim, group, axis)
+        results[label or "all"] = number
+        passed.append(ok)
+    base.held = all(passed)
+    base.numbers = {"value": results, "expect": claim["expect"], "across": axis}
+    for setting in ("band", "power", "tol"):
+        if setting in claim:
+            base.numbers[setting] = claim[setting]
+    base.detail = f"{claim['expect']} across {axis} of {claim['of']}: " + "; ".join(
+        f"{k}: {_fmt(v) if not isinstance(v, dict) else v}" for k, v in list(results.items())[:6]
+    )
+    return base
+
+
+def _expect(claim: dict[str, Any], group: pd.DataFrame, axis: str) -> tuple[bool, Any]:
+    expect = claim["expect"]
+    if expect in ("same", "differ") and "reduce" not in claim:
+        per_layer = group.groupby("layer", sort=False)["value"].agg(lambda s: s.max() / s.min())
+        if expect == "differ":  # the layer where the configs differ most must exceed the band
+            return float(per_layer.max()) > claim.get("band", 1.5), float(per_layer.max())
+        worst = float(per_layer.max())
+        return worst <= claim.get("band", 1.5), worst
+    reduced = group.groupby(axis)["value"].apply(
+        lambda s: reduce_series(s.to_numpy(), claim["reduce"])
+    )
+    reduced = reduced.sort_index()
+    vals = reduced.to_numpy(dtype=float)
+    if expect in ("same", "differ"):
+        spread = float(vals.max() / vals.min())
+        band = claim.get("band", 1.5)
+        ok = spread <= band if expect == "same" else spread > band
+        return ok, spread
+    if expect in ("increasing", "decreasing"):
+        steps = np.diff(vals)
+        ok = bool((steps > 0).all() if expect == "increasing" else (steps < 0).all())
+        return ok, {str(k): _num(v) for k, v in reduced.items()}
+    x = np.log(np.asarray(reduced.index, dtype=float))
+    slope = float(np.polyfit(x, np.log(vals), 1)[0])
+    return abs(slope - claim["power"]) <= claim.get("tol", 0.1), slope
+
+
+def _label(config: Any) -> str:
+    """Drop the numeric prefix of a config id for display."""
+    text = str(config)
+    return text.split("-", 1)[1] if "-" in text[:4] else text
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float | np.floating) else str(v)
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return None if math.isnan(v) else float(v)
+    return v

@@ -1,0 +1,349 @@
+"""The study engine: run every config of a study into one run folder, resumably.
+
+Layout of a run folder::
+
+    spec.json            the resolved spec (and its fingerprint)
+    configs/<id>/        one folder per finished config: stats/hists parquet, meta.json,
+                         probes.parquet, done.json (written last: its presence = finished)
+    stats.parquet        all configs merged, with config columns (config, axes..., seed)
+    hists.parquet        likewise
+    probes.parquet       config columns + probe, step, layer, value
+    configs.json         every config with its status (done | diverged | failed) and error
+    claims.json          every claim of the source: held / not held / not measured, numbers
+    meta.json            versions, device, dtype, times, config columns
+
+A rerun skips configs whose ``done.json`` exists; a different spec in the same folder is
+refused (the fingerprint differs) unless ``fresh=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from flowscope import frames
+from flowscope.claims import Verdict, evaluate
+from flowscope.data import make_data
+from flowscope.errors import FlowscopeError
+from flowscope.inits import INITS, apply_init
+from flowscope.nets import build_net
+from flowscope.probes import PROBES, ProbeContext
+from flowscope.recorder import watch
+from flowscope.spec import Config, Study, matches
+
+
+@dataclass
+class StudyResult:
+    """What ``run_study`` leaves: the folder, merged frames and the claims' verdicts."""
+
+    out_dir: Path
+    stats: pd.DataFrame
+    hists: pd.DataFrame
+    probes: pd.DataFrame
+    configs: list[dict[str, Any]]
+    claims: list[Verdict]
+    ran: int  # configs run now (the rest were finished before)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [c for c in self.configs if c["status"] == "failed"]
+
+
+def derive_seed(study: Study, config: Config) -> int:
+    """The run's own seed from (study name, seed, axis values): stable across machines."""
+    key = json.dumps([study.name, config.seed, config.axes], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``cpu`` / ``cuda``, refusing CUDA where there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlowscopeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise FlowscopeError(f"device must be 'cpu' or 'cuda', got {name!r}")
+    return torch.device(name)
+
+
+def run_study(
+    study: Study,
+    out_dir: str | Path,
+    *,
+    device: str | None = None,
+    fresh: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> StudyResult:
+    """Run (or resume) every config of ``study`` into ``out_dir``.
+
+    Example:
+        >>> from flowscope import spec
+        >>> study = spec.load("init-scales", ["run.seeds=[0]"])  # doctest: +SKIP
+        >>> result = run_study(study, "reports/init-scales")  # doctest: +SKIP
+        >>> [v.held for v in result.claims]  # doctest: +SKIP
+
+    Args:
+        study: a validated study (``flowscope.spec.load``).
+        out_dir: the run folder; created if needed.
+        device: overrides ``run.device`` of every config.
+        fresh: discard finished configs of an earlier run in the same folder.
+        progress: called as ``progress(done, total, config_id)`` after each config.
+
+    Raises:
+        FlowscopeError: the folder holds a run of a different spec, or CUDA is missing.
+    """
+    out = Path(out_dir)
+    _prepare_folder(study, out, fresh)
+    configs = study.configs()
+    ran = 0
+    for i, config in enumerate(configs):
+        folder = out / "configs" / config.id
+        if not (folder / "done.json").is_file():
+            run_config(study, config, folder, device)
+            ran += 1
+        if progress:
+            progress(i + 1, len(configs), config.id)
+    return merge(study, out, ran)
+
+
+def _prepare_folder(study: Study, out: Path, fresh: bool) -> None:
+    spec_file = out / "spec.json"
+    if spec_file.is_file() and not fresh:
+        try:
+            old = json.loads(spec_file.read_text()).get("fingerprint")
+        except ValueError as err:
+            raise FlowscopeError(f"{spec_file} is corrupted ({err}); rerun with --fresh") from err
+        if old != study.fingerprint():
+            raise FlowscopeError(
+                f"{str(out)!r} holds a run of a different spec (fingerprint {old} != "
+                f"{study.fingerprint()}); use another --out or --fresh to discard it"
+            )
+    elif not fresh and ((out / "configs").exists() or (out / "stats.parquet").exists()):
+        raise FlowscopeError(f"{str(out)!r} is not a study run folder (no spec.json)")
+    if fresh and (out / "configs").exists():
+        shutil.rmtree(out / "configs")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**study.to_dict(), "fingerprint": study.fingerprint(), "path": study.path}
+    frames.atomic_write_text(spec_file, json.dumps(payload, indent=2, default=str))
+
+
+def run_config(study: Study, config: Config, folder: Path, device: str | None = None) -> None:
+    """One config: build, init, record, probe; write its folder, ``done.json`` last."""
+    started = time.time()
+    dev = resolve_device(device or config.run["device"])
+    status, error = "done", None
+    try:
+        records, probe_rows = _measure(study, config, dev)
+    except (KeyboardInterrupt, FlowscopeError):
+        raise
+    except Exception as err:  # a crash in one config must not lose the others
+        status, error = "failed", f"{type(err).__name__}: {err}"
+        records, probe_rows = None, []
+        print(f"flowscope: config {config.id} failed: {error}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    if records is not None:
+        nonfinite = int((records.stats["nan"] + records.stats["inf"]).sum())
+        status = "diverged" if nonfinite else status
+        records.save(folder)
+    probes = pd.DataFrame(probe_rows, columns=["probe", "step", "layer", "value"])
+    frames.write_parquet(probes, folder / "probes.parquet", {"config": config.id})
+    done = {
+        "config": config.id,
+        "axes": config.axes,
+        "seed": config.seed,
+        "run_seed": derive_seed(study, config),
+        "status": status,
+        "error": error,
+        "seconds": round(time.time() - started, 3),
+        "device": str(dev),
+    }
+    frames.atomic_write_text(folder / "done.json", json.dumps(done, indent=2, default=str))
+
+
+def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Records, list]:
+    """Build, initialise, optionally train, and record one config."""
+    run = config.run
+    gen = torch.Generator(device=dev).manual_seed(derive_seed(study, config))
+    dtype = getattr(torch, run["dtype"])
+    data_args = {k: v for k, v in config.data.items() if k != "name"}
+    batch = make_data(config.data["name"], device=dev, generator=gen, **data_args)
+    x = batch.x.to(dtype)
+    net_args = {k: v for k, v in config.net.items() if k != "name"}
+    model = build_net(config.net["name"], **net_args).to(device=dev, dtype=dtype)
+    initialise(model, config.init, study.presets, gen)
+    probes = [PROBES.get(name) for name in run["probes"]]
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = ProbeContext(model=model, x=x, initial=initial)
+    warm_up(model, x, run["warmup"])
+    model.train(run["mode"] == "train")
+    rows: list[tuple[str, int, str, torch.Tensor]] = []
+    _probe(probes, "step", ctx, 0, rows)
+    rec = watch(
+        model,
+        kinds=run["kinds"],
+        modules=run["modules"] or None,
+        every=run["record_every"],
+        bins=run["bins"],
+        hist_sample=run["hist_sample"],
+        name=config.id,
+    )
+    loss_fn = LOSSES[run["loss"]]
+    opt = torch.optim.SGD(model.parameters(), lr=run["lr"]) if run["steps"] else None
+    with rec:
+        for step in range(max(run["steps"], 1)):
+            loss_fn(model(x), batch.y).backward()
+            if step == 0:
+                _probe(probes, "backward", ctx, 0, rows)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad()
+                _probe(probes, "step", ctx, step + 1, rows)
+                rec.step()
+    _probe(probes, "end", ctx, run["steps"], rows)
+    return rec.records(), _to_host(rows)
+
+
+def initialise(
+    model: nn.Module, init: dict[str, Any], presets: dict[str, dict[str, str]], gen: torch.Generator
+) -> None:
+    """Apply an init scheme to every Linear/Conv, or a preset of per-layer schemes."""
+    params = {k: v for k, v in init.items() if k not in ("name", "overrides")}
+    name = init["name"]
+    if name not in presets:
+        apply_init(model, name, generator=gen, **params)
+        for glob, scheme in init.get("overrides", {}).items():  # e.g. keep the head fixed
+            for qualname, module in model.named_modules():
+                if matches(glob, qualname) and isinstance(module, nn.Linear | nn.Conv2d):
+                    apply_init(module, scheme, generator=gen)
+        return
+    for qualname, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            continue
+        scheme = next((s for glob, s in presets[name].items() if matches(glob, qualname)), None)
+        if scheme is None:
+            raise FlowscopeError(f"init preset {name!r} has no entry matching layer {qualname!r}")
+        INITS.get(scheme)
+        apply_init(module, scheme, generator=gen)
+
+
+def warm_up(model: nn.Module, x: torch.Tensor, passes: int) -> None:
+    """Train-mode forward passes without gradients: batchnorm running statistics settle."""
+    if passes:
+        model.train()
+        with torch.no_grad():
+            for _ in range(passes):
+                model(x)
+
+
+def _probe(probes: list, when: str, ctx: ProbeContext, step: int, rows: list) -> None:
+    for probe in probes:
+        if probe.when == when:
+            rows.extend((probe.name, step, layer, v) for layer, v in probe.fn(ctx).items())
+
+
+def _to_host(rows: list[tuple[str, int, str, torch.Tensor]]) -> list[tuple[str, int, str, float]]:
+    """All probe values in one transfer."""
+    if not rows:
+        return []
+    values = torch.stack([r[3].to(torch.float64).reshape(()) for r in rows]).cpu().tolist()
+    return [(p, s, layer, v) for (p, s, layer, _), v in zip(rows, values, strict=True)]
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    target = nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+    return nn.functional.mse_loss(out, target)
+
+
+def _sum_squares(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * out.float().pow(2).sum()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "mse": _mse,
+    "sum_squares": _sum_squares,
+}
+
+
+# -- merging -----------------------------------------------------------------------------------
+
+
+def merge(study: Study, out: Path, ran: int = 0) -> StudyResult:
+    """Merge the finished configs into the folder's top-level files and check the claims."""
+    stats, hists, probes, statuses = [], [], [], []
+    for config in study.configs():
+        folder = out / "configs" / config.id
+        if not (folder / "done.json").is_file():
+            continue
+        done = json.loads((folder / "done.json").read_text())
+        statuses.append(done)
+        columns = config.columns()
+        if done["status"] != "failed":
+            rec = frames.load(folder)
+            stats.append(rec.stats.assign(**columns))
+            hists.append(rec.hists.assign(**columns))
+        probe = pd.read_parquet(folder / "probes.parquet")
+        probes.append(probe.assign(**columns))
+    stats_df = _concat(stats, study)
+    hists_df = _concat(hists, study)
+    probes_df = _concat(probes, study, ["probe", "step", "layer", "value"])
+    verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
+    meta = _meta(study, statuses)
+    frames.write_parquet(stats_df, out / "stats.parquet", meta)
+    frames.write_parquet(hists_df, out / "hists.parquet", meta)
+    frames.write_parquet(probes_df, out / "probes.parquet", meta)
+    frames.atomic_write_text(out / "configs.json", json.dumps(statuses, indent=2, default=str))
+    claims_json = json.dumps([v.to_dict() for v in verdicts], indent=2, default=str)
+    frames.atomic_write_text(out / "claims.json", claims_json)
+    frames.atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, default=str))
+    return StudyResult(out, stats_df, hists_df, probes_df, statuses, verdicts, ran)
+
+
+def _concat(parts: list[pd.DataFrame], study: Study, base: list[str] | None = None) -> pd.DataFrame:
+    config_columns = ["config", *study.axis_columns, "seed"]
+    if not parts:
+        return pd.DataFrame(columns=[*config_columns, *(base or frames.KEYS)])
+    merged = pd.concat(parts, ignore_index=True)
+    rest = [c for c in merged.columns if c not in config_columns]
+    return merged[config_columns + rest]
+
+
+def _meta(study: Study, statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "study": study.name,
+        "title": study.title,
+        "source": study.source,
+        "config_columns": ["config", *study.axis_columns, "seed"],
+        "configs": len(study.configs()),
+        "finished": len(statuses),
+        "failed": sum(s["status"] == "failed" for s in statuses),
+        "diverged": sum(s["status"] == "diverged" for s in statuses),
+        "seconds": round(sum(s["seconds"] for s in statuses), 3),
+        "devices": sorted({s["device"] for s in statuses}),
+        "dtype": study.run["dtype"],
+        "flowscope": _version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "written": time.time(),
+    }
+
+
+def _version() -> str:
+    from flowscope import __version__
+
+    return __version__

@@ -1,0 +1,125 @@
+"""Probes: measurements a study needs beyond the per-layer distributions.
+
+Each probe is a registry entry with a ``when`` (``backward``: right after the first recorded
+backward, gradients in place; ``step``: after every optimizer step and once before the first;
+``end``: after the run) and a function returning ``{layer: 0-d tensor}`` on the model's device.
+The engine stacks every probe value of a run and moves them to the host in one transfer.
+Torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowscope.registry import Registry
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What a probe may look at."""
+
+    model: nn.Module
+    x: torch.Tensor
+    initial: dict[str, torch.Tensor]  # parameter values before training (detached clones)
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    when: str  # backward | step | end
+    summary: str
+    fn: Callable[[ProbeContext], dict[str, torch.Tensor]]
+
+
+PROBES: Registry[Probe] = Registry("probe")
+
+
+def _probe(name: str, when: str, summary: str) -> Callable[[Callable], Callable]:
+    def add(fn: Callable[[ProbeContext], dict[str, torch.Tensor]]) -> Callable:
+        PROBES.register(name)(Probe(name, when, summary, fn))
+        return fn
+
+    return add
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@_probe("param_change", "step", "max |p - p_initial| per parameter (0 = never changed)")
+def param_change(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            name: (p.detach() - ctx.initial[name]).abs().max()
+            for name, p in ctx.model.named_parameters()
+        }
+
+
+@_probe("distinct_units", "end", "number of distinct units (rows of [W | b]) of each Linear")
+def distinct_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for name, lin in _linears(ctx.model):
+            rows = lin.weight.detach()
+            if lin.bias is not None:
+                rows = torch.cat([rows, lin.bias.detach()[:, None]], dim=1)
+            out[name] = count_distinct_rows(rows)
+    return out
+
+
+def count_distinct_rows(rows: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
+    """Rows equal within ``rel_tol`` x the largest entry count as one unit (float sums of
+    identical updates may differ in the last bits between rows)."""
+    diff = (rows[:, None, :] - rows[None, :, :]).abs().amax(dim=2)
+    tol = rel_tol * rows.abs().max().clamp(min=1e-30)
+    same_as_earlier = torch.triu(diff <= tol, diagonal=1).any(dim=0)
+    return (~same_as_earlier).sum().to(torch.float64)
+
+
+@_probe(
+    "same_sign_rows",
+    "backward",
+    "share of rows of each Linear weight gradient whose non-zero entries all have one sign",
+)
+def same_sign_rows(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, lin in _linears(ctx.model):
+        g = lin.weight.grad
+        if g is None:
+            continue
+        pos, neg = (g > 0).any(dim=1), (g < 0).any(dim=1)
+        live = pos | neg
+        out[name] = ((live & ~(pos & neg)).sum() / live.sum().clamp(min=1)).to(torch.float64)
+    return out
+
+
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+@_probe("dead_units", "end", "share of units of each activation module zero for the whole batch")
+def dead_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            dead = (output.reshape(output.shape[0], -1) == 0).all(dim=0)
+            captured[name] = dead.double().mean()
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(keep(n))
+        for n, m in ctx.model.named_modules()
+        if isinstance(m, ACTIVATION_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            ctx.model(ctx.x)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured

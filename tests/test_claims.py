@@ -1,0 +1,135 @@
+"""Claim checks on hand-made frames whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowscope.claims import evaluate_one, reduce_series
+
+
+def frame(configs: dict[str, dict], layers: int = 4, stat: str = "std", kind: str = "activation"):
+    """A stats-like frame: each config has axes and a per-layer value function."""
+    rows = []
+    for cid, spec in configs.items():
+        for i in range(layers):
+            rows.append(
+                {
+                    "config": cid, **spec["axes"], "seed": 0, "step": 0, "call": 0,
+                    "layer_idx": i, "layer": f"layers.{i}.act", "kind": kind, "tensor": "",
+                    stat: spec["f"](i),
+                }
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+NO_PROBES = pd.DataFrame(columns=["config", "probe", "step", "layer", "value"])
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("first", 8.0),
+        ("last", 1.0),
+        ("mean", 3.75),
+        ("last/first", 1 / 8),
+        ("first/last", 8.0),
+        ("gain", 0.5),
+        ("gain_to_input", 2.0),
+        ("spread", 8.0),
+    ],
+)
+def test_reducers(how, expected):
+    assert reduce_series(np.array([8.0, 4.0, 2.0, 1.0]), how) == pytest.approx(expected)
+
+
+def test_threshold_claim_holds_only_when_every_selected_config_passes():
+    stats = frame(
+        {
+            "a": {"axes": {"act": "tanh"}, "f": lambda i: 0.2**i},
+            "b": {"axes": {"act": "tanh"}, "f": lambda i: 0.9**i},
+            "c": {"axes": {"act": "relu"}, "f": lambda i: 2.0**i},
+        }
+    )
+    claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "gain", "below": 0.5}
+    v = evaluate_one({**claim, "where": {"act": "tanh"}}, stats, NO_PROBES, ["act"])
+    assert v.held is False and v.numbers["value"] == {
+        "a": pytest.approx(0.2),
+        "b": pytest.approx(0.9),
+    }
+    assert "fails at b" in v.detail
+    v = evaluate_one({**claim, "where": {"act": "tanh"}, "below": 1.0}, stats, NO_PROBES, ["act"])
+    assert v.held is True
+    v = evaluate_one({**claim, "where": {"act": "gelu"}}, stats, NO_PROBES, ["act"])
+    assert v.held is None and "no measured layer" in v.detail
+
+
+def test_layers_glob_and_step_selection():
+    stats = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: float(i + 1)}})
+    later = stats.assign(step=3, std=stats["std"] * 10)
+    both = pd.concat([stats, later], ignore_index=True)
+    claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "max", "below": 100}
+    v = evaluate_one({**claim, "layers": "layers.[01].act"}, both, NO_PROBES, ["act"])
+    assert v.numbers["value"]["a"] == 20.0  # the last step (3) by default, layers 0-1 only
+    v = evaluate_one({**claim, "layers": "layers.[01].act", "step": 0}, both, NO_PROBES, ["act"])
+    assert v.numbers["value"]["a"] == 2.0
+
+
+def test_across_same_differ_monotone_power():
+    stats = frame(
+        {
+            f"c{s}-{n}": {
+                "axes": {"sigma": s, "norm": n},
+                "f": (lambda i, s=s, n=n: 1.0 if n else s),
+            }
+            for s in (0.1, 1.0, 10.0)
+            for n in (True, False)
+        }
+    )
+    base = {"id": "x", "text": "t", "of": "activation.std", "across": "sigma"}
+    same = evaluate_one({**base, "where": {"norm": True}, "expect": "same", "band": 1.01},
+                        stats, NO_PROBES, ["sigma", "norm"])  # fmt: skip
+    assert same.held is True
+    differ = evaluate_one({**base, "where": {"norm": False}, "expect": "differ", "band": 50},
+                          stats, NO_PROBES, ["sigma", "norm"])  # fmt: skip
+    assert differ.held is True and differ.numbers["value"]["all"] == pytest.approx(100)
+    mono = evaluate_one({**base, "where": {"norm": False}, "expect": "increasing", "reduce": "mean"},
+                        stats, NO_PROBES, ["sigma", "norm"])  # fmt: skip
+    assert mono.held is True
+    power = evaluate_one(
+        {**base, "where": {"norm": False}, "expect": "power", "reduce": "mean", "power": 1.0},
+        stats, NO_PROBES, ["sigma", "norm"],
+    )  # fmt: skip
+    assert power.held is True and power.numbers["value"]["all"] == pytest.approx(1.0)
+    both = evaluate_one(
+        {**base, "expect": "same", "band": 1.01}, stats, NO_PROBES, ["sigma", "norm"]
+    )
+    assert both.held is False  # grouped by norm: the no-norm group varies 100x
+    assert set(both.numbers["value"]) == {"norm=True", "norm=False"}
+
+
+def test_probe_claims():
+    probes = pd.DataFrame(
+        {
+            "config": ["a"] * 4, "act": ["relu"] * 4, "seed": [0] * 4,
+            "probe": ["distinct_units"] * 2 + ["param_change"] * 2, "step": [5, 5, 0, 5],
+            "layer": ["layers.0.linear", "head", "head.bias", "head.bias"],
+            "value": [1.0, 4.0, 0.0, 0.3],
+        }
+    )  # fmt: skip
+    stats = frame({"a": {"axes": {"act": "relu"}, "f": lambda i: 1.0}})
+    claim = {"id": "x", "text": "t", "of": "probe.distinct_units", "layers": "layers.0.*",
+             "reduce": "max", "below": 1.5}  # fmt: skip
+    assert evaluate_one(claim, stats, probes, ["act"]).held is True
+    change = {"id": "y", "text": "t", "of": "probe.param_change", "reduce": "max", "above": 0.1}
+    assert evaluate_one(change, stats, probes, ["act"]).held is True
+    assert evaluate_one({**change, "step": 0}, stats, probes, ["act"]).held is False
+
+
+def test_nan_values_fail_a_threshold_claim():
+    stats = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: math.nan}})
+    claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "mean", "below": 1.0}
+    assert evaluate_one(claim, stats, NO_PROBES, ["act"]).held is False

@@ -1,0 +1,170 @@
+"""The study engine: run folders, resume, divergence as data, crashes kept local."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from flowscope import engine, spec
+from flowscope.errors import FlowscopeError
+
+TINY = {
+    "name": "tiny",
+    "source": {"file": "002_2f5fb56b234155bd.txt", "lines": "850-1350"},
+    "net": {"name": "mlp", "in_dim": 12, "width": 12, "depth": 3, "out_dim": 3},
+    "init": {"name": "xavier"},
+    "data": {"name": "gaussian", "n": 32, "dim": 12, "classes": 3},
+    "sweep": {"net.activation": ["tanh", "relu"], "init.name": ["small", "he"]},
+    "run": {"seeds": [0], "probes": ["dead_units"]},
+    "claim": [
+        {
+            "id": "tanh-small-shrinks",
+            "text": "shrinks",
+            "where": {"activation": "tanh", "init": "small"},
+            "of": "activation.std",
+            "layers": "layers.*.act",
+            "reduce": "gain",
+            "below": 0.5,
+        }
+    ],
+}
+
+
+def tiny(**changes) -> spec.Study:
+    raw = copy.deepcopy(TINY)
+    for key, value in changes.items():
+        spec.apply_override(raw, f"{key}={json.dumps(value)}")
+    return spec.validate(raw, "tiny.toml")
+
+
+def test_run_folder_holds_every_file_and_config_columns(tmp_path):
+    result = engine.run_study(tiny(), tmp_path / "run")
+    out = tmp_path / "run"
+    for name in ("spec.json", "stats.parquet", "hists.parquet", "probes.parquet",
+                 "configs.json", "claims.json", "meta.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    stats = pd.read_parquet(out / "stats.parquet")
+    assert list(stats.columns[:4]) == ["config", "activation", "init", "seed"]
+    assert stats.groupby("config").size().gt(0).all() and stats.config.nunique() == 4
+    assert set(stats.kind) == {"activation", "gradient", "weight_grad"}
+    hists = pd.read_parquet(out / "hists.parquet")
+    assert set(hists.config) == set(stats.config)
+    assert [c["status"] for c in json.loads((out / "configs.json").read_text())] == ["done"] * 4
+    claims = json.loads((out / "claims.json").read_text())
+    assert claims[0]["id"] == "tanh-small-shrinks" and claims[0]["held"] is True
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config_columns"] == ["config", "activation", "init", "seed"]
+    assert meta["torch"] == torch.__version__ and meta["finished"] == 4
+    assert result.ran == 4 and not result.failed
+
+
+def test_rerun_resumes_and_reproduces(tmp_path):
+    first = engine.run_study(tiny(), tmp_path)
+    again = engine.run_study(tiny(), tmp_path)
+    assert again.ran == 0
+    victim = first.configs[2]["config"]
+    (tmp_path / "configs" / victim / "done.json").unlink()
+    third = engine.run_study(tiny(), tmp_path)
+    assert third.ran == 1
+    cols = ["config", "layer", "kind", "tensor", "std"]
+    a = first.stats[cols].sort_values(cols[:4]).reset_index(drop=True)
+    b = third.stats[cols].sort_values(cols[:4]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)  # each config seeds its own generator
+
+
+def test_interrupted_study_keeps_finished_configs(tmp_path, monkeypatch):
+    real = engine.run_config
+    calls = []
+
+    def flaky(study, config, folder, device=None):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(config.id)
+        real(study, config, folder, device)
+
+    monkeypatch.setattr(engine, "run_config", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_study(tiny(), tmp_path)
+    monkeypatch.setattr(engine, "run_config", real)
+    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == sorted(calls)
+    resumed = engine.run_study(tiny(), tmp_path)
+    assert resumed.ran == 2 and len(resumed.configs) == 4
+
+
+def test_diverging_config_is_recorded_not_fatal(tmp_path):
+    study = tiny(**{"sweep.init.name": ["normal"], "init.std": 1e25, "run.steps": 2})
+    result = engine.run_study(study, tmp_path)
+    bad = (result.stats["nan"] + result.stats["inf"]).groupby(result.stats["config"]).sum()
+    status = {c["config"]: c["status"] for c in result.configs}
+    assert {cid: "diverged" if n else "done" for cid, n in bad.items()} == status
+    assert status == {  # relu overflows to Inf/NaN; tanh keeps activations in [-1, 1]
+        cid: "diverged" if "relu" in cid else "done" for cid in status
+    }
+
+
+def test_crashing_config_keeps_the_others(tmp_path, monkeypatch, capsys):
+    real = engine._measure
+
+    def broken(study, config, dev):
+        if config.index == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(study, config, dev)
+
+    monkeypatch.setattr(engine, "_measure", broken)
+    result = engine.run_study(tiny(), tmp_path)
+    assert [c["status"] for c in result.configs] == ["done", "failed", "done", "done"]
+    assert "out of memory (simulated)" in result.failed[0]["error"]
+    assert "failed: RuntimeError" in capsys.readouterr().err
+    assert result.stats.config.nunique() == 3
+
+
+def test_other_spec_in_same_folder_is_refused(tmp_path):
+    engine.run_study(tiny(), tmp_path)
+    with pytest.raises(FlowscopeError, match="holds a run of a different spec"):
+        engine.run_study(tiny(**{"net.width": 8}), tmp_path)
+    fresh = engine.run_study(tiny(**{"net.width": 8}), tmp_path, fresh=True)
+    assert fresh.ran == 4
+
+
+def test_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "stats.parquet").write_text("not mine")
+    with pytest.raises(FlowscopeError, match="not a study run folder"):
+        engine.run_study(tiny(), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(FlowscopeError, match="no CUDA device"):
+        engine.run_study(tiny(), tmp_path, device="cuda")
+
+
+def test_seeds_differ_per_config_and_seed_but_are_stable():
+    study = tiny(**{"run.seeds": [0, 1]})
+    seeds = [engine.derive_seed(study, c) for c in study.configs()]
+    assert len(set(seeds)) == len(seeds)
+    assert seeds == [engine.derive_seed(study, c) for c in study.configs()]
+
+
+def test_init_overrides_and_presets_reach_the_right_layers(tmp_path):
+    raw = copy.deepcopy(TINY)
+    raw["sweep"] = {"init.name": ["half-zero"]}
+    raw["presets"] = {"half-zero": {"layers.0.linear": "zeros", "*": "he"}}
+    raw["run"] = {"kinds": ["weight"], "seeds": [0]}
+    raw["claim"] = []
+    result = engine.run_study(spec.validate(raw), tmp_path / "preset")
+    weights = result.stats.query("tensor == 'weight'").set_index("layer")["std"]
+    assert weights["layers.0.linear"] == 0.0
+    assert weights["layers.1.linear"] == pytest.approx((2 / 12) ** 0.5, rel=0.3)
+    raw = copy.deepcopy(TINY)
+    raw["sweep"] = {"init.name": ["normal"]}
+    raw["init"] = {"name": "normal", "std": 5.0, "overrides": {"head": "zeros"}}
+    raw["run"] = {"kinds": ["weight"], "seeds": [0]}
+    raw["claim"] = []
+    study = spec.validate(raw)
+    weights = engine.run_study(study, tmp_path / "over").stats.set_index(["layer", "tensor"])
+    assert weights.loc[("head", "weight"), "std"] == 0.0
+    assert weights.loc[("layers.1.linear", "weight"), "std"] == pytest.approx(5.0, rel=0.3)
