@@ -96,8 +96,8 @@ def test_across_same_differ_monotone_power():
     differ = evaluate_one({**base, "where": {"norm": False}, "expect": "differ", "band": 50},
                           stats, NO_PROBES, ["sigma", "norm"])  # fmt: skip
     assert differ.held is True and differ.numbers["value"]["all"] == pytest.approx(100)
-    mono = evaluate_one({**base, "where": {"norm": False}, "expect": "increasing", "reduce": "mean"},
-                        stats, NO_PROBES, ["sigma", "norm"])  # fmt: skip
+    rising = {**base, "where": {"norm": False}, "expect": "increasing", "reduce": "mean"}
+    mono = evaluate_one(rising, stats, NO_PROBES, ["sigma", "norm"])
     assert mono.held is True
     power = evaluate_one(
         {**base, "where": {"norm": False}, "expect": "power", "reduce": "mean", "power": 1.0},

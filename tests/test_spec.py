@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import tomllib
 
 import pytest
+import tomllib
 
 from flowscope import spec
 from flowscope.errors import FlowscopeError
