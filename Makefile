@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LINTED := $(wildcard flowscope tests bench cli.py)
 
 .PHONY: demo test lint install clean
 
@@ -20,8 +21,8 @@ demo: $(STAMP)
 	$(PY) -m flowscope study run init-scales --out reports/init-scales
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flowscope tests cli.py bench
-	$(VENV)/bin/ruff format --check flowscope tests cli.py bench
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
 test: lint
