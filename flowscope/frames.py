@@ -89,6 +89,15 @@ def write_parquet(frame: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None
         pq.write_table(table.replace_schema_metadata(merged), tmp)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: flipping it per write would race other threads
+
+
 class _atomic:
     """Context manager yielding a temporary path in the target's folder, renamed on success."""
 
@@ -102,6 +111,7 @@ class _atomic:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; files are for sharing
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.unlink(self.tmp)

@@ -24,7 +24,9 @@ numerically safe when the mean is far from zero (sigmoid outputs, say).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,11 +138,49 @@ def _shift(flat: torch.Tensor) -> torch.Tensor:
     return torch.where(finite.any(), head.index_select(0, first), torch.zeros_like(head[:1]))
 
 
+BACKENDS = ("auto", "eager", "numba")
+_numba: Any = None  # the kernels module once imported; False when numba is unavailable
+
+
+def _kernels() -> Any:
+    """flowscope._cpu_kernels, imported on first use (numba costs ~0.5 s to import)."""
+    global _numba
+    if _numba is None:
+        try:
+            from flowscope import _cpu_kernels
+
+            _cpu_kernels.set_threads(torch.get_num_threads())
+            _numba = _cpu_kernels
+        except ImportError:
+            _numba = False
+    return _numba
+
+
+def backend_for(x: torch.Tensor, backend: str | None = None) -> str:
+    """``numba`` for CPU float tensors when numba is there, else ``eager``.
+
+    ``backend`` (or the FLOWSCOPE_KERNELS environment variable) forces one: ``eager``,
+    ``numba`` (an error where it cannot run) or ``auto``.
+    """
+    choice = backend or os.environ.get("FLOWSCOPE_KERNELS", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"FLOWSCOPE_KERNELS must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    fits = x.device.type == "cpu" and x.is_floating_point()
+    if choice == "eager" or (choice == "auto" and not fits):
+        return "eager"
+    if not fits or not _kernels():
+        if choice == "numba":
+            raise ValueError(f"the numba kernels need numba and a CPU tensor, got {x.device}")
+        return "eager"
+    return "numba"
+
+
 def snapshot(
     x: torch.Tensor,
     spec: HistSpec,
     saturation: tuple[float, float] | None = None,
     drop_zeros: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Statistics and histograms of ``x`` as device tensors, with no host synchronization.
 
@@ -155,6 +195,8 @@ def snapshot(
         saturation: (lo, hi); finite values with x <= lo or x >= hi count as saturated.
         drop_zeros: leave exact zeros out of the linear histogram (their share is in the
             statistics); the lecture's ReLU figures are drawn this way.
+        backend: ``eager`` (torch ops, any device), ``numba`` (fused CPU kernels) or None
+            for the default (see :func:`backend_for`).
 
     Returns:
         ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
@@ -167,6 +209,8 @@ def snapshot(
         n = flat.numel()
         if n == 0:
             return _empty(spec, flat.device)
+        if backend_for(flat, backend) == "numba":
+            return _snapshot_cpu(flat, spec, saturation, drop_zeros)
         c = _shift(flat)
         y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
         lo_hi = torch.aminmax(y)
@@ -195,6 +239,32 @@ def snapshot(
         lin = _linear_hist(sample, c + lo_hi.min, c + lo_hi.max, spec.bins, drop_zeros)
         log = _log_hist(sample, spec.log)
         return raw, lin, log
+
+
+def _snapshot_cpu(
+    flat: torch.Tensor, spec: HistSpec, saturation: tuple[float, float] | None, drop_zeros: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused CPU path: two numba kernels over a zero-copy numpy view of the tensor."""
+    k = _kernels()
+    a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
+    c = k._shift(a, SHIFT_PROBE)
+    lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
+    part = k._moments(a, c, lo, hi)
+    s, ss, nonzero, nan, inf, sat = (part[:, i].sum() for i in (0, 1, 4, 5, 6, 7))
+    mn, mx = part[:, 2].min(), part[:, 3].max()
+    n = a.size
+    stride = sample_stride(n, spec.sample)
+    raw = [n, nan + inf, nan, c, s, ss, mn, mx, nonzero, math.nan, stride]
+    if saturation is not None:
+        raw[RAW["saturated"]] = sat
+    if nan + inf == n:  # no finite value: the moments are undefined, as in the eager path
+        raw[RAW["min"]] = raw[RAW["max"]] = math.nan
+    edges = k.decade_edges(spec.log.lo, spec.log.hi, spec.log.per_decade)
+    lin, log = k._hists(
+        a[::stride], c + mn, c + mx, spec.bins, drop_zeros, edges,
+        spec.log.lo * spec.log.per_decade, spec.log.per_decade, spec.log.zero_index,
+    )  # fmt: skip
+    return torch.tensor(raw, dtype=torch.float64), torch.from_numpy(lin), torch.from_numpy(log)
 
 
 def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -99,6 +99,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
 
 
+def test_written_files_follow_the_umask_not_mkstemp(recorded, tmp_path):
+    import stat
+
+    from flowscope.frames import _UMASK
+
+    recorded.save(tmp_path)
+    for name in ("stats.parquet", "hists.parquet", "meta.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~_UMASK, name
+
+
 def test_empty_recording_gives_empty_frames():
     rec = fs.watch(nn.Linear(2, 2))
     rec.close()

@@ -9,7 +9,25 @@ import pytest
 import torch
 
 from flowscope.frames import moments
-from flowscope.stats import RAW, HistSpec, LogEdges, sample_stride, snapshot
+from flowscope.stats import RAW, HistSpec, LogEdges, backend_for, sample_stride, snapshot
+
+
+@pytest.fixture(params=["eager", "numba"], autouse=True)
+def backend(request, monkeypatch):
+    """Every test here runs on both backends: torch ops and the fused CPU kernels."""
+    monkeypatch.setenv("FLOWSCOPE_KERNELS", request.param)
+    return request.param
+
+
+def test_backend_selection(backend):
+    assert backend_for(torch.zeros(3)) == backend
+    if backend == "numba":  # forced, it refuses what it cannot run instead of falling back
+        with pytest.raises(ValueError, match="need numba and a CPU tensor"):
+            backend_for(torch.zeros(3, dtype=torch.int64))
+    else:
+        assert backend_for(torch.zeros(3, dtype=torch.int64)) == "eager"
+    with pytest.raises(ValueError, match="FLOWSCOPE_KERNELS must be one of"):
+        backend_for(torch.zeros(3), "fast")
 
 
 def reference(values: np.ndarray, saturation: tuple[float, float] | None = None) -> dict:
