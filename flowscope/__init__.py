@@ -25,14 +25,25 @@ _LAZY = {
     "load": "flowscope.frames",
     "Records": "flowscope.frames",
     "FlowscopeError": "flowscope.errors",
+    "report": "flowscope.report",
+    "diagnose": "flowscope.doctor",
+    "Diagnosis": "flowscope.doctor",
+    "Thresholds": "flowscope.doctor",
+    "examine": "flowscope.doctor",
+    "compare": "flowscope.doctor",
+    "reinit": "flowscope.fixes",
+    "lsuv": "flowscope.fixes",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
+    from flowscope.doctor import Diagnosis, Thresholds, compare, diagnose, examine  # noqa: F401
     from flowscope.errors import FlowscopeError  # noqa: F401
+    from flowscope.fixes import lsuv, reinit  # noqa: F401
     from flowscope.frames import Records, load  # noqa: F401
     from flowscope.recorder import KINDS, Recorder, watch  # noqa: F401
+    from flowscope.report import report  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

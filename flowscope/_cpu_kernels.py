@@ -60,8 +60,10 @@ def _moments(x: np.ndarray, c: float, lo: float, hi: float) -> np.ndarray:
             ss += d * d
             mn = min(mn, d)
             mx = max(mx, d)
-            nonzero += v != 0.0
-            sat += (v <= lo) | (v >= hi)
+            if v != 0.0:
+                nonzero += 1
+            if v <= lo or v >= hi:
+                sat += 1
         out[k, 0] = s
         out[k, 1] = ss
         out[k, 2] = mn
@@ -135,4 +137,5 @@ def decade_edges(lo: int, hi: int, per_decade: int) -> np.ndarray:
 
 def set_threads(n: int) -> None:
     """Use as many threads as torch does (numba's pool is created on first use)."""
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    cap = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(n, cap)))

@@ -149,11 +149,20 @@ def _print_claims(claims: list) -> None:
 
 
 def _write_report(out: Path) -> None:
-    try:
-        from flowscope.report import report
-    except ImportError:  # the reporter is optional until it lands
-        return
+    from flowscope.report import report
+
     click.echo(f"report: {report(out)}")
+
+
+def _register() -> None:
+    from flowscope.doctor_cli import doctor_cmd
+    from flowscope.report_cli import report_cmd
+
+    main.add_command(report_cmd)
+    main.add_command(doctor_cmd)
+
+
+_register()
 
 
 def run() -> None:

@@ -223,13 +223,22 @@ def snapshot(
             outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
             sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
         stride = sample_stride(n, spec.sample)
-        floats = torch.stack([c[0], y.sum(), (y * y).sum(), lo_hi.min, lo_hi.max])
+        # sums of the scaled values: squares stay <= 1, so 1e20-sized gradients cannot overflow
+        scale = torch.maximum(-lo_hi.min, lo_hi.max).clamp(min=torch.finfo(y.dtype).tiny)
+        z = y.div_(scale)
+        scale64 = scale.to(torch.float64)
+        sums = torch.stack([z.sum(), (z * z).sum()]).to(torch.float64) * torch.stack(
+            [scale64, scale64 * scale64]
+        )
+        floats = torch.stack([c[0], lo_hi.min, lo_hi.max]).to(torch.float64)
         counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)])
         raw = torch.cat(
             [
                 torch.full((1,), float(n), dtype=torch.float64, device=flat.device),
                 counts[:2].to(torch.float64),
-                floats.to(torch.float64),
+                floats[:1],  # shift
+                sums,  # sum, sumsq about the shift
+                floats[1:],  # min, max about the shift
                 counts[2:].to(torch.float64),
                 sat.to(torch.float64).reshape(1),
                 torch.full((1,), float(stride), dtype=torch.float64, device=flat.device),

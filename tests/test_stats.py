@@ -79,6 +79,14 @@ def test_variance_stays_exact_when_mean_dominates():
     assert row["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-4)
 
 
+def test_huge_finite_values_do_not_overflow_the_moments():
+    # exploding gradients reach 1e17..1e20: their squares overflow float32 if summed naively
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(9)) * 1e19
+    row, *_ = measured(x)
+    assert row["inf"] == 0 and np.isfinite(row["rms"])
+    check(row, reference(x.numpy()))
+
+
 def test_nan_and_inf_are_counted_and_left_out():
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
     x[0] = float("nan")  # the first element: the shift must come from a finite one

@@ -1,0 +1,206 @@
+"""Figure functions on small frames: panels, scales, labels, the zero-fraction text.
+
+The frames come from tiny real recordings (a Linear/Tanh or Linear/ReLU stack) so that the
+numbers the plots show can be checked against the stats frame.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from test_report import record
+from torch import nn
+
+from flowscope import plots
+from flowscope.errors import FlowscopeError
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def relu():
+    return record(nn.ReLU, math.sqrt(2 / 16), depth=4, name="relu")
+
+
+@pytest.fixture(scope="module")
+def tanh():
+    return record(nn.Tanh, 1.5, depth=3, name="tanh")
+
+
+def panel_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_activation_row_has_a_panel_per_activation_layer_with_its_own_range(tanh):
+    axes = plots.activation_hists(tanh.hists, tanh.stats, fig=Figure())
+    acts = tanh.stats.query("kind == 'activation' and module_type == 'Tanh'")
+    assert [a.get_title() for a in axes] == acts.layer.tolist() == ["1", "3", "5"]
+    assert all(a.get_yscale() == "linear" for a in axes)
+    assert (
+        axes[0].get_ylabel() == "count"
+        and "activations per layer" in axes[0].figure.texts[0].get_text()
+    )
+    for ax, (_, row) in zip(axes, acts.iterrows(), strict=True):
+        lo, hi = ax.get_xlim()  # the layer's own [min, max] (plus matplotlib's margin)
+        assert lo <= row["min"] < row["max"] <= hi and hi - lo < 1.2 * (row["max"] - row["min"])
+        # tanh has no exact zeros to leave out; sigma 1.5 saturates it
+        assert panel_texts(ax) == [f"saturated: {row['frac_saturated']:.1%}"]
+
+
+def test_relu_panels_show_non_zero_values_and_state_the_zero_fraction(relu):
+    axes = plots.layer_hists(relu.hists, relu.stats, kind="activation", fig=Figure())
+    acts = relu.stats.query("kind == 'activation' and module_type == 'ReLU'").set_index("layer")
+    assert len(axes) == 4
+    for ax in axes:
+        frac = acts.loc[ax.get_title(), "frac_zero"]
+        assert panel_texts(ax) == [f"zero: {frac:.1%}"]
+        drawn = ax.patches[0].get_data().values.sum()  # one step patch per panel
+        count = acts.loc[ax.get_title(), "count"]
+        assert drawn == pytest.approx(count * (1 - frac))  # exactly the non-zero values
+
+
+def test_gradient_row_is_log_scaled_and_can_keep_or_drop_zeros(relu):
+    axes = plots.gradient_hists(relu.hists, relu.stats, fig=Figure())
+    assert all(a.get_yscale() == "log" for a in axes) and axes[0].get_ylabel() == "count (log)"
+    grads = relu.stats.query("kind == 'gradient'").set_index("layer")
+    pre = relu.stats.query("kind == 'gradient' and module_type == 'Linear'").layer.tolist()
+    kept = plots.layer_hists(relu.hists, kind="gradient", layers=pre, nonzero=False, fig=Figure())
+    dropped = plots.layer_hists(relu.hists, kind="gradient", layers=pre, nonzero=True, fig=Figure())
+    for k, d in zip(kept, dropped, strict=True):
+        total = grads.loc[k.get_title(), "count"]
+        zeros = grads.loc[k.get_title(), "frac_zero"] * total
+        assert zeros > 0 and panel_texts(k) == []
+        assert k.patches[0].get_data().values.sum() == pytest.approx(total)
+        assert d.patches[0].get_data().values.sum() == pytest.approx(total - zeros)
+
+
+def test_weight_gradients_use_the_weight_not_the_bias(tanh):
+    axes = plots.layer_hists(tanh.hists, kind="weight_grad", fig=Figure())
+    assert [a.get_title() for a in axes] == ["0", "2", "4"] and axes[0].get_yscale() == "log"
+    weights = tanh.stats.query("kind == 'weight_grad' and tensor == 'weight'").set_index("layer")
+    drawn = axes[0].patches[0].get_data().values.sum()
+    assert drawn == weights.loc["0", "count"] * (1 - weights.loc["0", "frac_zero"])
+
+
+def test_many_layers_are_spread_keeping_first_and_last(relu):
+    names = plots.flow_layers(relu.stats.query("kind == 'gradient'"))
+    axes = plots.layer_hists(relu.hists, kind="gradient", max_panels=3, fig=Figure())
+    assert [a.get_title() for a in axes] == [names[0], names[2], names[3]]
+    assert len(plots.layer_hists(relu.hists, layers=["1"], fig=Figure())) == 1
+
+
+def test_histograms_refuse_several_configs_unknown_steps_and_layers(relu, tanh):
+    both = pd.concat([relu.hists, tanh.hists])
+    with pytest.raises(
+        FlowscopeError, match=r"one run at a time; the frame has 2 \('relu', 'tanh'\)"
+    ):
+        plots.activation_hists(both, fig=Figure())
+    with pytest.raises(FlowscopeError, match=r"step 7 was not recorded; recorded steps: \[0\]"):
+        plots.activation_hists(relu.hists, step=7, fig=Figure())
+    with pytest.raises(FlowscopeError, match="layers \\['nope'\\] not in the frame"):
+        plots.activation_hists(relu.hists, layers=["nope"], fig=Figure())
+    with pytest.raises(FlowscopeError, match=r"no 'weights' rows .*kinds there: \['activation'"):
+        plots.layer_hists(relu.hists, kind="weights", fig=Figure())
+
+
+def test_scale_plot_draws_one_line_per_config_on_log_axes(relu, tanh):
+    stats = pd.concat([relu.stats, tanh.stats], ignore_index=True)
+    theory = pd.DataFrame(
+        {"run": "tanh", "layer": ["1", "3", "5"], "kind": "activation", "std": [0.9, 0.9, 0.9]}
+    )
+    labels = {"relu": "ReLU, He", "tanh": "tanh, σ=1.5"}
+    axes = plots.scale_plot(stats, theory=theory, labels=labels, fig=Figure())
+    assert len(axes) == 2 and all(a.get_yscale() == "log" for a in axes)
+    solid = [ln for ln in axes[0].lines if ln.get_linestyle() == "-"]
+    dashed = [ln for ln in axes[0].lines if ln.get_linestyle() == "--"]
+    assert [ln.get_label() for ln in solid] == ["ReLU, He", "tanh, σ=1.5"] and len(dashed) == 1
+    assert len(axes[1].lines) == 2  # gradients: no theory given
+    tanh_act = tanh.stats.query("kind == 'activation' and module_type == 'Tanh'")["std"]
+    assert solid[1].get_ydata() == pytest.approx(tanh_act.to_numpy())
+    legend = axes[0].figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == [*labels.values(), "theory"]
+
+
+def test_scale_plot_groups_by_config_when_there_is_one(relu, tanh):
+    stats = pd.concat([relu.stats.assign(config="a"), tanh.stats.assign(config="b")])
+    axes = plots.scale_plot(stats, fig=Figure())
+    assert [ln.get_label() for ln in axes[1].lines] == ["a", "b"]
+    assert axes[0].figure.legends[0].get_title().get_text() == "config"
+
+
+def test_log_heatmap_columns_are_layers_and_fractions_sum_to_one(relu):
+    ax = plots.log_heatmap(relu.hists, kind="activation", ax=Figure().subplots())
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == ["1", "3", "5", "7"]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "0" and all(t.startswith("1e") for t in labels[1:])
+    data = ax.collections[0].get_array()
+    assert np.ma.filled(data, 0).reshape(-1, len(names)).sum(axis=0) == pytest.approx(1.0)
+    zero_row = np.ma.filled(data, 0).reshape(-1, len(names))[0]
+    fracs = relu.stats.query("kind == 'activation' and module_type == 'ReLU'")["frac_zero"]
+    assert zero_row == pytest.approx(fracs.to_numpy())  # the bottom row is the exact zeros
+
+
+def test_log_heatmap_over_steps_has_a_panel_per_layer():
+    rec = record(nn.Tanh, 0.5, depth=3, steps=4, name="train")
+    axes = plots.log_heatmap_steps(rec.hists, kind="gradient", fig=Figure())
+    assert [a.get_title() for a in axes] == ["1", "3", "5"]
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["0", "1", "2", "3"]
+    assert axes[0].get_xlabel() == "step" and axes[1].get_yticklabels()[0].get_text() == ""
+
+
+def test_saturation_plot_shows_saturated_and_zero_fractions(tanh, relu):
+    ax = plots.saturation_plot(tanh.stats, ax=Figure().subplots())
+    labels = [ln.get_label() for ln in ax.lines]
+    assert labels == ["saturated (activations)", "zero (activations)", "zero (gradients)"]
+    sat = tanh.stats.query("kind == 'activation' and module_type == 'Tanh'")["frac_saturated"]
+    assert ax.lines[0].get_ydata() == pytest.approx(sat.to_numpy()) and sat.max() > 0.3
+    assert ax.get_ylim()[0] < 0 < 1 < ax.get_ylim()[1]
+    relu_labels = [ln.get_label() for ln in plots.saturation_plot(relu.stats).lines]
+    assert "saturated (activations)" not in relu_labels  # ReLU has no saturation interval
+
+
+def test_non_finite_values_get_their_own_line(relu):
+    stats = relu.stats.copy()
+    stats.loc[(stats.kind == "gradient") & (stats.layer == "3"), "nan"] = 5
+    labels = [ln.get_label() for ln in plots.saturation_plot(stats, ax=Figure().subplots()).lines]
+    assert "non-finite (gradients)" in labels
+
+
+def test_dollar_signs_in_names_do_not_start_mathtext(relu):
+    hists = relu.hists.assign(layer=relu.hists.layer.replace("1", "cost$ $x^2$"))
+    fig = Figure()
+    axes = plots.activation_hists(hists, fig=fig)
+    fig.savefig(io.BytesIO(), format="png")  # would raise on unbalanced mathtext
+    assert axes[0].get_title() == r"cost\$ \$x^2\$"
+
+
+def test_group_column_and_layer_selection():
+    frame = pd.DataFrame(
+        {
+            "run": "r",
+            "layer": ["fc", "act", "head"],
+            "layer_idx": [0, 1, 2],
+            "module_type": ["Linear", "GELU", "Linear"],
+        }
+    )
+    assert plots.group_column(frame) == "run" and plots.flow_layers(frame) == ["act"]
+    hf = frame.assign(module_type=["Conv1D", "NewGELUActivation", "Linear"])  # transformers
+    assert plots.flow_layers(hf) == ["act"]
+    no_acts = frame.assign(module_type="Linear")
+    assert plots.flow_layers(no_acts) == ["fc", "act", "head"]
+
+
+def test_plots_and_the_report_command_do_not_import_torch():
+    # flowscope --help registers report_cmd, so importing it must stay light
+    code = "import flowscope.plots, flowscope.report_cli, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,294 @@
+"""The reporter: report.html from run folders, Records and Recorders; summary, exports, CLI.
+
+The folders are built here to the run-folder contract (a study run: stats/hists with config
+columns, meta/spec/claims/configs JSON; an ``fs.watch`` run: stats, hists, meta), from tiny
+real recordings, so the page is checked against known configs, names and statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import flowscope as fs
+from flowscope.errors import FlowscopeError
+from flowscope.frames import Records, write_parquet
+from flowscope.report import REPORT_FILE, fmt, pct, report, summary
+from flowscope.report_cli import report_cmd
+
+XSS = "<script>window.__xss = 1</script>"
+WIDTH = 16
+# (activation, init, module, weight std); a fourth config fails before recording
+CONFIGS = [
+    ("tanh", "small", nn.Tanh, 0.05),
+    ("relu", "he", nn.ReLU, math.sqrt(2 / WIDTH)),
+    ("tanh", "large", nn.Tanh, 1.5),
+]
+FAILED = ("relu", "large")
+
+
+def record(
+    act: type[nn.Module] = nn.Tanh,
+    std: float = 0.3,
+    *,
+    depth: int = 3,
+    steps: int = 1,
+    name: str = "",
+    seed: int = 0,
+) -> fs.Recorder:
+    """A closed recorder of a Linear/act MLP with N(0, std²) weights, zero biases."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(WIDTH, WIDTH), act())])
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std, generator=gen)
+                m.bias.zero_()
+    x = torch.randn(64, WIDTH, generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with fs.watch(model, name=name, bins=16) as rec:
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    return rec
+
+
+def config_id(i: int, activation: str, init: str) -> str:
+    return f"{i:03d}-activation={activation},init={init},seed=0"
+
+
+def make_study(folder: Path, *, xss: bool = False) -> Path:
+    """A study run folder to the contract: 3 recorded configs and 1 failed one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stats, hists, statuses = [], [], []
+    for i, (activation, init, module, std) in enumerate(CONFIGS):
+        rec = record(module, std, seed=i).records()
+        cid = config_id(i, activation, init)
+        columns = {"config": cid, "activation": activation, "init": init, "seed": 0}
+        s, h = rec.stats.assign(run=cid, **columns), rec.hists.assign(run=cid, **columns)
+        if xss and i == 0:  # a layer name and an axis value from a hostile file
+            s["layer"] = s["layer"].replace("1", XSS)
+            h["layer"] = h["layer"].replace("1", XSS)
+            columns["activation"] = s["activation"] = h["activation"] = f"tanh{XSS}"
+        stats.append(s)
+        hists.append(h)
+        axes = {"activation": columns["activation"], "init": init}
+        statuses.append({"config": cid, "axes": axes, "seed": 0, "status": "done", "error": None})
+    failed = config_id(len(CONFIGS), *FAILED)
+    error = "RuntimeError: boom <b>not bold</b>"
+    axes = dict(zip(["activation", "init"], FAILED, strict=True))
+    statuses.append({"config": failed, "axes": axes, "seed": 0, "status": "failed", "error": error})
+    front = ["config", "activation", "init", "seed"]
+    meta = {
+        "study": "tiny",
+        "title": f"Tiny study {XSS if xss else ''}",
+        "source": {"file": "002_2f5fb56b234155bd.txt", "lines": "850-1350", "what": "DD2424"},
+        "config_columns": front,
+        "flowscope": fs.__version__,
+        "torch": torch.__version__,
+        "written": time.time(),
+    }
+    for name, parts in (("stats", stats), ("hists", hists)):
+        frame = pd.concat(parts, ignore_index=True)
+        frame = frame[front + [c for c in frame.columns if c not in front]]
+        write_parquet(frame, folder / f"{name}.parquet", meta)
+    spec = {
+        "name": "tiny",
+        "title": meta["title"],
+        "source": meta["source"],
+        "net": {"name": "custom"},
+        "sweep": {"activation": ["tanh", "relu"], "init": ["small", "he", "large"]},
+        "claims": [],
+    }
+    first = config_id(0, "tanh", "small")
+    claims = [
+        {"id": "held-one", "text": "tanh small: activations shrink", "held": True,
+         "detail": "gain below 0.5", "numbers": {"value": {first: 0.2}, "below": 0.5},
+         "where": {"activation": "tanh", "init": "small"}, "note": ""},
+        {"id": "not-held-one", "text": f"a claim that fails {XSS if xss else ''}",
+         "held": False, "detail": "spread below 2", "numbers": {"value": {first: 3.1},
+         "below": 2.0}, "where": {}, "note": "the contrast"},
+        {"id": "unmeasured", "text": "nothing matched", "held": None, "detail": "",
+         "numbers": {}, "where": {"activation": "sigmoid"}, "note": ""},
+    ]  # fmt: skip
+    for name, payload in (("meta", meta), ("spec", spec), ("claims", claims)):
+        (folder / f"{name}.json").write_text(json.dumps(payload))
+    (folder / "configs.json").write_text(json.dumps(statuses))
+    return folder
+
+
+def summary_rows(html: str) -> list[str]:
+    body = re.search(r'<table class="summary">.*?<tbody>(.*?)</tbody>', html, re.S)
+    assert body, "no summary table"
+    return re.findall(r"<tr>.*?</tr>", body.group(1), re.S)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    folder = make_study(tmp_path_factory.mktemp("study") / "run", xss=True)
+    path = report(folder, workers=2)  # the forked path; the browser test takes the serial one
+    return path, path.read_text()
+
+
+def test_study_report_is_written_beside_the_records(study):
+    path, html = study
+    assert path.name == REPORT_FILE and path.parent.name == "run"
+    for name in ("summary.csv", "layers.csv", "stats.csv", "claims.csv"):
+        assert (path.parent / name).is_file(), name
+    table = pd.read_csv(path.parent / "summary.csv")
+    assert len(table) == len(CONFIGS) + 1
+    assert table.status.tolist() == ["done"] * len(CONFIGS) + ["failed"]
+    assert table.verdict.iloc[: len(CONFIGS)].notna().all()
+    assert html.startswith("<!DOCTYPE html>")
+
+
+def test_summary_has_one_row_per_config_in_study_order(study):
+    _, html = study
+    rows = summary_rows(html)
+    assert len(rows) == len(CONFIGS) + 1
+    assert "relu · he" in rows[1] and "failed" in rows[-1]
+    assert "Error" not in rows[0] and "RuntimeError: boom" in rows[-1]
+
+
+def test_claims_are_listed_with_their_outcome(study):
+    _, html = study
+    claims = html[html.index('id="claims"') :]
+    for mark in ("held", "not held", "not measured"):
+        assert f">{mark}</span>" in claims
+    assert "1 of 3 held" in claims
+    assert "below 0.5" in claims  # the test the claim applied
+    assert "tanh&lt;script&gt;" in claims  # measured values are labelled by config
+
+
+def test_every_name_from_a_model_or_a_file_is_escaped(study):
+    _, html = study
+    assert "<script" not in html.lower()
+    assert "<b>not bold</b>" not in html
+    assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in html
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in html
+
+
+def test_page_loads_nothing_from_the_network(study):
+    _, html = study
+    assert not re.search(r"<(script|link|iframe|object|embed)\b", html, re.I)
+    assert not re.search(r"@import|url\(", html)
+    for attr, value in re.findall(r'\b(src|href)="([^"]*)"', html):
+        assert value.startswith(("data:image/png;base64,", "#")) or not re.match(
+            r"^([a-z][a-z0-9+.-]*:|//)", value
+        ), f"{attr}={value[:60]!r} leaves the page"
+
+
+def test_figures_are_embedded_pngs(study):
+    _, html = study
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
+    # the scale plot, then per recorded config: 3 histogram rows, heat map, saturation plot
+    assert len(images) == 1 + 5 * len(CONFIGS)
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_links_are_relative_and_resolve(study):
+    path, html = study
+    links = [unquote(h) for h in re.findall(r'href="([^"#][^"]*)"', html)]
+    assert {"stats.parquet", "hists.parquet", "summary.csv", "claims.csv"} <= set(links)
+    for link in links:
+        assert (path.parent / link).is_file(), link
+
+
+def test_report_elsewhere_links_back_to_the_records(tmp_path):
+    run = tmp_path / "runs" / "my model"
+    record(name="mlp").save(str(run))
+    path = report(run, tmp_path / "out")
+    html = path.read_text()
+    assert path == tmp_path / "out" / REPORT_FILE
+    assert 'href="../runs/my%20model/stats.parquet"' in html
+    assert (path.parent / "summary.csv").is_file() and not (run / REPORT_FILE).exists()
+
+
+def test_report_from_recorder_and_records_saves_them_first(tmp_path):
+    rec = record(nn.ReLU, name="net")
+    path = report(rec, tmp_path / "a")
+    assert {p.name for p in path.parent.iterdir()} >= {"stats.parquet", "meta.json", REPORT_FILE}
+    assert len(summary_rows(path.read_text())) == 1
+    two = pd.concat([rec.stats, record(name="other").stats], ignore_index=True)
+    both = Records(stats=two, hists=pd.concat([rec.hists, record(name="other").hists]), meta={})
+    html = report(both, tmp_path / "b").read_text()
+    rows = summary_rows(html)
+    assert len(rows) == 2 and "net" in rows[0] and "other" in rows[1]
+
+
+def test_default_folder_for_records_is_named_after_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = report(record(name="my/model"))
+    assert path == Path("reports") / "my-model" / REPORT_FILE
+
+
+def test_training_run_gets_heat_maps_over_steps(tmp_path):
+    rec = record(steps=3, name="train")
+    html = report(rec, tmp_path).read_text()
+    assert "over training" in html and "log-magnitude heat map" not in html
+
+
+def test_activations_only_still_make_a_report(tmp_path):
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 2))
+    with fs.watch(model, kinds=["activation"], name="fwd") as rec, torch.no_grad():
+        model(torch.randn(8, WIDTH))
+    html = report(rec, tmp_path).read_text()
+    assert len(summary_rows(html)) == 1 and "Activations per layer" in html
+    assert len(re.findall(r"<img ", html)) == 4  # scale plot, histograms, heat map, zeros
+
+
+def test_report_works_without_the_doctor(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "flowscope.doctor", None)
+    html = report(record(name="x"), tmp_path).read_text()
+    assert "no verdicts" in html and len(summary_rows(html)) == 1
+
+
+@pytest.mark.parametrize("bad", [42, None, ["stats.parquet"]])
+def test_report_rejects_what_is_not_a_run(bad):
+    with pytest.raises(FlowscopeError, match="run folder"):
+        report(bad)
+
+
+def test_report_of_a_missing_folder_says_what_is_missing(tmp_path):
+    with pytest.raises(FlowscopeError, match=r"missing stats\.parquet"):
+        report(tmp_path)
+
+
+def test_summary_frame_keeps_failed_configs_in_order(tmp_path):
+    folder = make_study(tmp_path / "s")
+    stats = fs.load(folder).stats
+    configs = json.loads((folder / "configs.json").read_text())
+    table = summary(stats, configs=configs)
+    assert table.config.tolist() == [c["config"] for c in configs]
+    assert table.label.tolist()[:2] == ["tanh · small", "relu · he"]
+    assert table.status.tolist()[-1] == "failed" and table.verdict.isna().all()
+    assert {"act_gain", "grad_gain", "grad_ratio", "worst_layer", "thresholds"} <= set(table)
+
+
+def test_cli_writes_the_report_and_reports_errors_cleanly(tmp_path):
+    record(name="cli").save(str(tmp_path / "run"))
+    ok = CliRunner().invoke(report_cmd, [str(tmp_path / "run"), "--out", str(tmp_path / "r")])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == str(tmp_path / "r" / REPORT_FILE)
+    bad = CliRunner().invoke(report_cmd, [str(tmp_path / "nothing")])
+    assert bad.exit_code == 1 and bad.output.startswith("Error:") and "missing" in bad.output
+
+
+def test_numbers_are_formatted_for_reading():
+    assert fmt(0.22377) == "0.224" and fmt(7.04e4) == "7.04e+04" and fmt(float("nan")) == "—"
+    assert fmt(float("inf")) == "∞" and fmt(3) == "3" and fmt("x") == "x"
+    assert pct(0.905) == "90.5%" and pct(None) == "—" and pct(float("nan")) == "—"
