@@ -23,18 +23,27 @@ CHUNKS = 64
 
 
 @njit(cache=True)
-def _shift(x: np.ndarray, probe: int) -> float:
-    """The first finite value among the first ``probe`` elements (0 if none)."""
-    for i in range(min(probe, x.size)):
+def _shift(x: np.ndarray) -> float:
+    """The first finite value of ``x`` (0 if there is none): usually element 0."""
+    for i in range(x.size):
         v = np.float64(x[i])
         if v - v == 0.0:
             return v
     return 0.0
 
 
-@njit(parallel=True, cache=True)
+# reassociation lets LLVM vectorise the reductions; NaN/Inf semantics stay (no nnan/ninf)
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
 def _moments(x: np.ndarray, c: float, lo: float, hi: float) -> np.ndarray:
-    """Per chunk: sum, sumsq (about c), min, max (about c), nonzero, nan, inf, saturated."""
+    """Per chunk: sum, sumsq (about c), min, max (about c), nonzero, nan, nonfinite, saturated.
+
+    Branch-free, so the inner loop vectorises. ``c`` must be a finite value of ``x`` (see
+    ``_shift``) when there is one: non-finite entries then count as ``c``, which adds 0 to the
+    sums and cannot move the extremes.
+    """
     n = x.size
     out = np.zeros((CHUNKS, 8))
     step = (n + CHUNKS - 1) // CHUNKS
@@ -45,39 +54,37 @@ def _moments(x: np.ndarray, c: float, lo: float, hi: float) -> np.ndarray:
         mx = -np.inf
         nonzero = 0
         nan = 0
-        inf = 0
+        bad = 0
         sat = 0
         for i in range(k * step, min(n, (k + 1) * step)):
             v = np.float64(x[i])
-            if v - v != 0.0:  # NaN or +-Inf: counted, left out of every statistic
-                if v != v:
-                    nan += 1
-                else:
-                    inf += 1
-                continue
-            d = v - c
+            fin = v - v == 0.0
+            d = v - c if fin else 0.0  # 0 is the value c itself: it moves neither extreme
             s += d
             ss += d * d
             mn = min(mn, d)
             mx = max(mx, d)
-            if v != 0.0:
-                nonzero += 1
-            if v <= lo or v >= hi:
-                sat += 1
+            nonzero += 1 if v != 0.0 else 0  # NaN and Inf count as nonzero, as in eager
+            nan += 1 if v != v else 0
+            bad += 0 if fin else 1
+            sat += 1 if (v <= lo) | (v >= hi) else 0  # +-Inf compare as outside: taken out below
         out[k, 0] = s
         out[k, 1] = ss
         out[k, 2] = mn
         out[k, 3] = mx
-        out[k, 4] = nonzero + nan + inf  # NaN and Inf are nonzero, as in the eager path
+        out[k, 4] = nonzero
         out[k, 5] = nan
-        out[k, 6] = inf
-        out[k, 7] = sat
+        out[k, 6] = bad - nan  # +-Inf
+        out[k, 7] = sat - (bad - nan)
     return out
 
 
 @njit(cache=True)
 def _hists(
     s: np.ndarray,
+    bits: np.ndarray,
+    mant: int,
+    bias: int,
     lo: float,
     hi: float,
     bins: int,
@@ -89,6 +96,8 @@ def _hists(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Linear counts over [lo, hi] (finite values) and fixed log-magnitude counts (NaN out).
 
+    ``bits`` is the same sample seen as integers: the binary exponent read from them gives
+    the decade to within one, and one comparison with ``edges`` settles it (exact, no log10).
     ``edges[j]`` = 10 ** ((k_lo + j) / per_decade); magnitude bin 0 is the underflow bin,
     bin j + 1 holds [edges[j], edges[j + 1]), the last bin |x| >= edges[-1] (Inf included).
     """
@@ -96,8 +105,9 @@ def _hists(
     log = np.zeros(2 * zero_index + 1)
     width = hi - lo
     scale = bins / width if width > 0 else 0.0
-    top = edges.size  # magnitude bins: 0 .. top (underflow, decades, overflow)
-    log2_10 = math.log2(10.0)
+    top = edges.size
+    log10_2 = math.log10(2.0)
+    exp_mask = (1 << (bits.itemsize * 8 - 1 - mant)) - 1
     for i in range(s.size):
         v = np.float64(s[i])
         if v != v:
@@ -112,10 +122,10 @@ def _hists(
             j = top
         else:
             lin[0 if scale == 0.0 else min(max(int((v - lo) * scale), 0), bins - 1)] += 1
-            _, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1): a first guess at the bin
-            j = math.floor((e - 1) / log2_10 * per_decade) - k_lo + 1
+            e2 = ((bits[i] >> mant) & exp_mask) - bias  # floor(log2 a), subnormals aside
+            j = math.floor(e2 * log10_2 * per_decade) - k_lo + 1
             j = min(max(j, 0), top)
-            while j > 0 and a < edges[j - 1]:
+            while j > 0 and a < edges[j - 1]:  # at most a step or two
                 j -= 1
             while j < top and a >= edges[j]:
                 j += 1

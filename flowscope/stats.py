@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 # The raw per-snapshot vector; frames.py turns it into count/mean/std/rms/... per row.
@@ -45,8 +46,6 @@ RAW_FIELDS = (
     "stride",  # histogram sample stride (1 = every element)
 )
 RAW = {name: i for i, name in enumerate(RAW_FIELDS)}
-
-SHIFT_PROBE = 64  # the shift is the first finite value among the first SHIFT_PROBE elements
 
 
 @dataclass(frozen=True)
@@ -131,11 +130,14 @@ def _count(idx: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _shift(flat: torch.Tensor) -> torch.Tensor:
-    """A finite value of ``flat`` (the first one in its head), as a 1-element tensor; 0 if none."""
-    head = flat[:SHIFT_PROBE]
-    finite = torch.isfinite(head)
+    """The first finite value of ``flat`` as a 1-element tensor (0 if none), found on device.
+
+    It must be a value of the tensor: non-finite entries are replaced by it, which then
+    cannot move the extremes (two passes over a bool mask; the eager path serves GPUs).
+    """
+    finite = torch.isfinite(flat)
     first = finite.to(torch.uint8).argmax().reshape(1)
-    return torch.where(finite.any(), head.index_select(0, first), torch.zeros_like(head[:1]))
+    return torch.where(finite[first], flat.index_select(0, first), torch.zeros_like(flat[:1]))
 
 
 BACKENDS = ("auto", "eager", "numba")
@@ -256,10 +258,10 @@ def _snapshot_cpu(
     """The fused CPU path: two numba kernels over a zero-copy numpy view of the tensor."""
     k = _kernels()
     a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
-    c = k._shift(a, SHIFT_PROBE)
+    c = k._shift(a)
     lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
     part = k._moments(a, c, lo, hi)
-    s, ss, nonzero, nan, inf, sat = (part[:, i].sum() for i in (0, 1, 4, 5, 6, 7))
+    s, ss, nonzero, nan, inf, sat = (float(part[:, i].sum()) for i in (0, 1, 4, 5, 6, 7))
     mn, mx = part[:, 2].min(), part[:, 3].max()
     n = a.size
     stride = sample_stride(n, spec.sample)
@@ -269,8 +271,10 @@ def _snapshot_cpu(
     if nan + inf == n:  # no finite value: the moments are undefined, as in the eager path
         raw[RAW["min"]] = raw[RAW["max"]] = math.nan
     edges = k.decade_edges(spec.log.lo, spec.log.hi, spec.log.per_decade)
+    sample = a[::stride]
+    ints, mant, bias = (np.int32, 23, 127) if a.dtype == np.float32 else (np.int64, 52, 1023)
     lin, log = k._hists(
-        a[::stride], c + mn, c + mx, spec.bins, drop_zeros, edges,
+        sample, sample.view(ints), mant, bias, c + mn, c + mx, spec.bins, drop_zeros, edges,
         spec.log.lo * spec.log.per_decade, spec.log.per_decade, spec.log.zero_index,
     )  # fmt: skip
     return torch.tensor(raw, dtype=torch.float64), torch.from_numpy(lin), torch.from_numpy(log)

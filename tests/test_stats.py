@@ -101,6 +101,16 @@ def test_nan_and_inf_are_counted_and_left_out():
     assert log[0] == 1 and log[-1] == 1
 
 
+def test_leading_non_finite_values_do_not_leak_into_the_extremes():
+    # all-positive values after 100 NaN/Inf: min must stay 0.2, not a substituted 0
+    x = torch.linspace(0.2, 0.8, 1000)
+    x[:100] = float("nan")
+    x[50] = float("inf")
+    row, *_ = measured(x)
+    check(row, reference(x.numpy()))
+    assert row["min"] == pytest.approx(float(x[100]))
+
+
 def test_all_nonfinite_and_empty_and_constant():
     row, *_ = measured(torch.full((5,), float("nan")))
     assert row["nan"] == 5 and math.isnan(row["mean"])
