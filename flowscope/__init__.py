@@ -33,6 +33,8 @@ _LAZY = {
     "compare": "flowscope.doctor",
     "reinit": "flowscope.fixes",
     "lsuv": "flowscope.fixes",
+    "to_tensorboard": "flowscope.export",
+    "to_csv": "flowscope.export",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -40,6 +42,7 @@ __all__ = [*_LAZY, "__version__"]
 if TYPE_CHECKING:
     from flowscope.doctor import Diagnosis, Thresholds, compare, diagnose, examine  # noqa: F401
     from flowscope.errors import FlowscopeError  # noqa: F401
+    from flowscope.export import to_csv, to_tensorboard  # noqa: F401
     from flowscope.fixes import lsuv, reinit  # noqa: F401
     from flowscope.frames import Records, load  # noqa: F401
     from flowscope.recorder import KINDS, Recorder, watch  # noqa: F401

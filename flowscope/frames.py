@@ -37,6 +37,12 @@ class Records:
     hists: pd.DataFrame
     meta: dict[str, Any]
 
+    def _repr_html_(self) -> str:
+        """Jupyter: per-layer table at the last step (:func:`flowscope.notebook.records_html`)."""
+        from flowscope.notebook import records_html
+
+        return records_html(self)
+
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write the three files into ``out_dir`` atomically (temporary file, then rename)."""
         out = Path(out_dir)

@@ -1,0 +1,98 @@
+"""A Hugging Face ``TrainerCallback``: ``Trainer(..., callbacks=[FlowscopeTrainerCallback(...)])``.
+
+Watches the model when training begins, records every ``every``-th optimizer step
+(``state.global_step``; evaluation passes, which run between steps, are not recorded), and at
+the end of training merges the ranks (DDP), writes the records on the main process and, when
+:mod:`flowscope.report` is installed, ``report.html``.
+
+Under DDP the averaged parameter gradients are re-read in ``on_pre_optimizer_step``: after
+gradient clipping (``max_grad_norm``), so ``weight_grad`` is the clipped gradient the optimizer
+applies. With fp16 and a GradScaler, pass ``scaler=trainer.accelerator.scaler`` (the Trainer
+does not hand it to callbacks): the gradients seen during backward are divided by the scale
+at the end of the step (see :mod:`flowscope.integrations`). On CPU the Trainer uses bf16,
+which needs no scaler.
+
+Imports ``transformers``; ``import flowscope`` never does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flowscope.integrations import Session
+from flowscope.recorder import Recorder
+
+try:
+    from transformers import TrainerCallback
+except ModuleNotFoundError as _err:
+    raise ImportError(
+        "flowscope.integrations.hf needs Hugging Face transformers: "
+        "pip install 'flowscope[hf]' (or pip install transformers accelerate)"
+    ) from _err
+
+__all__ = ["FlowscopeTrainerCallback"]
+
+
+class FlowscopeTrainerCallback(TrainerCallback):
+    """Record a Hugging Face ``Trainer`` run with flowscope.
+
+    Example:
+        >>> from transformers import Trainer  # doctest: +SKIP
+        >>> from flowscope.integrations.hf import FlowscopeTrainerCallback  # doctest: +SKIP
+        >>> callback = FlowscopeTrainerCallback("reports/gpt2", every=100)  # doctest: +SKIP
+        >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])
+        ... # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+
+    Args:
+        dirpath: where the main process writes the records (and ``report.html``).
+        every: record optimizer steps 0, every, 2*every, ...
+        report: also write the HTML report (when :mod:`flowscope.report` is installed).
+        name: the ``run`` column (default: the model's class name).
+        scaler: the fp16 GradScaler, if any (``trainer.accelerator.scaler``); may be set
+            after the Trainer is built.
+        **watch_kwargs: more arguments for :func:`flowscope.watch`.
+
+    Raises:
+        FlowscopeError: for a bad argument, when the callback is made.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        every: int = 50,
+        *,
+        report: bool = True,
+        name: str = "",
+        scaler: Any = None,
+        **watch_kwargs: Any,
+    ) -> None:
+        self.session = Session(
+            dirpath, every=every, report=report, name=name, watch_kwargs=watch_kwargs
+        )
+        self.scaler = scaler
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The recorder (None before training begins)."""
+        return self.session.recorder
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is None:
+            raise TypeError("on_train_begin got no model: is this callback in a Trainer?")
+        self.session.start(model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.session.resume()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        clipped = bool(getattr(args, "max_grad_norm", 0))  # clipping unscales the gradients
+        self.session.after_backward(self.scaler, grads_unscaled=clipped)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.session.end_step(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.session.finish()
