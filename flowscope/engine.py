@@ -118,23 +118,40 @@ def run_study(
 
 def _prepare_folder(study: Study, out: Path, fresh: bool) -> None:
     spec_file = out / "spec.json"
-    if spec_file.is_file() and not fresh:
-        try:
-            old = json.loads(spec_file.read_text()).get("fingerprint")
-        except ValueError as err:
-            raise FlowscopeError(f"{spec_file} is corrupted ({err}); rerun with --fresh") from err
-        if old != study.fingerprint():
+    if spec_file.is_file():
+        old = _recorded_fingerprint(spec_file)
+        if old != study.fingerprint() and not fresh:
             raise FlowscopeError(
                 f"{str(out)!r} holds a run of a different spec (fingerprint {old} != "
                 f"{study.fingerprint()}); use another --out or --fresh to discard it"
             )
-    elif not fresh and ((out / "configs").exists() or (out / "stats.parquet").exists()):
-        raise FlowscopeError(f"{str(out)!r} is not a study run folder (no spec.json)")
+    elif (out / "configs").exists() or (out / "stats.parquet").exists():
+        # --fresh deletes configs/: never in a folder flowscope did not write
+        raise FlowscopeError(
+            f"{str(out)!r} is not a study run folder (no spec.json) and is left as it is;"
+            " use another --out"
+        )
     if fresh and (out / "configs").exists():
         shutil.rmtree(out / "configs")
     out.mkdir(parents=True, exist_ok=True)
     payload = {**study.to_dict(), "fingerprint": study.fingerprint(), "path": study.path}
     frames.atomic_write_text(spec_file, json.dumps(payload, indent=2, default=str))
+
+
+def _recorded_fingerprint(spec_file: Path) -> str:
+    """The fingerprint in a run folder's spec.json, or a clear error when it is not flowscope's."""
+    try:
+        payload = json.loads(spec_file.read_text())
+    except (OSError, ValueError) as err:
+        payload, problem = None, f"unreadable: {err}"
+    else:
+        problem = "no fingerprint"
+    if not isinstance(payload, dict) or not isinstance(payload.get("fingerprint"), str):
+        raise FlowscopeError(
+            f"{spec_file} is not a flowscope run spec ({problem}); the folder is left as it"
+            " is: use another --out, or delete the folder to start over"
+        )
+    return payload["fingerprint"]
 
 
 def run_config(study: Study, config: Config, folder: Path, device: str | None = None) -> None:
@@ -289,14 +306,12 @@ def merge(study: Study, out: Path, ran: int = 0) -> StudyResult:
         folder = out / "configs" / config.id
         if not (folder / "done.json").is_file():
             continue
-        done = json.loads((folder / "done.json").read_text())
+        done, rec, probe = _load_config(folder)
         statuses.append(done)
         columns = config.columns()
-        if done["status"] != "failed":
-            rec = frames.load(folder)
+        if rec is not None:
             stats.append(rec.stats.assign(**columns))
             hists.append(rec.hists.assign(**columns))
-        probe = pd.read_parquet(folder / "probes.parquet")
         probes.append(probe.assign(**columns))
     stats_df = _concat(stats, study)
     hists_df = _concat(hists, study)
@@ -311,6 +326,26 @@ def merge(study: Study, out: Path, ran: int = 0) -> StudyResult:
     frames.atomic_write_text(out / "claims.json", claims_json)
     frames.atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, default=str))
     return StudyResult(out, stats_df, hists_df, probes_df, statuses, verdicts, ran)
+
+
+DONE_KEYS = ("config", "status", "error", "seconds", "device")
+
+
+def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Records | None, pd.DataFrame]:
+    """A finished config's done.json, records and probes; a clear error when it is damaged."""
+    try:
+        done = json.loads((folder / "done.json").read_text())
+        if not isinstance(done, dict) or not all(k in done for k in DONE_KEYS):
+            raise ValueError(f"done.json lacks {', '.join(DONE_KEYS)}")
+        rec = frames.load(folder) if done["status"] != "failed" else None
+        probes = pd.read_parquet(folder / "probes.parquet")
+    except (OSError, ValueError) as err:  # FlowscopeError and pyarrow's errors are ValueErrors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FlowscopeError(
+            f"config folder {str(folder)!r} is damaged ({first}); delete that folder to rerun"
+            " the config, or use --fresh"
+        ) from err
+    return done, rec, probes
 
 
 def _concat(parts: list[pd.DataFrame], study: Study, base: list[str] | None = None) -> pd.DataFrame:

@@ -117,6 +117,8 @@ class _atomic:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
+            with open(self.tmp, "rb") as f:  # on disk before the name points at it
+                os.fsync(f.fileno())
             os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; files are for sharing
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):

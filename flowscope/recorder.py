@@ -6,6 +6,14 @@ hooks reject in-place ops such as ``ReLU(inplace=True)``), and reads parameters 
 gradients with post-accumulate-grad hooks. Every snapshot is reduced on the tensor's device by
 :func:`flowscope.stats.snapshot`; nothing is copied to the host until a flush.
 
+Hard cases: activation checkpointing re-runs forwards inside backward; such a recompute adds
+no call and no second activation (``use_reentrant=False``: the first forward's hooks give the
+gradients; ``use_reentrant=True``: the recomputed outputs' gradients are recorded under the
+call they re-run, with a RuntimeWarning where that is ambiguous). Under ``torch.compile`` the
+hooks run eagerly (dynamo breaks the graph around them). Only dense floating tensors are
+recorded: float8 is counted in float32, sparse gradients densified; int, bool, complex and
+meta tensors are skipped.
+
 This module imports torch only; frames are built lazily by :mod:`flowscope.frames`.
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -194,6 +203,11 @@ class Recorder:
         self._tensor_handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
         self._layer_idx: dict[str, int] = {}
+        # calls of this step whose outputs had no gradient to hook (a reentrant checkpoint's
+        # first forward runs under no_grad), matched by recomputes; see _recompute
+        self._awaiting: list[tuple[str, int]] = []
+        self._matched: set[int] = set()
+        self._cursor: int | None = None
         self._pending = _Buffers()
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
@@ -229,6 +243,9 @@ class Recorder:
         """Advance to the next training step (call once per optimizer step)."""
         self.step_index += 1
         self._calls.clear()
+        self._awaiting.clear()
+        self._matched.clear()
+        self._cursor = None
         for handle in self._tensor_handles:  # tensors of finished steps: hooks no longer needed
             handle.remove()
         self._tensor_handles.clear()
@@ -237,19 +254,27 @@ class Recorder:
 
     def _attach(self) -> None:
         seen: set[int] = set()
-        for qualname, module in self.targets:
-            self._handles.append(module.register_forward_hook(self._forward_hook(qualname, module)))
-            if "weight_grad" not in self.kinds:
-                continue
-            for pname, param in module.named_parameters(recurse=False):
-                if param.requires_grad and id(param) not in seen:
-                    seen.add(id(param))
-                    hook = self._param_hook(qualname, module, pname, param)
-                    self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        try:
+            for qualname, module in self.targets:
+                hook = self._forward_hook(qualname, module)
+                self._handles.append(module.register_forward_hook(hook))
+                if "weight_grad" not in self.kinds:
+                    continue
+                for pname, param in module.named_parameters(recurse=False):
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        phook = self._param_hook(qualname, module, pname, param)
+                        self._handles.append(param.register_post_accumulate_grad_hook(phook))
+        except BaseException:  # no recorder is returned: leave no hook behind (Ctrl-C too)
+            self.close()
+            raise
 
     def _forward_hook(self, qualname: str, target: nn.Module) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if module is not target or not self.active:  # a deepcopy carries hooks along
+                return
+            if _in_backward():  # activation checkpointing re-runs the forward in backward
+                self._recompute(qualname, module, output)
                 return
             call = self._calls.get(qualname, -1) + 1
             self._calls[qualname] = call
@@ -257,6 +282,7 @@ class Recorder:
             if call == 0 and "weight" in self.kinds:
                 for pname, param in module.named_parameters(recurse=False):
                     self._record(param, self._key(qualname, module, "weight", 0, pname, param))
+            no_grad = False
             for path, tensor in _float_tensors(output):
                 key = self._key(qualname, module, "activation", call, path, tensor)
                 if "activation" in self.kinds:
@@ -264,15 +290,66 @@ class Recorder:
                 if "gradient" in self.kinds and tensor.requires_grad:
                     gkey = SnapKey(**{**key.__dict__, "kind": "gradient"})
                     self._tensor_handles.append(tensor.register_hook(self._grad_hook(gkey, module)))
+                no_grad |= not tensor.requires_grad
+            if no_grad and "gradient" in self.kinds:
+                self._awaiting.append((qualname, call))
 
-        return hook
+        return _eager(hook)
+
+    def _recompute(self, qualname: str, module: nn.Module, output: Any) -> None:
+        """A forward re-run by activation checkpointing: no new call, no second activation.
+
+        Non-reentrant checkpointing keeps the first forward's outputs in the graph, so their
+        hooks already give the gradient. The reentrant kind runs the first forward under
+        no_grad and the backward through the recomputed outputs: their gradient is recorded
+        under the call they recompute (see :meth:`_match_recompute`).
+        """
+        pos = self._match_recompute(qualname) if "gradient" in self.kinds else None
+        if pos is None:
+            return
+        call = self._awaiting[pos][1]
+        for path, tensor in _float_tensors(output):
+            if tensor.requires_grad:
+                key = self._key(qualname, module, "gradient", call, path, tensor)
+                self._tensor_handles.append(tensor.register_hook(self._grad_hook(key, module)))
+
+    def _match_recompute(self, qualname: str) -> int | None:
+        """Index in ``_awaiting`` of the call a recompute of ``qualname`` re-runs.
+
+        A checkpointed segment re-runs its modules in forward order, and segments re-run last
+        first: the entry right after the previous match continues a segment; otherwise the
+        latest unmatched call of the module starts one. Only a segment that starts with a
+        module run several times without gradient is ambiguous; a warning says so.
+        """
+        nxt = -1 if self._cursor is None else self._cursor + 1
+        ahead = self._awaiting[nxt][0] if 0 <= nxt < len(self._awaiting) else None
+        if ahead == qualname and nxt not in self._matched:
+            self._matched.add(nxt)
+            self._cursor = nxt
+            return nxt
+        free = [
+            i for i, (q, _) in enumerate(self._awaiting) if q == qualname and i not in self._matched
+        ]
+        if not free:
+            return None
+        if len(free) > 1:
+            warnings.warn(
+                f"flowscope: checkpoint recompute of {qualname!r}, which ran {len(free)} times"
+                " without gradient this step: its gradient is recorded under the latest of"
+                " those calls",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._matched.add(free[-1])
+        self._cursor = free[-1]
+        return free[-1]
 
     def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
         def hook(grad: torch.Tensor) -> None:
             if not self._closed:
                 self._record(grad, key, module)
 
-        return hook
+        return _eager(hook)
 
     def _param_hook(
         self, qualname: str, module: nn.Module, pname: str, target: torch.Tensor
@@ -284,7 +361,7 @@ class Recorder:
                     param.grad, self._key(qualname, module, "weight_grad", 0, pname, param)
                 )
 
-        return hook
+        return _eager(hook)
 
     def _key(
         self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
@@ -303,6 +380,12 @@ class Recorder:
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
         """Reduce one tensor on its device and keep the result (no host transfer)."""
+        if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
+            return
+        if t.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True))
+            t = t.to_dense()
+        if t.dtype.itemsize == 1:  # float8: snapshots count it in float32, as fp16/bf16
+            t = t.float()
         is_act = key.kind == "activation"
         sat = self._saturation_for(module) if is_act and module is not None else None
         drop = self._drop_zeros is True or (
@@ -382,6 +465,12 @@ class Recorder:
             "written": time.time(),
             "raw_fields": list(RAW_FIELDS),
         }
+
+    def _repr_html_(self) -> str:
+        """Jupyter: state and per-layer table (:func:`flowscope.notebook.recorder_html`)."""
+        from flowscope.notebook import recorder_html
+
+        return recorder_html(self)
 
     def save(self, out_dir: str) -> None:
         """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``."""
@@ -469,12 +558,23 @@ def select_modules(
     return [(n, m) for n, m in named if n in chosen]
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (a checkpoint recompute)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def _eager(hook: Any) -> Any:
+    """The hook, run eagerly under ``torch.compile``: dynamo graph-breaks around it instead of
+    tracing its bookkeeping (Python dicts, the numba kernels) into a compiled graph."""
+    return torch.compiler.disable(hook)
+
+
 def _float_tensors(
     output: Any, path: str = "", depth: int = 0
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Floating-point tensors in a module output, with their path ("" for a bare tensor)."""
     if isinstance(output, torch.Tensor):
-        if output.is_floating_point():
+        if output.is_floating_point() and output.layout == torch.strided:  # not sparse
             yield path, output
     elif depth < 4 and isinstance(output, Mapping):
         for k, v in output.items():

@@ -175,6 +175,8 @@ def builtin_names() -> list[str]:
 def find(name_or_path: str) -> Path:
     """A built-in study by name, or a user's TOML file by path."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise FlowscopeError(f"study file {name_or_path!r} is a directory, not a TOML file")
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise FlowscopeError(f"study file {name_or_path!r} does not exist")
@@ -202,6 +204,8 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Stud
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise FlowscopeError(f"{path}: not valid TOML: {err}") from err
+    except OSError as err:
+        raise FlowscopeError(f"cannot read study file {str(path)!r}: {err.strerror}") from err
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, str(path))
@@ -242,9 +246,7 @@ def validate(raw: dict[str, Any], where: str = "<study>") -> Study:
     data = _section(raw, "data", where)
     run = _run(raw.get("run", {}), where)
     sweep = _sweep(raw.get("sweep", {}), where)
-    presets = raw.get("presets", {})
-    if not isinstance(presets, dict):
-        raise FlowscopeError(f"{where}: [presets] must be a table of tables")
+    presets = _presets(raw.get("presets", {}), where)
     study = Study(
         name=name,
         title=str(raw.get("title", name)),
@@ -256,7 +258,7 @@ def validate(raw: dict[str, Any], where: str = "<study>") -> Study:
         sweep=sweep,
         run=run,
         claims=[],
-        presets={k: dict(v) for k, v in presets.items()},
+        presets=presets,
         path=where,
     )
     configs = study.configs()
@@ -266,12 +268,26 @@ def validate(raw: dict[str, Any], where: str = "<study>") -> Study:
     return Study(**{**study.__dict__, "claims": claims})
 
 
+TOML_TYPES: dict[type, str] = {dict: "table", str: "string", list: "list"}
+
+
 def _need(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in raw:
         raise FlowscopeError(f"{where}: missing required key {key!r}")
     if not isinstance(raw[key], kind):
-        raise FlowscopeError(f"{where}: {key!r} must be a {kind.__name__}, got {raw[key]!r}")
+        what = TOML_TYPES.get(kind, kind.__name__)
+        raise FlowscopeError(f"{where}: {key!r} must be a {what}, got {raw[key]!r}")
     return raw[key]
+
+
+def _presets(presets: Any, where: str) -> dict[str, dict[str, str]]:
+    """``[presets]``: named tables of layer glob = init scheme."""
+    if not isinstance(presets, dict):
+        raise FlowscopeError(f"{where}: [presets] must be a table of tables, got {presets!r}")
+    for name, table in presets.items():
+        if not isinstance(table, dict):
+            raise FlowscopeError(f"{where}: [presets] must be tables; {name!r} is {table!r}")
+    return {k: dict(v) for k, v in presets.items()}
 
 
 def _section(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -306,19 +322,37 @@ def _check_run_values(run: dict[str, Any], where: str) -> None:
     for key, choices in RUN_CHOICES.items():
         if run[key] not in choices:
             raise unknown(f"run.{key}", run[key], choices, where)
-    for key, low in (("steps", 0), ("record_every", 1), ("warmup", 0), ("bins", 1)):
+    for key, low in (
+        ("steps", 0), ("record_every", 1), ("warmup", 0), ("bins", 1), ("hist_sample", 16)
+    ):  # fmt: skip
         value = run[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise FlowscopeError(f"{where}: run.{key} must be an integer >= {low}, got {value!r}")
-    if not isinstance(run["lr"], int | float) or not run["lr"] > 0:
-        raise FlowscopeError(f"{where}: run.lr must be a number > 0, got {run['lr']!r}")
+    lr = run["lr"]
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
+        raise FlowscopeError(f"{where}: run.lr must be a number > 0, got {lr!r}")
     seeds = run["seeds"]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise FlowscopeError(f"{where}: run.seeds must be a non-empty list of integers")
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+        raise FlowscopeError(
+            f"{where}: run.seeds must be a non-empty list of integers (or one), got {seeds!r}"
+        )
     from flowscope.probes import PROBES  # torch only; safe here
+    from flowscope.recorder import KINDS
 
+    for key in ("kinds", "modules", "probes"):
+        if not isinstance(run[key], list) or not all(isinstance(v, str) for v in run[key]):
+            raise FlowscopeError(f"{where}: run.{key} must be a list of strings, got {run[key]!r}")
+    if not run["kinds"]:
+        raise FlowscopeError(f"{where}: run.kinds is empty; choose from {', '.join(KINDS)}")
+    for kind in run["kinds"]:
+        if kind not in KINDS:
+            raise unknown("run.kinds entry", kind, KINDS, where)
     for probe in run["probes"]:
         PROBES.get(probe, where)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _sweep(sweep: Any, where: str) -> dict[str, list[Any]]:
@@ -337,7 +371,9 @@ def _sweep(sweep: Any, where: str) -> dict[str, list[Any]]:
         if section == "run" and leaf not in RUN_DEFAULTS:
             raise unknown("run setting", leaf, RUN_DEFAULTS, f"{where}, sweep axis {key!r}")
         if not isinstance(values, list) or not values:
-            raise FlowscopeError(f"{where}: sweep axis {key!r} needs a non-empty list of values")
+            raise FlowscopeError(
+                f"{where}: sweep axis {key!r} needs a non-empty list of values, got {values!r}"
+            )
         out[key] = values
     columns = [column_of(k) for k in out]
     clash = {c for c in columns if columns.count(c) > 1 or c in RESERVED}
@@ -373,7 +409,10 @@ def check_config(study: Study, config: Config, where: str) -> None:
         if scheme not in INITS:
             allowed = [*INITS.names(), *study.presets]
             raise unknown("init", scheme, allowed, where)
-        INITS.get(scheme).resolve(init)
+        try:
+            INITS.get(scheme).resolve(init)
+        except FlowscopeError as err:
+            raise FlowscopeError(f"{where}: {err}") from None
 
 
 _BUILT: set[str] = set()
