@@ -13,6 +13,7 @@ apart except through rounding (float64 here, the tensor's dtype in eager sums).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -32,51 +33,130 @@ def _shift(x: np.ndarray) -> float:
     return 0.0
 
 
-# reassociation lets LLVM vectorise the reductions; NaN/Inf semantics stay (no nnan/ninf)
-FAST = {"reassoc", "contract", "nsz", "arcp"}
+PARALLEL_FROM = 1 << 22  # below ~4M elements a thread pool costs more than it saves
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def _moments(x: np.ndarray, c: float, lo: float, hi: float) -> np.ndarray:
-    """Per chunk: sum, sumsq (about c), min, max (about c), nonzero, nan, nonfinite, saturated.
+@njit(cache=True, fastmath=True)
+def _moments_serial(
+    x: np.ndarray,
+    bits: np.ndarray,
+    exp: int,
+    magnitude: int,
+    top: int,
+    bottom: int,
+    shift: int,
+    c: float,
+    ckey: int,
+    lo: float,
+    hi: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, sumsq) about c and (min key, max key, nonzero, nan, inf, saturated) of a slice.
 
-    Branch-free, so the inner loop vectorises. ``c`` must be a finite value of ``x`` (see
-    ``_shift``) when there is one: non-finite entries then count as ``c``, which adds 0 to the
-    sums and cannot move the extremes.
+    Finiteness is read from the integer bits (exponent all ones = NaN or Inf), which
+    fast-math cannot touch; a non-finite entry is replaced by ``c`` before any float op, so
+    every float the loop sees is finite and full fast-math is valid. The extremes are taken
+    on an integer key that orders like the floats (negative values have their magnitude
+    bits flipped): float min/max does not vectorise, integer min/max does. ``c`` is a finite
+    value of ``x`` when there is one (``_shift``): as a stand-in it adds 0 to the sums and
+    cannot move the extremes; its saturation is taken back by the caller. The integer
+    constants come typed like ``bits`` (int32 for float32, int64 for float64).
     """
+    s = 0.0
+    ss = 0.0
+    mnk = top  # an empty slice returns the neutral keys
+    mxk = bottom
+    nonzero = 0
+    nan = 0
+    bad = 0
+    sat = 0
+    for i in range(x.size):
+        b = bits[i]
+        fin = (b & exp) != exp
+        w = np.float64(x[i]) if fin else c
+        d = w - c
+        s += d
+        ss += d * d
+        key = b ^ ((b >> shift) & magnitude) if fin else ckey
+        mnk = min(mnk, key)
+        mxk = max(mxk, key)
+        nonzero += 1 if (b & magnitude) != 0 else 0  # NaN and Inf are nonzero, as in eager
+        nan += 1 if (b & magnitude) > exp else 0
+        bad += 0 if fin else 1
+        sat += 1 if (w <= lo) | (w >= hi) else 0
+    sums = np.empty(2)
+    sums[0] = s
+    sums[1] = ss
+    ints = np.empty(6, dtype=np.int64)  # keys fit: int32 keys widen, int64 keys are int64
+    ints[0] = mnk
+    ints[1] = mxk
+    ints[2] = nonzero
+    ints[3] = nan
+    ints[4] = bad - nan
+    ints[5] = sat
+    return sums, ints
+
+
+@njit(cache=True, parallel=True)
+def _moments_parallel(
+    x: np.ndarray,
+    bits: np.ndarray,
+    exp: int,
+    magnitude: int,
+    top: int,
+    bottom: int,
+    shift: int,
+    c: float,
+    ckey: int,
+    lo: float,
+    hi: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same over CHUNKS slices in parallel, for tensors of millions of elements."""
     n = x.size
-    out = np.zeros((CHUNKS, 8))
+    sums = np.zeros((CHUNKS, 2))
+    ints = np.zeros((CHUNKS, 6), dtype=np.int64)
     step = (n + CHUNKS - 1) // CHUNKS
     for k in prange(CHUNKS):
-        s = 0.0
-        ss = 0.0
-        mn = np.inf
-        mx = -np.inf
-        nonzero = 0
-        nan = 0
-        bad = 0
-        sat = 0
-        for i in range(k * step, min(n, (k + 1) * step)):
-            v = np.float64(x[i])
-            fin = v - v == 0.0
-            d = v - c if fin else 0.0  # 0 is the value c itself: it moves neither extreme
-            s += d
-            ss += d * d
-            mn = min(mn, d)
-            mx = max(mx, d)
-            nonzero += 1 if v != 0.0 else 0  # NaN and Inf count as nonzero, as in eager
-            nan += 1 if v != v else 0
-            bad += 0 if fin else 1
-            sat += 1 if (v <= lo) | (v >= hi) else 0  # +-Inf compare as outside: taken out below
-        out[k, 0] = s
-        out[k, 1] = ss
-        out[k, 2] = mn
-        out[k, 3] = mx
-        out[k, 4] = nonzero
-        out[k, 5] = nan
-        out[k, 6] = bad - nan  # +-Inf
-        out[k, 7] = sat - (bad - nan)
-    return out
+        start = min(n, k * step)
+        stop = min(n, start + step)
+        part = _moments_serial(
+            x[start:stop], bits[start:stop], exp, magnitude, top, bottom, shift, c, ckey, lo, hi
+        )
+        sums[k] = part[0]
+        ints[k] = part[1]
+    return sums, ints
+
+
+def moments(x: np.ndarray, c: float, lo: float, hi: float) -> tuple[float, ...]:
+    """(sum, sumsq, min, max, nonzero, nan, inf, saturated) of ``x``; sums and extremes
+    about ``c``; extremes are 0 when ``x`` holds no finite value."""
+    ints = np.int32 if x.dtype == np.float32 else np.int64
+    info = np.iinfo(ints)
+    width = info.bits
+    exp = ints(0x7F800000) if width == 32 else ints(0x7FF0000000000000)
+    magnitude = ints(info.max)  # every bit but the sign
+    bits = x.view(ints)
+    ckey = _key_of(np.array([c], dtype=x.dtype).view(ints))[0]
+    args: tuple[Any, ...] = (
+        *(x, bits, exp, magnitude, ints(info.max), ints(info.min), width - 1, c, ckey, lo, hi),
+    )
+    if x.size >= PARALLEL_FROM:
+        sums, counts = _moments_parallel(*args)
+        s, ss = sums.sum(axis=0)
+        mn_key, mx_key = counts[:, 0].min(), counts[:, 1].max()
+        nonzero, nan, inf, sat = counts[:, 2:].sum(axis=0)
+    else:
+        (s, ss), (mn_key, mx_key, nonzero, nan, inf, sat) = _moments_serial(*args)
+    keys = _key_of(np.array([mn_key, mx_key], dtype=ints))
+    mn, mx = keys.view(x.dtype).astype(np.float64) - c
+    if c <= lo or c >= hi:  # every non-finite entry was counted as the stand-in c
+        sat -= nan + inf
+    return float(s), float(ss), float(mn), float(mx), int(nonzero), int(nan), int(inf), int(sat)
+
+
+def _key_of(values: np.ndarray) -> np.ndarray:
+    """The order-preserving integer key of float bits, and back (the map is an involution)."""
+    info = np.iinfo(values.dtype)
+    return values ^ ((values >> (info.bits - 1)) & values.dtype.type(info.max))
 
 
 @njit(cache=True)

@@ -260,9 +260,7 @@ def _snapshot_cpu(
     a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
     c = k._shift(a)
     lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
-    part = k._moments(a, c, lo, hi)
-    s, ss, nonzero, nan, inf, sat = (float(part[:, i].sum()) for i in (0, 1, 4, 5, 6, 7))
-    mn, mx = part[:, 2].min(), part[:, 3].max()
+    s, ss, mn, mx, nonzero, nan, inf, sat = k.moments(a, c, lo, hi)
     n = a.size
     stride = sample_stride(n, spec.sample)
     raw = [n, nan + inf, nan, c, s, ss, mn, mx, nonzero, math.nan, stride]

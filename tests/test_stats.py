@@ -111,6 +111,17 @@ def test_leading_non_finite_values_do_not_leak_into_the_extremes():
     assert row["min"] == pytest.approx(float(x[100]))
 
 
+def test_millions_of_elements_take_the_parallel_path_exactly():
+    from flowscope import _cpu_kernels
+
+    n = _cpu_kernels.PARALLEL_FROM + 12_345  # uneven chunks
+    x = torch.randn(n, generator=torch.Generator().manual_seed(11)).double() * 3 - 1
+    x[::100_003] = float("nan")
+    x[7] = -float("inf")
+    row, *_ = measured(x, saturation=(-4.0, 2.0))
+    check(row, reference(x.numpy(), (-4.0, 2.0)))
+
+
 def test_all_nonfinite_and_empty_and_constant():
     row, *_ = measured(torch.full((5,), float("nan")))
     assert row["nan"] == 5 and math.isnan(row["mean"])
