@@ -159,57 +159,99 @@ def _key_of(values: np.ndarray) -> np.ndarray:
     return values ^ ((values >> (info.bits - 1)) & values.dtype.type(info.max))
 
 
-@njit(cache=True)
-def _hists(
+@njit(cache=True, fastmath=True)
+def _hist_index(
     s: np.ndarray,
     bits: np.ndarray,
+    exp: int,
+    magnitude: int,
     mant: int,
+    exp_bits: int,
     bias: int,
     lo: float,
-    hi: float,
+    scale: float,
     bins: int,
     drop_zeros: bool,
     edges: np.ndarray,
     k_lo: int,
     per_decade: int,
+    steps: int,
     zero_index: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Linear counts over [lo, hi] (finite values) and fixed log-magnitude counts (NaN out).
+    lin_idx: np.ndarray,
+    log_idx: np.ndarray,
+) -> None:
+    """Bin indices of every sampled value (-1 = not counted); no scatter, so it vectorises.
 
-    ``bits`` is the same sample seen as integers: the binary exponent read from them gives
-    the decade to within one, and one comparison with ``edges`` settles it (exact, no log10).
-    ``edges[j]`` = 10 ** ((k_lo + j) / per_decade); magnitude bin 0 is the underflow bin,
-    bin j + 1 holds [edges[j], edges[j + 1]), the last bin |x| >= edges[-1] (Inf included).
+    Linear: finite values (exact zeros too unless ``drop_zeros``) over [lo, lo + bins/scale].
+    Log: the binary exponent read from the bits gives a decade that is never above the true
+    one and at most ``steps`` below it; that many comparisons with ``edges`` settle it
+    exactly (no log10). ``edges[j]`` = 10 ** ((k_lo + j) / per_decade); magnitude bin 0 is
+    the underflow bin, bin j + 1 holds [edges[j], edges[j + 1]), the last bin |x| >=
+    edges[-1] (Inf included). NaN is in neither histogram.
     """
-    lin = np.zeros(bins)
-    log = np.zeros(2 * zero_index + 1)
-    width = hi - lo
-    scale = bins / width if width > 0 else 0.0
     top = edges.size
     log10_2 = math.log10(2.0)
-    exp_mask = (1 << (bits.itemsize * 8 - 1 - mant)) - 1
     for i in range(s.size):
-        v = np.float64(s[i])
-        if v != v:
-            continue
-        if v == 0.0:
-            log[zero_index] += 1
-            if not drop_zeros:
-                lin[0 if scale == 0.0 else min(max(int((v - lo) * scale), 0), bins - 1)] += 1
-            continue
+        b = bits[i]
+        fin = (b & exp) != exp
+        nan = (b & magnitude) > exp
+        zero = (b & magnitude) == 0
+        v = np.float64(s[i]) if fin else 0.0
+        pos = min(max(int((v - lo) * scale), 0), bins - 1)
+        lin_idx[i] = -1 if (not fin) or (zero and drop_zeros) else pos
+        e2 = ((b >> mant) & exp_bits) - bias
+        j = min(max(math.floor(e2 * log10_2 * per_decade) - k_lo + 1, 0), top)
         a = abs(v)
-        if a == np.inf:
-            j = top
-        else:
-            lin[0 if scale == 0.0 else min(max(int((v - lo) * scale), 0), bins - 1)] += 1
-            e2 = ((bits[i] >> mant) & exp_mask) - bias  # floor(log2 a), subnormals aside
-            j = math.floor(e2 * log10_2 * per_decade) - k_lo + 1
-            j = min(max(j, 0), top)
-            while j > 0 and a < edges[j - 1]:  # at most a step or two
-                j -= 1
-            while j < top and a >= edges[j]:
-                j += 1
-        log[zero_index + j + 1 if v > 0 else zero_index - j - 1] += 1
+        for _ in range(steps):
+            j += 1 if j < top and a >= edges[min(j, top - 1)] else 0
+        j = j if fin else top  # +-Inf: the overflow bins
+        signed = zero_index + j + 1 if b >= 0 else zero_index - j - 1
+        log_idx[i] = -1 if nan else (zero_index if zero else signed)
+
+
+@njit(cache=True)
+def _scatter(lin_idx: np.ndarray, log_idx: np.ndarray, bins: int, size: int) -> tuple:
+    lin = np.zeros(bins)
+    log = np.zeros(size)
+    for i in range(lin_idx.size):
+        if lin_idx[i] >= 0:
+            lin[lin_idx[i]] += 1
+        if log_idx[i] >= 0:
+            log[log_idx[i]] += 1
+    return lin, log
+
+
+def hists(
+    sample: np.ndarray,
+    lo: float,
+    hi: float,
+    bins: int,
+    drop_zeros: bool,
+    log_lo: int,
+    log_hi: int,
+    per_decade: int,
+    zero_index: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear counts over [lo, hi] and fixed log-magnitude counts of a (strided) sample."""
+    ints: type[np.signedinteger[Any]]
+    if sample.dtype == np.float32:
+        ints, exp, mant, exp_bits, bias = np.int32, 0x7F800000, 23, 0xFF, 127
+    else:
+        ints, exp, mant, exp_bits, bias = np.int64, 0x7FF0000000000000, 52, 0x7FF, 1023
+    info = np.iinfo(ints)
+    width = hi - lo
+    scale = bins / width if width > 0 else 0.0
+    edges = decade_edges(log_lo, log_hi, per_decade)
+    steps = 1 + math.ceil(math.log10(2.0) * per_decade)
+    lin_idx = np.empty(sample.size, dtype=np.int32)
+    log_idx = np.empty(sample.size, dtype=np.int32)
+    args: tuple[Any, ...] = (
+        *(sample, sample.view(ints), ints(exp), ints(info.max), mant, exp_bits, bias, lo),
+        *(scale, bins, drop_zeros, edges, log_lo * per_decade, per_decade, steps, zero_index),
+        *(lin_idx, log_idx),
+    )
+    _hist_index(*args)
+    lin, log = _scatter(lin_idx, log_idx, bins, 2 * zero_index + 1)
     return lin, log
 
 

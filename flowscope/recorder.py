@@ -95,7 +95,7 @@ def watch(
     kinds: Sequence[str] = KINDS,
     every: int = 1,
     bins: int = 64,
-    hist_sample: int = 32768,
+    hist_sample: int = 16384,
     log_bins_per_decade: int = 1,
     saturation: SaturationMap | None = None,
     drop_zeros: bool | Literal["auto"] = "auto",

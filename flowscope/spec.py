@@ -43,7 +43,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "kinds": ["activation", "gradient", "weight_grad"],
     "modules": [],  # name globs; empty = every leaf module
     "bins": 64,
-    "hist_sample": 32768,
+    "hist_sample": 16384,
     "probes": [],
 }
 RUN_CHOICES = {

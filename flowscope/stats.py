@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 # The raw per-snapshot vector; frames.py turns it into count/mean/std/rms/... per row.
@@ -104,7 +103,7 @@ class HistSpec:
     """How histograms are taken: linear bin count, sample cap, log edges."""
 
     bins: int = 64
-    sample: int = 32768
+    sample: int = 16384
     log: LogEdges = LogEdges()
 
 
@@ -268,12 +267,9 @@ def _snapshot_cpu(
         raw[RAW["saturated"]] = sat
     if nan + inf == n:  # no finite value: the moments are undefined, as in the eager path
         raw[RAW["min"]] = raw[RAW["max"]] = math.nan
-    edges = k.decade_edges(spec.log.lo, spec.log.hi, spec.log.per_decade)
-    sample = a[::stride]
-    ints, mant, bias = (np.int32, 23, 127) if a.dtype == np.float32 else (np.int64, 52, 1023)
-    lin, log = k._hists(
-        sample, sample.view(ints), mant, bias, c + mn, c + mx, spec.bins, drop_zeros, edges,
-        spec.log.lo * spec.log.per_decade, spec.log.per_decade, spec.log.zero_index,
+    lin, log = k.hists(
+        a[::stride], c + mn, c + mx, spec.bins, drop_zeros,
+        spec.log.lo, spec.log.hi, spec.log.per_decade, spec.log.zero_index,
     )  # fmt: skip
     return torch.tensor(raw, dtype=torch.float64), torch.from_numpy(lin), torch.from_numpy(log)
 
