@@ -210,15 +210,15 @@ def _hist_index(
 
 
 @njit(cache=True)
-def _scatter(lin_idx: np.ndarray, log_idx: np.ndarray, bins: int, size: int) -> tuple:
-    lin = np.zeros(bins)
-    log = np.zeros(size)
+def _scatter(lin_idx: np.ndarray, log_idx: np.ndarray, lin: np.ndarray, log: np.ndarray) -> None:
+    """Count the indices into ``lin`` and ``log`` (zeroed here; -1 = not counted)."""
+    lin[:] = 0.0
+    log[:] = 0.0
     for i in range(lin_idx.size):
         if lin_idx[i] >= 0:
             lin[lin_idx[i]] += 1
         if log_idx[i] >= 0:
             log[log_idx[i]] += 1
-    return lin, log
 
 
 def hists(
@@ -231,8 +231,11 @@ def hists(
     log_hi: int,
     per_decade: int,
     zero_index: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Linear counts over [lo, hi] and fixed log-magnitude counts of a (strided) sample."""
+    lin: np.ndarray,
+    log: np.ndarray,
+) -> None:
+    """Linear counts over [lo, hi] and fixed log-magnitude counts of a (strided) sample,
+    written into ``lin`` (``bins`` long) and ``log`` (``2 * zero_index + 1`` long)."""
     ints: type[np.signedinteger[Any]]
     if sample.dtype == np.float32:
         ints, exp, mant, exp_bits, bias = np.int32, 0x7F800000, 23, 0xFF, 127
@@ -251,8 +254,7 @@ def hists(
         *(lin_idx, log_idx),
     )
     _hist_index(*args)
-    lin, log = _scatter(lin_idx, log_idx, bins, 2 * zero_index + 1)
-    return lin, log
+    _scatter(lin_idx, log_idx, lin, log)
 
 
 _EDGES: dict[tuple[int, int, int], np.ndarray] = {}

@@ -182,6 +182,7 @@ def snapshot(
     saturation: tuple[float, float] | None = None,
     drop_zeros: bool = False,
     backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Statistics and histograms of ``x`` as device tensors, with no host synchronization.
 
@@ -198,6 +199,8 @@ def snapshot(
             statistics); the lecture's ReLU figures are drawn this way.
         backend: ``eager`` (torch ops, any device), ``numba`` (fused CPU kernels) or None
             for the default (see :func:`backend_for`).
+        out: for the numba backend, a contiguous CPU float64 row of ``row_width(spec)`` to
+            write into (the recorder's mmap-backed rows); the results are views of it.
 
     Returns:
         ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
@@ -211,7 +214,8 @@ def snapshot(
         if n == 0:
             return _empty(spec, flat.device)
         if backend_for(flat, backend) == "numba":
-            return _snapshot_cpu(flat, spec, saturation, drop_zeros)
+            row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
+            return _snapshot_cpu(flat, spec, saturation, drop_zeros, row)
         c = _shift(flat)
         y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
         lo_hi = torch.aminmax(y)
@@ -251,10 +255,19 @@ def snapshot(
         return raw, lin, log
 
 
+def row_width(spec: HistSpec) -> int:
+    """Length of one snapshot laid out as raw | linear counts | log counts."""
+    return len(RAW_FIELDS) + spec.bins + spec.log.size
+
+
 def _snapshot_cpu(
-    flat: torch.Tensor, spec: HistSpec, saturation: tuple[float, float] | None, drop_zeros: bool
+    flat: torch.Tensor,
+    spec: HistSpec,
+    saturation: tuple[float, float] | None,
+    drop_zeros: bool,
+    row: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused CPU path: two numba kernels over a zero-copy numpy view of the tensor."""
+    """The fused CPU path: numba kernels over a zero-copy numpy view, results into ``row``."""
     k = _kernels()
     a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
     c = k._shift(a)
@@ -267,11 +280,15 @@ def _snapshot_cpu(
         raw[RAW["saturated"]] = sat
     if nan + inf == n:  # no finite value: the moments are undefined, as in the eager path
         raw[RAW["min"]] = raw[RAW["max"]] = math.nan
-    lin, log = k.hists(
-        a[::stride], c + mn, c + mx, spec.bins, drop_zeros,
-        spec.log.lo, spec.log.hi, spec.log.per_decade, spec.log.zero_index,
+    n_raw, bins = len(RAW_FIELDS), spec.bins
+    cells = row.numpy()  # the caller's row: no allocation that outlives this call
+    cells[:n_raw] = raw
+    lin, log = cells[n_raw : n_raw + bins], cells[n_raw + bins :]
+    k.hists(
+        a[::stride], c + mn, c + mx, bins, drop_zeros, spec.log.lo, spec.log.hi,
+        spec.log.per_decade, spec.log.zero_index, lin, log,
     )  # fmt: skip
-    return torch.tensor(raw, dtype=torch.float64), torch.from_numpy(lin), torch.from_numpy(log)
+    return row[:n_raw], row[n_raw : n_raw + bins], row[n_raw + bins :]
 
 
 def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
