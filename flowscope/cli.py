@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
 from flowscope import __version__
+from flowscope.cli_util import clean_errors
 from flowscope.errors import FlowscopeError
-
-
-def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn FlowscopeError into click's one-line ``Error: ...`` and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FlowscopeError as err:
-            raise click.ClickException(str(err)) from err
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,12 +22,12 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from flowscope.cli_util import clean_errors
 from flowscope.errors import FlowscopeError, unknown
 
 if TYPE_CHECKING:
@@ -36,19 +36,6 @@ if TYPE_CHECKING:
     from flowscope.doctor import Diagnosis, Thresholds
 
 __all__ = ["doctor_cmd", "load_factory", "parse_shape"]
-
-
-def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """FlowscopeError → click's one-line ``Error: ...`` and exit 1 (as ``cli.clean_errors``)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FlowscopeError as err:
-            raise click.ClickException(str(err)) from err
-
-    return wrapper
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -268,7 +255,7 @@ def _save(rec: Any, diagnosis: Diagnosis, out: Path) -> None:
     help="Override a threshold, e.g. --threshold act_ratio=100 (see docs/DOCTOR.md).",
 )
 @click.pass_context
-@_clean_errors
+@clean_errors
 def doctor_cmd(
     ctx: click.Context,
     target: str,

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from flowscope import __version__, plots
+from flowscope.doctor import RUN_COLUMNS
 from flowscope.errors import FlowscopeError
 from flowscope.frames import Records, atomic_write_text, load
 
@@ -55,19 +56,6 @@ EXPORTS = {
     "stats.csv": "every statistic per layer, kind and step",
     "claims.csv": "each claim of the source, held or not, with its numbers",
 }
-RUN_COLUMNS = [
-    "verdict",
-    "act_gain",
-    "grad_gain",
-    "grad_ratio",
-    "worst_layer",
-    "saturated",
-    "dead",
-    "nonfinite",
-    "reason",
-    "fix",
-    "thresholds",
-]
 
 
 # -- what the report is made from -------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from flowscope.errors import FlowscopeError
+from flowscope.cli_util import clean_errors
 
 
 @click.command("report")
@@ -23,16 +23,13 @@ from flowscope.errors import FlowscopeError
     default=None,
     help="Folder for report.html and its CSV files (default: RUN_DIR).",
 )
+@clean_errors
 def report_cmd(run_dir: str, out_dir: str | None) -> None:
     """Write RUN_DIR/report.html: verdicts, claims and per-layer figures, self-contained.
 
     RUN_DIR is a folder written by ``fs.watch(...).save()`` or ``flowscope study run``.
     Prints the path of the report.
     """
-    try:
-        from flowscope.report import report
+    from flowscope.report import report
 
-        path = report(run_dir, out_dir)
-    except FlowscopeError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(str(path))
+    click.echo(str(report(run_dir, out_dir)))
