@@ -2,9 +2,9 @@
 
 Eager torch makes one memory pass per operation, so a snapshot with eleven statistics costs
 about ten passes over the tensor. On the CPU these kernels read each element once for all
-moments and counts (float64 accumulators, one partial per chunk, chunks in parallel) and
-once more per sampled element for both histograms. They see CPU tensors through zero-copy
-numpy views: nothing is transferred and nothing waits.
+moments and counts (float64 accumulators; one thread below PARALLEL_FROM elements, chunks
+in parallel above) and once more per sampled element for both histograms. They see CPU
+tensors through zero-copy numpy views: nothing is transferred and nothing waits.
 
 Results follow ``stats.RAW_FIELDS`` exactly, so frames and tests cannot tell the backends
 apart except through rounding (float64 here, the tensor's dtype in eager sums).
@@ -129,10 +129,9 @@ def _moments_parallel(
 def moments(x: np.ndarray, c: float, lo: float, hi: float) -> tuple[float, ...]:
     """(sum, sumsq, min, max, nonzero, nan, inf, saturated) of ``x``; sums and extremes
     about ``c``; extremes are 0 when ``x`` holds no finite value."""
-    ints = np.int32 if x.dtype == np.float32 else np.int64
+    ints, exp, _, _, _ = _layout(x.dtype)
     info = np.iinfo(ints)
     width = info.bits
-    exp = ints(0x7F800000) if width == 32 else ints(0x7FF0000000000000)
     magnitude = ints(info.max)  # every bit but the sign
     bits = x.view(ints)
     ckey = _key_of(np.array([c], dtype=x.dtype).view(ints))[0]
@@ -151,6 +150,14 @@ def moments(x: np.ndarray, c: float, lo: float, hi: float) -> tuple[float, ...]:
     if c <= lo or c >= hi:  # every non-finite entry was counted as the stand-in c
         sat -= nan + inf
     return float(s), float(ss), float(mn), float(mx), int(nonzero), int(nan), int(inf), int(sat)
+
+
+def _layout(dtype: np.dtype) -> tuple[Any, Any, int, int, int]:
+    """IEEE layout of float32 / float64: the same-width int type, the exponent mask (typed),
+    mantissa bits, exponent field mask and bias."""
+    if dtype == np.float32:
+        return np.int32, np.int32(0x7F800000), 23, 0xFF, 127
+    return np.int64, np.int64(0x7FF0000000000000), 52, 0x7FF, 1023
 
 
 def _key_of(values: np.ndarray) -> np.ndarray:
@@ -236,11 +243,7 @@ def hists(
 ) -> None:
     """Linear counts over [lo, hi] and fixed log-magnitude counts of a (strided) sample,
     written into ``lin`` (``bins`` long) and ``log`` (``2 * zero_index + 1`` long)."""
-    ints: type[np.signedinteger[Any]]
-    if sample.dtype == np.float32:
-        ints, exp, mant, exp_bits, bias = np.int32, 0x7F800000, 23, 0xFF, 127
-    else:
-        ints, exp, mant, exp_bits, bias = np.int64, 0x7FF0000000000000, 52, 0x7FF, 1023
+    ints, exp, mant, exp_bits, bias = _layout(sample.dtype)
     info = np.iinfo(ints)
     width = hi - lo
     scale = bins / width if width > 0 else 0.0
@@ -249,7 +252,7 @@ def hists(
     lin_idx = np.empty(sample.size, dtype=np.int32)
     log_idx = np.empty(sample.size, dtype=np.int32)
     args: tuple[Any, ...] = (
-        *(sample, sample.view(ints), ints(exp), ints(info.max), mant, exp_bits, bias, lo),
+        *(sample, sample.view(ints), exp, ints(info.max), mant, exp_bits, bias, lo),
         *(scale, bins, drop_zeros, edges, log_lo * per_decade, per_decade, steps, zero_index),
         *(lin_idx, log_idx),
     )

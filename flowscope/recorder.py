@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from flowscope.errors import FlowscopeError, unknown
-from flowscope.stats import RAW_FIELDS, HistSpec, LogEdges, backend_for, row_width, snapshot
+from flowscope.stats import RAW_FIELDS, HistSpec, LogEdges, row_width, snapshot
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,7 +81,7 @@ class SnapKey:
 
 @dataclass
 class _Buffers:
-    """Snapshots not yet flushed (device tensors) and those already on the host."""
+    """Snapshots not yet flushed: their keys and their results on the tensors' devices."""
 
     keys: list[SnapKey] = field(default_factory=list)
     raw: list[torch.Tensor] = field(default_factory=list)
@@ -419,13 +419,8 @@ class Recorder:
         drop = self._drop_zeros is True or (
             self._drop_zeros == "auto" and is_act and isinstance(module, ZERO_OUTPUT)
         )
-        on_cpu = t.device.type == "cpu"
-        row = self._rows.take() if on_cpu else None
+        row = self._rows.take() if t.device.type == "cpu" else None
         raw, lin, log = snapshot(t, self.hist, sat, drop, out=row)
-        if on_cpu and backend_for(t) == "eager":  # eager results are small heap tensors
-            assert row is not None
-            row.copy_(torch.cat([raw, lin, log]))
-            raw, lin, log = row[: raw.numel()], row[raw.numel() : -log.numel()], row[-log.numel() :]
         self._pending.keys.append(key)
         self._pending.raw.append(raw)
         self._pending.lin.append(lin)

@@ -128,15 +128,17 @@ def _count(idx: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
     return out.scatter_add_(0, idx, weights).to(torch.float64)
 
 
-def _shift(flat: torch.Tensor) -> torch.Tensor:
-    """The first finite value of ``flat`` as a 1-element tensor (0 if none), found on device.
+def _shift(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first finite value of ``flat`` as a 1-element tensor (0 if none), found on device,
+    and the count of finite values (from the same mask).
 
     It must be a value of the tensor: non-finite entries are replaced by it, which then
-    cannot move the extremes (two passes over a bool mask; the eager path serves GPUs).
+    cannot move the extremes.
     """
     finite = torch.isfinite(flat)
     first = finite.to(torch.uint8).argmax().reshape(1)
-    return torch.where(finite[first], flat.index_select(0, first), torch.zeros_like(flat[:1]))
+    c = torch.where(finite[first], flat.index_select(0, first), torch.zeros_like(flat[:1]))
+    return c, torch.count_nonzero(finite)
 
 
 BACKENDS = ("auto", "eager", "numba")
@@ -199,8 +201,9 @@ def snapshot(
             statistics); the lecture's ReLU figures are drawn this way.
         backend: ``eager`` (torch ops, any device), ``numba`` (fused CPU kernels) or None
             for the default (see :func:`backend_for`).
-        out: for the numba backend, a contiguous CPU float64 row of ``row_width(spec)`` to
-            write into (the recorder's mmap-backed rows); the results are views of it.
+        out: a float64 row of ``row_width(spec)`` on the tensor's device to hold the
+            results (the recorder's mmap-backed rows on CPU); they are returned as views of
+            it. The numba kernels write into it directly, the eager path copies in.
 
     Returns:
         ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
@@ -212,47 +215,66 @@ def snapshot(
             flat = flat.float()
         n = flat.numel()
         if n == 0:
-            return _empty(spec, flat.device)
+            return _into(out, *_empty(spec, flat.device))
         if backend_for(flat, backend) == "numba":
             row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
             return _snapshot_cpu(flat, spec, saturation, drop_zeros, row)
-        c = _shift(flat)
-        y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
-        lo_hi = torch.aminmax(y)
-        nonfinite = torch.count_nonzero(flat - flat)
-        nan = torch.count_nonzero(torch.isnan(flat))
-        if saturation is None:
-            sat = torch.full((), math.nan, dtype=torch.float64, device=flat.device)
-        else:
-            lo, hi = saturation
-            outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
-            sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
-        stride = sample_stride(n, spec.sample)
-        # sums of the scaled values: squares stay <= 1, so 1e20-sized gradients cannot overflow
-        scale = torch.maximum(-lo_hi.min, lo_hi.max).clamp(min=torch.finfo(y.dtype).tiny)
-        z = y.div_(scale)
-        scale64 = scale.to(torch.float64)
-        sums = torch.stack([z.sum(), (z * z).sum()]).to(torch.float64) * torch.stack(
-            [scale64, scale64 * scale64]
-        )
-        floats = torch.stack([c[0], lo_hi.min, lo_hi.max]).to(torch.float64)
-        counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)])
-        raw = torch.cat(
-            [
-                torch.full((1,), float(n), dtype=torch.float64, device=flat.device),
-                counts[:2].to(torch.float64),
-                floats[:1],  # shift
-                sums,  # sum, sumsq about the shift
-                floats[1:],  # min, max about the shift
-                counts[2:].to(torch.float64),
-                sat.to(torch.float64).reshape(1),
-                torch.full((1,), float(stride), dtype=torch.float64, device=flat.device),
-            ]
-        )
-        sample = flat[::stride]
-        lin = _linear_hist(sample, c + lo_hi.min, c + lo_hi.max, spec.bins, drop_zeros)
-        log = _log_hist(sample, spec.log)
+        return _into(out, *_snapshot_eager(flat, spec, saturation, drop_zeros))
+
+
+def _snapshot_eager(
+    flat: torch.Tensor, spec: HistSpec, saturation: tuple[float, float] | None, drop_zeros: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch ops on the tensor's device (GPUs, and CPU with FLOWSCOPE_KERNELS=eager)."""
+    n = flat.numel()
+    c, finite = _shift(flat)
+    y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
+    lo_hi = torch.aminmax(y)
+    nonfinite = n - finite
+    nan = torch.count_nonzero(torch.isnan(flat))
+    if saturation is None:
+        sat = torch.full((), math.nan, dtype=torch.float64, device=flat.device)
+    else:
+        lo, hi = saturation
+        outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
+        sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
+    stride = sample_stride(n, spec.sample)
+    # sums of the scaled values: squares stay <= 1, so 1e20-sized gradients cannot overflow
+    scale = torch.maximum(-lo_hi.min, lo_hi.max).clamp(min=torch.finfo(y.dtype).tiny)
+    z = y.div_(scale)
+    scale64 = scale.to(torch.float64)
+    sums = torch.stack([z.sum(), (z * z).sum()]).to(torch.float64) * torch.stack(
+        [scale64, scale64 * scale64]
+    )
+    floats = torch.stack([c[0], lo_hi.min, lo_hi.max]).to(torch.float64)
+    counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)])
+    raw = torch.cat(
+        [
+            torch.full((1,), float(n), dtype=torch.float64, device=flat.device),
+            counts[:2].to(torch.float64),
+            floats[:1],  # shift
+            sums,  # sum, sumsq about the shift
+            floats[1:],  # min, max about the shift
+            counts[2:].to(torch.float64),
+            sat.to(torch.float64).reshape(1),
+            torch.full((1,), float(stride), dtype=torch.float64, device=flat.device),
+        ]
+    )
+    sample = flat[::stride]
+    lin = _linear_hist(sample, c + lo_hi.min, c + lo_hi.max, spec.bins, drop_zeros)
+    log = _log_hist(sample, spec.log)
+    return raw, lin, log
+
+
+def _into(
+    out: torch.Tensor | None, raw: torch.Tensor, lin: torch.Tensor, log: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The results as views of ``out`` (copied in) when a row is given, else as they are."""
+    if out is None:
         return raw, lin, log
+    a, b = raw.numel(), raw.numel() + lin.numel()
+    out.copy_(torch.cat([raw, lin, log]))
+    return out[:a], out[a:b], out[b:]
 
 
 def row_width(spec: HistSpec) -> int:
