@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from flowscope.errors import FlowscopeError
 from flowscope.frames import KEYS, Records, load
+from flowscope.inits import INIT_TARGETS
 from flowscope.recorder import KINDS, ZERO_OUTPUT, Recorder, watch
 
 __all__ = [
@@ -74,7 +75,7 @@ RELU_LIKE = frozenset(
     | {"FastGELUActivation", "QuickGELUActivation", "SiLUActivation", "GELUTanh"}
 )
 ACTIVATION_TYPES = TANH_LIKE | SIGMOID_LIKE | RELU_LIKE
-REINIT_TYPES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d"})  # what fs.reinit touches
+REINIT_TYPES = frozenset(t.__name__ for t in INIT_TARGETS)  # what fs.reinit touches
 LAYER_COLUMNS = ["layer_idx", "layer", "module_type", "check", "verdict", "value", "threshold"]
 RUN_COLUMNS = [
     "verdict",

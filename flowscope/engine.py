@@ -37,7 +37,7 @@ from flowscope import frames
 from flowscope.claims import Verdict, evaluate
 from flowscope.data import make_data
 from flowscope.errors import FlowscopeError
-from flowscope.inits import INITS, apply_init
+from flowscope.inits import INIT_TARGETS, apply_init
 from flowscope.nets import build_net
 from flowscope.probes import PROBES, ProbeContext
 from flowscope.recorder import watch
@@ -233,24 +233,33 @@ def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Re
 def initialise(
     model: nn.Module, init: dict[str, Any], presets: dict[str, dict[str, str]], gen: torch.Generator
 ) -> None:
-    """Apply an init scheme to every Linear/Conv, or a preset of per-layer schemes."""
-    params = {k: v for k, v in init.items() if k not in ("name", "overrides")}
+    """Apply an init scheme to every Linear/Conv, or a preset of per-layer schemes; then the
+    scheme's ``overrides`` (layer glob = scheme, e.g. to keep the softmax head fixed)."""
     name = init["name"]
-    if name not in presets:
-        apply_init(model, name, generator=gen, **params)
-        for glob, scheme in init.get("overrides", {}).items():  # e.g. keep the head fixed
-            for qualname, module in model.named_modules():
-                if matches(glob, qualname) and isinstance(module, nn.Linear | nn.Conv2d):
-                    apply_init(module, scheme, generator=gen)
+    if name in presets:
+        per_layer(model, presets[name], gen, every_layer=f"init preset {name!r}")
         return
+    params = {k: v for k, v in init.items() if k not in ("name", "overrides")}
+    apply_init(model, name, generator=gen, **params)
+    per_layer(model, init.get("overrides", {}), gen)
+
+
+def per_layer(
+    model: nn.Module, table: dict[str, str], gen: torch.Generator, every_layer: str = ""
+) -> None:
+    """Re-initialise each Linear/Conv with the scheme of the first glob matching its name.
+
+    ``every_layer`` names the table when each such layer must match (presets); otherwise
+    layers that match nothing are left as they are (overrides).
+    """
     for qualname, module in model.named_modules():
-        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if not isinstance(module, INIT_TARGETS):
             continue
-        scheme = next((s for glob, s in presets[name].items() if matches(glob, qualname)), None)
-        if scheme is None:
-            raise FlowscopeError(f"init preset {name!r} has no entry matching layer {qualname!r}")
-        INITS.get(scheme)
-        apply_init(module, scheme, generator=gen)
+        scheme = next((s for glob, s in table.items() if matches(glob, qualname)), None)
+        if scheme is not None:
+            apply_init(module, scheme, generator=gen)
+        elif every_layer:
+            raise FlowscopeError(f"{every_layer} has no entry matching layer {qualname!r}")
 
 
 def warm_up(model: nn.Module, x: torch.Tensor, passes: int) -> None:

@@ -30,13 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from flowscope.errors import FlowscopeError
-from flowscope.inits import INITS, apply_init
-from flowscope.recorder import ModuleSelector, select_modules
+from flowscope.inits import INIT_TARGETS, INITS, apply_init
+from flowscope.recorder import ROOT, ModuleSelector, select_modules
 
 __all__ = ["LSUV_COLUMNS", "lsuv", "reinit"]
 
 LSUV_COLUMNS = ["layer", "module_type", "before_std", "after_std", "iterations", "converged"]
-_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def reinit(
@@ -81,7 +80,7 @@ def _targets(
 ) -> list[tuple[str, nn.Module]]:
     """The layers LSUV scales: Linear/Conv by default, or the selected ones (with weights)."""
     if modules is None:
-        return [(n or "<root>", m) for n, m in model.named_modules() if isinstance(m, _TARGETS)]
+        return [(n or ROOT, m) for n, m in model.named_modules() if isinstance(m, INIT_TARGETS)]
     chosen = select_modules(model, modules)
     for name, module in chosen:
         weight = getattr(module, "weight", None)

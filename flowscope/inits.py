@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from flowscope.errors import FlowscopeError, unknown
 from flowscope.registry import Registry
 
-__all__ = ["INITS", "InitScheme", "Param", "apply_init", "fans", "init_std"]
+__all__ = ["INITS", "INIT_TARGETS", "InitScheme", "Param", "apply_init", "fans", "init_std"]
 
 # The layers apply_init touches. ConvTranspose keeps (in, out, *k) weights, so it is left out.
-_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+INIT_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ def apply_init(
     scheme.resolve(params)
     if bias not in ("zeros", None):
         raise FlowscopeError(f"bias={bias!r} is not allowed; use 'zeros' or None (leave as is)")
-    targets = [(qual, m) for qual, m in model.named_modules() if isinstance(m, _TARGETS)]
+    targets = [(qual, m) for qual, m in model.named_modules() if isinstance(m, INIT_TARGETS)]
     for qual, module in targets:
         fans(_weight(module, qual))
         _check_generator(generator, _weight(module, qual), f"layer {qual or '<root>'!r}")
