@@ -20,7 +20,6 @@ from torch import nn
 
 import flowscope as fs
 from flowscope import distributed
-from flowscope.integrations import write_report
 
 
 def main(out_dir: str) -> None:
@@ -52,7 +51,7 @@ def main(out_dir: str) -> None:
     if written is not None:
         print(f"rank 0 of {world}: records of the global batch in {written}")
         if os.environ.get("REPORT", "1") != "0":
-            print(f"report: {write_report(written)}")
+            print(f"report: {fs.report(written)}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -209,10 +209,8 @@ def _diagnose(stats: pd.DataFrame, by: str, source: Any = None) -> tuple[Any, st
     """
     if stats.empty:
         return None, "no statistics were recorded"
-    try:
-        from flowscope.doctor import diagnose
-    except ImportError:  # a broken or stripped install: the figures still help
-        return None, "the doctor (flowscope.doctor) could not be imported: no verdicts"
+    from flowscope.doctor import diagnose
+
     try:
         return diagnose(source if source is not None else stats, by=[by]), ""
     except FlowscopeError as err:

@@ -19,7 +19,7 @@ from torch import nn
 
 import flowscope as fs
 from flowscope.errors import FlowscopeError
-from flowscope.integrations import Session, shift_log_hist, unscale_pending, write_report
+from flowscope.integrations import Session, shift_log_hist, unscale_pending
 from flowscope.stats import LogEdges
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,11 +269,6 @@ def test_session_writes_and_calls_the_reporter(tmp_path, monkeypatch):
     assert session.finish() == tmp_path / "s" and called == [tmp_path / "s"]
     stats = fs.load(tmp_path / "s").stats
     assert sorted(stats.step.unique()) == [0, 1] and stats["call"].eq(0).all()
-
-
-def test_write_report_without_the_reporter_returns_none(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flowscope.report", None)
-    assert write_report(tmp_path) is None
 
 
 @pytest.mark.parametrize(

@@ -251,12 +251,6 @@ def test_activations_only_still_make_a_report(tmp_path):
     assert len(re.findall(r"<img ", html)) == 4  # scale plot, histograms, heat map, zeros
 
 
-def test_report_works_without_the_doctor(tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "flowscope.doctor", None)
-    html = report(record(name="x"), tmp_path).read_text()
-    assert "no verdicts" in html and len(summary_rows(html)) == 1
-
-
 @pytest.mark.parametrize("bad", [42, None, ["stats.parquet"]])
 def test_report_rejects_what_is_not_a_run(bad):
     with pytest.raises(FlowscopeError, match="run folder"):

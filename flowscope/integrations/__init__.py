@@ -48,7 +48,7 @@ from flowscope.errors import FlowscopeError
 from flowscope.recorder import Recorder, watch
 from flowscope.stats import RAW, LogEdges
 
-__all__ = ["Session", "loss_scale", "unscale_pending", "write_report"]
+__all__ = ["Session", "loss_scale", "unscale_pending"]
 
 GRADIENT_KINDS = ("gradient", "weight_grad")
 
@@ -178,7 +178,7 @@ class Session:
     Args:
         dirpath: where rank 0 writes the records (and ``report.html``).
         every: record every ``every``-th optimizer step (steps 0, every, 2*every, ...).
-        report: also write ``report.html`` (when :mod:`flowscope.report` is installed).
+        report: also write ``report.html``.
         name: the ``run`` column (default: the model's class name).
         watch_kwargs: more arguments for :func:`flowscope.watch` (``modules``, ``kinds``,
             ``bins``, ...).
@@ -273,26 +273,12 @@ class Session:
         rec.save(str(self.dirpath))
         self.written = self.dirpath
         if self.report:
-            write_report(self.dirpath)
+            from flowscope.report import report
+
+            report(self.dirpath)
         return self.written
 
     def abort(self) -> None:
         """Remove the hooks without writing (training raised)."""
         if self.recorder is not None:
             self.recorder.close()
-
-
-def write_report(dirpath: str | os.PathLike[str]) -> Path | None:
-    """``flowscope.report.report(dirpath)`` when that module is installed, else None.
-
-    Example:
-        >>> write_report("reports/my-model")  # doctest: +SKIP
-        PosixPath('reports/my-model/report.html')
-    """
-    try:
-        from flowscope.report import report
-    except ModuleNotFoundError as err:  # the reporter is a separate part; records alone help
-        if err.name != "flowscope.report":
-            raise
-        return None
-    return report(dirpath)

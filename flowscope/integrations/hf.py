@@ -2,8 +2,8 @@
 
 Watches the model when training begins, records every ``every``-th optimizer step
 (``state.global_step``; evaluation passes, which run between steps, are not recorded), and at
-the end of training merges the ranks (DDP), writes the records on the main process and, when
-:mod:`flowscope.report` is installed, ``report.html``.
+the end of training merges the ranks (DDP), writes the records on the main process and
+``report.html``.
 
 Under DDP the averaged parameter gradients are re-read in ``on_pre_optimizer_step``: after
 gradient clipping (``max_grad_norm``), so ``weight_grad`` is the clipped gradient the optimizer
@@ -48,7 +48,7 @@ class FlowscopeTrainerCallback(TrainerCallback):
     Args:
         dirpath: where the main process writes the records (and ``report.html``).
         every: record optimizer steps 0, every, 2*every, ...
-        report: also write the HTML report (when :mod:`flowscope.report` is installed).
+        report: also write the HTML report.
         name: the ``run`` column (default: the model's class name).
         scaler: the fp16 GradScaler, if any (``trainer.accelerator.scaler``); may be set
             after the Trainer is built.

@@ -2,8 +2,8 @@
 
 Watches the LightningModule when training starts (after the sanity check), records every
 ``every``-th optimizer step (``trainer.global_step``; validation batches are not recorded),
-and at the end of training merges the ranks (DDP), writes the records on rank 0 and, when
-:mod:`flowscope.report` is installed, ``report.html``. Under ``precision="16-mixed"`` the
+and at the end of training merges the ranks (DDP), writes the records on rank 0 and
+``report.html``. Under ``precision="16-mixed"`` the
 gradients seen during backward are scaled by the GradScaler; the callback reads the scale in
 ``on_after_backward`` and divides that step's gradient snapshots by it (see
 :mod:`flowscope.integrations`). Under DDP it re-reads the averaged parameter gradients in
@@ -59,7 +59,7 @@ class FlowscopeCallback(Callback):
         dirpath: where rank 0 writes ``stats.parquet``, ``hists.parquet``, ``meta.json`` (and
             ``report.html``).
         every: record optimizer steps 0, every, 2*every, ...
-        report: also write the HTML report (when :mod:`flowscope.report` is installed).
+        report: also write the HTML report.
         name: the ``run`` column (default: the LightningModule's class name).
         **watch_kwargs: more arguments for :func:`flowscope.watch` (``modules``, ``kinds``,
             ``bins``, ``hist_sample``, ...).
