@@ -325,8 +325,8 @@ def test_text_report_and_compare():
     _, before = examine(net, batch(64), kinds=LEAN)
     text = str(before)
     assert "VANISHING" in text and "layers.5.linear" in text and "fix: tanh" in text
-    fs_reinit = apply_init(net, "xavier", generator=torch.Generator().manual_seed(0))
-    assert fs_reinit
+    changed = fs.reinit(net, "xavier", generator=torch.Generator().manual_seed(0))
+    assert changed == [f"layers.{i}.linear" for i in range(6)]  # the fix the text names
     _, after = examine(net, batch(64), kinds=LEAN)
     table = compare(before, after).set_index("measure")
     assert table.loc["verdict", "before"] == "vanishing"

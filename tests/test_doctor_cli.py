@@ -159,7 +159,6 @@ def test_thresholds_from_the_command_line(factories):
 
 
 def test_tiny_gpt2_is_healthy(factories):
-    pytest.importorskip("transformers", reason="transformers is a dev dependency")
     result = doctor("userpkg.models:tiny_gpt2", "--input-shape", "4,16")
     assert result.exit_code == 0, result.output
     assert "input_ids (4, 16), labels (4, 16)" in result.output  # ids, and the model's own loss
@@ -167,7 +166,6 @@ def test_tiny_gpt2_is_healthy(factories):
 
 
 def test_gpt2_with_a_huge_init_is_not(factories):
-    pytest.importorskip("transformers", reason="transformers is a dev dependency")
     result = doctor("userpkg.models:gpt2_without_residual_scaling", "--input-shape", "4,16")
     assert result.exit_code == 1, result.output
     assert "EXPLODING" in result.output  # dL/dh grows ~50x over four blocks

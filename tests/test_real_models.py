@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers  # a dev dependency: a missing one fails here, it is never skipped
 from torch import nn
 
 import flowscope as fs
-
-transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
 
 
 def tiny_gpt2() -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from flowscope import doctor_cli
 from flowscope.cli import main
 
 STUDY = textwrap.dedent(
@@ -210,7 +211,6 @@ def user_package(tmp_path, monkeypatch):
     ids=["syntax-error", "raises-on-import", "shape-mismatch", "zero-dim", "negative"],
 )
 def test_doctor_bad_factory_or_shape(user_package, target, shape, message):
-    doctor_cli = pytest.importorskip("flowscope.doctor_cli")
     result = CliRunner().invoke(doctor_cli.doctor_cmd, [target, "--input-shape", shape])
     assert message in error_line(result)
     assert not (user_package / "reports").exists()

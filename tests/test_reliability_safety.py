@@ -16,6 +16,7 @@ from torch import nn
 
 import flowscope
 import flowscope as fs
+from flowscope import doctor_cli
 from flowscope.cli import main
 
 PACKAGE = Path(flowscope.__file__).parent
@@ -144,7 +145,6 @@ def test_source_executes_no_data_and_opens_no_connection(source):
 
 
 def test_doctor_input_refuses_a_pickle_that_runs_code(tmp_path, monkeypatch):
-    doctor_cli = pytest.importorskip("flowscope.doctor_cli")
     marker = tmp_path / "PWNED"
 
     class Evil:
