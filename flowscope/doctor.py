@@ -36,7 +36,6 @@ Thresholds live in :class:`Thresholds`; docs/DOCTOR.md gives their derivations.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from flowscope.errors import FlowscopeError
-from flowscope.frames import KEYS, Records, load
+from flowscope.frames import KEYS, records_of
 from flowscope.inits import INIT_TARGETS
 from flowscope.recorder import KINDS, ZERO_OUTPUT, Recorder, watch
 
@@ -214,14 +213,7 @@ def _stats_of(source: object) -> tuple[pd.DataFrame, nn.Module | None]:
         return source, None
     if isinstance(source, Recorder):
         return source.stats, source.model
-    if isinstance(source, Records):
-        return source.stats, None
-    if isinstance(source, (str, os.PathLike)):
-        return load(source).stats, None
-    raise FlowscopeError(
-        "diagnose() takes a stats DataFrame, a Records, a Recorder or a run folder path, "
-        f"got {type(source).__name__}"
-    )
+    return records_of(source, "diagnose() takes", "a stats DataFrame, ").stats, None
 
 
 def _check_frame(stats: pd.DataFrame, by: list[str]) -> None:

@@ -36,33 +36,13 @@ import pandas as pd
 
 from flowscope.columns import KEYS
 from flowscope.errors import FlowscopeError
-from flowscope.frames import Records, atomic_write_text, load, log_edges_of
+from flowscope.frames import Records, atomic_write_text, log_edges_of, records_of
 from flowscope.recorder import Recorder
 from flowscope.stats import LogEdges
 
 __all__ = ["SCALARS", "records_of", "tag_of", "to_csv", "to_tensorboard"]
 
 SCALARS = ("mean", "std", "rms", "absmax", "frac_zero", "frac_saturated", "nonfinite")
-
-
-def records_of(source: Records | Recorder | str | os.PathLike[str]) -> Records:
-    """Records from a Records, a Recorder (flushed) or a records / study run folder.
-
-    Example:
-        >>> records_of(42)
-        Traceback (most recent call last):
-        ...
-        flowscope.errors.FlowscopeError: expected Records, a Recorder or a run folder, got int
-    """
-    if isinstance(source, Records):
-        return source
-    if isinstance(source, str | os.PathLike):
-        return load(source)
-    if isinstance(source, Recorder):
-        return source.records()
-    raise FlowscopeError(
-        f"expected Records, a Recorder or a run folder, got {type(source).__name__}"
-    )
 
 
 def tag_of(layer: str, kind: str, call: int, tensor: str, stat: str | None = None) -> str:

@@ -81,6 +81,33 @@ def load(run_dir: str | os.PathLike[str]) -> Records:
     return Records(stats=stats, hists=hists, meta=meta)
 
 
+def records_of(source: Any, who: str = "expected", also: str = "") -> Records:
+    """Records from a Records, a Recorder (flushed) or a run folder written by flowscope.
+
+    Example:
+        >>> records_of(42)
+        Traceback (most recent call last):
+        ...
+        flowscope.errors.FlowscopeError: expected Records, a Recorder or a run folder, got int
+
+    Args:
+        source: what to read.
+        who: how the error message starts (``"diagnose() takes"``).
+        also: more accepted types for the error message (``"a stats DataFrame, "``).
+    """
+    if isinstance(source, Records):
+        return source
+    if isinstance(source, str | os.PathLike):
+        return load(source)
+    if callable(getattr(source, "records", None)):  # a Recorder (frames does not import it)
+        records = source.records()
+        if isinstance(records, Records):
+            return records
+    raise FlowscopeError(
+        f"{who} {also}Records, a Recorder or a run folder, got {type(source).__name__}"
+    )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a crash leaves the old file or the new, never half."""
     with _atomic(path) as tmp:

@@ -37,7 +37,7 @@ import pandas as pd
 from flowscope import __version__, plots
 from flowscope.doctor import RUN_COLUMNS
 from flowscope.errors import FlowscopeError
-from flowscope.frames import Records, atomic_write_text, load
+from flowscope.frames import Records, atomic_write_text, load, records_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,23 +107,10 @@ def _resolve(source: Any, out_dir: str | os.PathLike[str] | None) -> tuple[RunDa
     if isinstance(source, str | os.PathLike):
         run = read_run(source)
         return run, Path(out_dir) if out_dir is not None else run.folder
-    records = _records_of(source)
-    if records is None:
-        raise FlowscopeError(
-            "report() takes a run folder (str or Path), a Records or a Recorder; "
-            f"got {type(source).__name__}"
-        )
+    records = records_of(source, "report() takes")
     out = Path(out_dir) if out_dir is not None else Path("reports") / _slug(records)
     records.save(out)
     return read_run(out), out
-
-
-def _records_of(source: Any) -> Records | None:
-    if isinstance(source, Records):
-        return source
-    from flowscope.recorder import Recorder
-
-    return source.records() if isinstance(source, Recorder) else None
 
 
 def _slug(records: Records) -> str:
