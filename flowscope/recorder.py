@@ -171,22 +171,22 @@ def watch(
         modules=modules,
         kinds=kinds,
         every=every,
-        hist=_hist_spec(bins, hist_sample, log_bins_per_decade),
+        hist=hist_spec(bins, hist_sample, log_bins_per_decade),
         saturation=saturation,
         drop_zeros=drop_zeros,
         name=name,
     )
 
 
-def _hist_spec(bins: int, sample: int, per_decade: int) -> HistSpec:
-    """Validated histogram settings."""
+def hist_spec(bins: int, sample: int, per_decade: int, prefix: str = "") -> HistSpec:
+    """Validated histogram settings (``prefix`` names them as the caller does: ``run.``)."""
     for label, value, low in (
         ("bins", bins, 1),
         ("hist_sample", sample, 16),
         ("log_bins_per_decade", per_decade, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise FlowscopeError(f"{label} must be an integer >= {low}, got {value!r}")
+            raise FlowscopeError(f"{prefix}{label} must be an integer >= {low}, got {value!r}")
     return HistSpec(bins=bins, sample=sample, log=LogEdges(per_decade=per_decade))
 
 
@@ -212,7 +212,7 @@ class Recorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise FlowscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
-        self.kinds = _check_kinds(kinds)
+        self.kinds = check_kinds(kinds)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise FlowscopeError(f"every must be an integer >= 1, got {every!r}")
         if drop_zeros not in (True, False, "auto"):
@@ -517,15 +517,15 @@ def _version() -> str:
     return __version__
 
 
-def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """Validated kinds, in canonical order."""
+def check_kinds(kinds: Sequence[str], name: str = "kinds", entry: str = "kind") -> tuple[str, ...]:
+    """Validated kinds, in canonical order (``name``/``entry`` label them as the caller does)."""
     if isinstance(kinds, str):
         kinds = [kinds]
     for kind in kinds:
         if kind not in KINDS:
-            raise unknown("kind", kind, KINDS)
+            raise unknown(entry, kind, KINDS)
     if not kinds:
-        raise FlowscopeError(f"kinds is empty; choose from {', '.join(KINDS)}")
+        raise FlowscopeError(f"{name} is empty; choose from {', '.join(KINDS)}")
     return tuple(k for k in KINDS if k in kinds)
 
 

@@ -322,9 +322,7 @@ def _check_run_values(run: dict[str, Any], where: str) -> None:
     for key, choices in RUN_CHOICES.items():
         if run[key] not in choices:
             raise unknown(f"run.{key}", run[key], choices, where)
-    for key, low in (
-        ("steps", 0), ("record_every", 1), ("warmup", 0), ("bins", 1), ("hist_sample", 16)
-    ):  # fmt: skip
+    for key, low in (("steps", 0), ("record_every", 1), ("warmup", 0)):
         value = run[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise FlowscopeError(f"{where}: run.{key} must be an integer >= {low}, got {value!r}")
@@ -337,16 +335,16 @@ def _check_run_values(run: dict[str, Any], where: str) -> None:
             f"{where}: run.seeds must be a non-empty list of integers (or one), got {seeds!r}"
         )
     from flowscope.probes import PROBES  # torch only; safe here
-    from flowscope.recorder import KINDS
+    from flowscope.recorder import check_kinds, hist_spec
 
     for key in ("kinds", "modules", "probes"):
         if not isinstance(run[key], list) or not all(isinstance(v, str) for v in run[key]):
             raise FlowscopeError(f"{where}: run.{key} must be a list of strings, got {run[key]!r}")
-    if not run["kinds"]:
-        raise FlowscopeError(f"{where}: run.kinds is empty; choose from {', '.join(KINDS)}")
-    for kind in run["kinds"]:
-        if kind not in KINDS:
-            raise unknown("run.kinds entry", kind, KINDS, where)
+    try:  # the recorder's own checks, named as the study file names them
+        check_kinds(run["kinds"], "run.kinds", "run.kinds entry")
+        hist_spec(run["bins"], run["hist_sample"], 1, prefix="run.")
+    except FlowscopeError as err:
+        raise FlowscopeError(f"{where}: {err}") from None
     for probe in run["probes"]:
         PROBES.get(probe, where)
 
