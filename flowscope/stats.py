@@ -23,6 +23,7 @@ numerically safe when the mean is far from zero (sigmoid outputs, say).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ def _next_prime(n: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=4096)
 def sample_stride(numel: int, cap: int) -> int:
     """Stride of the histogram sample: 1 when the tensor fits, else a prime >= numel / cap."""
     return 1 if numel <= cap else _next_prime(-(-numel // cap))
@@ -290,26 +292,13 @@ def _snapshot_cpu(
     row: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused CPU path: numba kernels over a zero-copy numpy view, results into ``row``."""
-    k = _kernels()
     a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
-    c = k._shift(a)
-    lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
-    s, ss, mn, mx, nonzero, nan, inf, sat = k.moments(a, c, lo, hi)
-    n = a.size
-    stride = sample_stride(n, spec.sample)
-    raw = [n, nan + inf, nan, c, s, ss, mn, mx, nonzero, math.nan, stride]
-    if saturation is not None:
-        raw[RAW["saturated"]] = sat
-    if nan + inf == n:  # no finite value: the moments are undefined, as in the eager path
-        raw[RAW["min"]] = raw[RAW["max"]] = math.nan
-    n_raw, bins = len(RAW_FIELDS), spec.bins
-    cells = row.numpy()  # the caller's row: no allocation that outlives this call
-    cells[:n_raw] = raw
-    lin, log = cells[n_raw : n_raw + bins], cells[n_raw + bins :]
-    k.hists(
-        a[::stride], c + mn, c + mx, bins, drop_zeros, spec.log.lo, spec.log.hi,
-        spec.log.per_decade, spec.log.zero_index, lin, log,
+    log = spec.log
+    _kernels().snapshot_into(
+        a, saturation, sample_stride(a.size, spec.sample), spec.bins, drop_zeros,
+        (log.lo, log.hi, log.per_decade, log.zero_index), row.numpy(),
     )  # fmt: skip
+    n_raw, bins = len(RAW_FIELDS), spec.bins
     return row[:n_raw], row[n_raw : n_raw + bins], row[n_raw + bins :]
 
 

@@ -199,6 +199,32 @@ def test_log_histogram_at_finer_resolution(per_decade):
     assert np.abs(log - expect).sum() <= 2  # a value within rounding of an edge may differ
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_decade", [1, 4])
+def test_log_histogram_on_edges_and_subnormals(backend, dtype, per_decade):
+    # every edge, its neighbours one ulp away, subnormals and the extremes of the dtype:
+    # the numba kernel reads the bin from the exponent bits and a table, and must agree
+    # exactly with a search of |v| among the float64 edges
+    e = LogEdges(per_decade=per_decade)
+    ks = range(e.lo * per_decade, e.hi * per_decade + 1)  # Python's pow, as flowscope's
+    edges = np.array([10.0 ** (k / per_decade) for k in ks])  # (numpy's differs at 1e23)
+    info = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
+    on = edges.astype(info.dtype)
+    mags = np.concatenate(
+        [on, np.nextafter(on, 0), np.nextafter(on, np.inf), [info.smallest_subnormal, info.tiny,
+         info.tiny * 3.5, info.max, 1.0, 2.0, 0.5, 3.0]]
+    ).astype(info.dtype)  # fmt: skip
+    v = np.concatenate([mags, -mags])
+    _, _, _, log = measured(torch.from_numpy(v), spec={"log": e, "sample": 1 << 20})
+    j = np.searchsorted(edges, np.abs(v.astype(np.float64)), side="right")
+    expect = np.zeros(e.size)
+    np.add.at(expect, np.where(v > 0, e.zero_index + j + 1, e.zero_index - j - 1), 1)
+    if backend == "numba":
+        np.testing.assert_array_equal(log, expect)
+    else:  # log10 in the eager path can round a value next to an edge into its neighbour
+        assert log.sum() == v.size and np.abs(log - expect).sum() <= 2 * 3 * edges.size
+
+
 def test_log_edges_bounds_are_consistent():
     e = LogEdges(per_decade=2)
     assert e.size == 2 * ((30 - -30) * 2 + 2) + 1
