@@ -327,6 +327,33 @@ def study_rows() -> list[dict[str, Any]]:
 # -- output ------------------------------------------------------------------------------------
 
 
+TARGETS = {"flowscope": 1.3, "flowscope/10": 1.05}  # the issue's CPU targets for MLPs
+LESS_OVERHEAD = 3.0  # flowscope's overhead must be this many times below these tools'
+
+
+def summary(timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case: flowscope's ratios against the targets, and how many times less overhead
+    (ratio - 1) it adds than each of the other tools."""
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in timing):
+        ratio = {r["mode"]: r["ratio"] for r in timing if r["case"] == case}
+        if "flowscope" not in ratio:
+            continue
+        own = max(ratio["flowscope"] - 1.0, 1e-9)
+        row: dict[str, Any] = {"case": case}
+        for mode, target in TARGETS.items():
+            if mode in ratio:
+                met = "yes" if ratio[mode] <= target else "no"
+                row[f"{mode} (<= {target})"] = f"{ratio[mode]:.2f} {met}"
+        for tool in ("tensorboard", "wandb", "fastai"):
+            if tool in ratio:
+                times = (ratio[tool] - 1.0) / own
+                met = "" if tool == "fastai" else (" yes" if times >= LESS_OVERHEAD else " no")
+                row[f"{tool} overhead / flowscope's"] = f"{times:.1f}x{met}"
+        rows.append(row)
+    return rows
+
+
 def markdown(title: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -391,6 +418,11 @@ def main() -> None:
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
         "",
         markdown("Time per training step (median), ratio to the bare step", timing),
+        markdown(
+            "Against the targets (every step <= 1.3x, every 10th <= 1.05x; >= 3x less"
+            " overhead than TensorBoard-style hooks and wandb.watch)",
+            summary(timing),
+        ),
         markdown("Peak RSS, lecture MLP, 20 steps (each in its own process)", memory),
         markdown("Study engine vs a bare loop of the same passes", study),
     ]

@@ -202,7 +202,7 @@ def _snapshot(
     x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, mant: int, exp_bits: int,
     shift: int, top: int, bottom: int, lo: float, hi: float, saturation: bool,
     stride: int, bins: int, drop_zeros: bool, base: np.ndarray, thresholds: np.ndarray,
-    zero_index: int, row: np.ndarray,
+    zero_index: int, parallel_from: int, row: np.ndarray,
 ) -> None:  # fmt: skip
     """One snapshot of ``x`` into ``row`` (raw fields | linear counts | log counts)."""
     n = x.size
@@ -211,7 +211,7 @@ def _snapshot(
     tmp[0] = c
     ckey_bits = tmp.view(bits.dtype)[0]
     ckey = ckey_bits ^ ((ckey_bits >> shift) & magnitude)
-    if n >= PARALLEL_FROM:
+    if n >= parallel_from:
         s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunks_parallel(
             x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom
         )
@@ -271,7 +271,7 @@ def snapshot_into(
     _snapshot(
         x, x.view(ints), exp, ints(info.max), mant, exp_bits, ints(info.bits - 1),
         ints(info.max), ints(info.min), lo, hi, saturation is not None, stride, bins,
-        drop_zeros, base, thresholds, zero_index, row,
+        drop_zeros, base, thresholds, zero_index, PARALLEL_FROM, row,
     )  # fmt: skip
 
 

@@ -111,12 +111,17 @@ def test_leading_non_finite_values_do_not_leak_into_the_extremes():
     assert row["min"] == pytest.approx(float(x[100]))
 
 
-def test_millions_of_elements_take_the_parallel_path_exactly():
+@pytest.mark.parametrize("threshold", [None, 1000])
+def test_large_tensors_take_the_parallel_path_exactly(monkeypatch, threshold):
+    # None: the real threshold (millions of elements); 1000: the same path on a small tensor,
+    # with chunks that hold NaN/Inf next to finite-only chunks
     from flowscope import _cpu_kernels
 
+    if threshold is not None:
+        monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", threshold)
     n = _cpu_kernels.PARALLEL_FROM + 12_345  # uneven chunks
     x = torch.randn(n, generator=torch.Generator().manual_seed(11)).double() * 3 - 1
-    x[::100_003] = float("nan")
+    x[:: max(n // 40, 1) + 3] = float("nan")
     x[7] = -float("inf")
     row, *_ = measured(x, saturation=(-4.0, 2.0))
     check(row, reference(x.numpy(), (-4.0, 2.0)))
