@@ -26,10 +26,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from flowscope.stats import RAW_FIELDS, LogEdges
+
 # chunks per call: enough for load balance on any core count, few enough to stay cheap
 CHUNKS = 64
 PARALLEL_FROM = 1 << 22  # below ~4M elements a thread pool costs more than it saves
-N_RAW = 11  # len(stats.RAW_FIELDS); the row is raw | linear counts | log counts
+N_RAW = len(RAW_FIELDS)  # the row is raw | linear counts | log counts
 
 
 @njit(cache=True)
@@ -256,22 +258,19 @@ def snapshot_into(
     stride: int,
     bins: int,
     drop_zeros: bool,
-    log_edges: tuple[int, int, int, int],
+    log_edges: LogEdges,
     row: np.ndarray,
 ) -> None:
-    """Statistics and both histograms of the 1-d float32/float64 array ``x`` into ``row``.
-
-    ``log_edges`` is (lo, hi, per_decade, zero_index) of :class:`flowscope.stats.LogEdges`.
-    """
+    """Statistics and both histograms of the 1-d float32/float64 array ``x`` into ``row``."""
     ints, exp, mant, exp_bits, _ = _layout(x.dtype)
-    info = np.iinfo(ints)
+    shift, top, bottom = _int_constants(x.dtype.char)
     lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
-    log_lo, log_hi, per_decade, zero_index = log_edges
-    base, thresholds = log_tables(x.dtype.char, log_lo, log_hi, per_decade)
+    e = log_edges
+    base, thresholds = log_tables(x.dtype.char, e.lo, e.hi, e.per_decade)
     _snapshot(
-        x, x.view(ints), exp, ints(info.max), mant, exp_bits, ints(info.bits - 1),
-        ints(info.max), ints(info.min), lo, hi, saturation is not None, stride, bins,
-        drop_zeros, base, thresholds, zero_index, PARALLEL_FROM, row,
+        x, x.view(ints), exp, top, mant, exp_bits, shift, top, bottom, lo, hi,
+        saturation is not None, stride, bins, drop_zeros, base, thresholds, e.zero_index,
+        PARALLEL_FROM, row,
     )  # fmt: skip
 
 
@@ -281,6 +280,15 @@ def _layout(dtype: np.dtype) -> tuple[Any, Any, int, int, int]:
     if dtype == np.float32:
         return np.int32, np.int32(0x7F800000), 23, 0xFF, 127
     return np.int64, np.int64(0x7FF0000000000000), 52, 0x7FF, 1023
+
+
+@cache
+def _int_constants(dtype_char: str) -> tuple[Any, Any, Any]:
+    """(sign shift, largest, smallest) of the same-width int type, typed like the bits; the
+    largest is also the magnitude mask (every bit but the sign)."""
+    ints = _layout(np.dtype(dtype_char))[0]
+    info = np.iinfo(ints)
+    return ints(info.bits - 1), ints(info.max), ints(info.min)
 
 
 @cache
@@ -304,8 +312,8 @@ def log_tables(dtype_char: str, lo: int, hi: int, per_decade: int) -> tuple[np.n
             inside.append(edges[:0])
             continue
         low = 0.0 if e == 0 else math.ldexp(1.0, e - bias)
-        top = e + 1 - bias  # the octave is [2**(e - bias), 2**top); subnormals [0, 2**top)
-        high = math.ldexp(1.0, top) if top < 1024 else math.inf
+        upper = e + 1 - bias  # the octave is [2**(e - bias), 2**upper); subnormals [0, ...)
+        high = math.ldexp(1.0, upper) if upper < 1024 else math.inf
         base[e] = int(np.searchsorted(edges, low, side="right"))
         inside.append(edges[(edges > low) & (edges < high)])
     steps = max(1, max(len(t) for t in inside))

@@ -293,11 +293,8 @@ def _snapshot_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused CPU path: numba kernels over a zero-copy numpy view, results into ``row``."""
     a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
-    log = spec.log
-    _kernels().snapshot_into(
-        a, saturation, sample_stride(a.size, spec.sample), spec.bins, drop_zeros,
-        (log.lo, log.hi, log.per_decade, log.zero_index), row.numpy(),
-    )  # fmt: skip
+    stride = sample_stride(a.size, spec.sample)
+    _kernels().snapshot_into(a, saturation, stride, spec.bins, drop_zeros, spec.log, row.numpy())
     n_raw, bins = len(RAW_FIELDS), spec.bins
     return row[:n_raw], row[n_raw : n_raw + bins], row[n_raw + bins :]
 
