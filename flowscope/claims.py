@@ -100,16 +100,19 @@ def evaluate(
     axis_columns: list[str],
 ) -> list[Verdict]:
     """Every claim's verdict on a study's merged frames."""
-    return [evaluate_one(c, stats, probes, axis_columns) for c in claims]
+    index = ClaimFrames(stats, probes)  # the frames are grouped once for every claim
+    return [_evaluate(c, index, axis_columns) for c in claims]
 
 
 def evaluate_one(
     claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame, axis_columns: list[str]
 ) -> Verdict:
-    series = layer_series(claim, stats, probes)
-    for column, wanted in claim.get("where", {}).items():
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        series = series[series[column].isin(allowed)]
+    """One claim's verdict (``evaluate`` does many on the same frames)."""
+    return _evaluate(claim, ClaimFrames(stats, probes), axis_columns)
+
+
+def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]) -> Verdict:
+    series = index.series(claim, where=claim.get("where", {}))
     base = Verdict(
         claim["id"],
         claim["text"],
@@ -136,22 +139,40 @@ def evaluate_one(
 
 def layer_series(claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     """Rows (config columns, layer, value) in execution order, at the claim's step."""
-    source, _, stat = claim["of"].partition(".")
-    glob = claim.get("layers")
-    if source == "probe":
-        frame = probes[probes["probe"] == stat]
-        if frame.empty:
-            return frame.assign(value=[])
-        frame = frame[frame["step"] == _step(claim, frame)]
-        frame = frame.assign(layer_idx=range(len(frame)))  # probe rows come in layer order
-    else:
-        tensor = claim.get("tensor", "weight" if source.startswith("weight") else "")
-        frame = stats[
-            (stats["kind"] == source) & (stats["tensor"] == tensor) & (stats["call"] == 0)
-        ]
-        frame = frame[frame["step"] == _step(claim, frame)].rename(columns={stat: "value"})
-    frame = frame[[matches(glob, name) for name in frame["layer"]]]
-    return frame.sort_values(["config", "layer_idx"], kind="stable")
+    return ClaimFrames(stats, probes).series(claim)
+
+
+class ClaimFrames:
+    """A study's stats and probes split once by what claims select on (stats: kind and tensor
+    at call 0; probes: the probe), so each claim masks only its own slice, not the whole
+    merged frame."""
+
+    def __init__(self, stats: pd.DataFrame, probes: pd.DataFrame) -> None:
+        call0 = stats[stats["call"] == 0]
+        self._stats = dict(iter(call0.groupby(["kind", "tensor"], sort=False, dropna=False)))
+        self._probes = dict(iter(probes.groupby("probe", sort=False, dropna=False)))
+        self._no_stats, self._no_probes = call0.iloc[:0], probes.iloc[:0]
+
+    def series(self, claim: dict[str, Any], where: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Rows (config columns, layer, value) in execution order, at the claim's step; with
+        ``where`` (column -> value or list of values), only the rows it allows."""
+        source, _, stat = claim["of"].partition(".")
+        if source == "probe":
+            frame = self._probes.get(stat, self._no_probes)
+            if frame.empty:
+                return frame.assign(value=[])
+            frame = frame[frame["step"] == _step(claim, frame)]
+            frame = frame.assign(layer_idx=range(len(frame)))  # probe rows come in layer order
+        else:
+            tensor = claim.get("tensor", "weight" if source.startswith("weight") else "")
+            frame = self._stats.get((source, tensor), self._no_stats)
+            frame = frame[frame["step"] == _step(claim, frame)].rename(columns={stat: "value"})
+        glob = claim.get("layers")
+        # a boolean array, not a list: an empty list would select no columns
+        frame = frame[np.array([matches(glob, name) for name in frame["layer"]], dtype=bool)]
+        for column, wanted in (where or {}).items():
+            frame = frame[frame[column].isin(wanted if isinstance(wanted, list) else [wanted])]
+        return frame.sort_values(["config", "layer_idx"], kind="stable")
 
 
 def _step(claim: dict[str, Any], frame: pd.DataFrame) -> Any:

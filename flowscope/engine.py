@@ -13,7 +13,9 @@ Layout of a run folder::
     meta.json            versions, device, dtype, times, config columns
 
 A rerun skips configs whose ``done.json`` exists; a different spec in the same folder is
-refused (the fingerprint differs) unless ``fresh=True``.
+refused (the fingerprint differs) unless ``fresh=True``. The merge reads from disk only the
+configs finished by an earlier run: those run by this call are merged from memory (what their
+files hold, without reading them back).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -39,7 +43,7 @@ from flowscope.data import make_data
 from flowscope.errors import FlowscopeError
 from flowscope.inits import INIT_TARGETS, apply_init
 from flowscope.nets import build_net
-from flowscope.probes import PROBES, ProbeContext
+from flowscope.probes import PROBES, Hooks, ProbeContext, attached
 from flowscope.recorder import watch
 from flowscope.spec import Config, Study, matches
 
@@ -59,6 +63,15 @@ class StudyResult:
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [c for c in self.configs if c["status"] == "failed"]
+
+
+@dataclass
+class ConfigResult:
+    """One finished config as its folder holds it: done.json, records (None: failed), probes."""
+
+    done: dict[str, Any]
+    records: frames.Records | None
+    probes: pd.DataFrame
 
 
 def derive_seed(study: Study, config: Config) -> int:
@@ -106,14 +119,15 @@ def run_study(
     _prepare_folder(study, out, fresh)
     configs = study.configs()
     ran = 0
+    finished: dict[str, ConfigResult] = {}
     for i, config in enumerate(configs):
         folder = out / "configs" / config.id
         if not (folder / "done.json").is_file():
-            run_config(study, config, folder, device)
+            finished[config.id] = run_config(study, config, folder, device)
             ran += 1
         if progress:
             progress(i + 1, len(configs), config.id)
-    return merge(study, out, ran)
+    return merge(study, out, ran, finished)
 
 
 def _prepare_folder(study: Study, out: Path, fresh: bool) -> None:
@@ -154,8 +168,13 @@ def _recorded_fingerprint(spec_file: Path) -> str:
     return payload["fingerprint"]
 
 
-def run_config(study: Study, config: Config, folder: Path, device: str | None = None) -> None:
-    """One config: build, init, record, probe; write its folder, ``done.json`` last."""
+def run_config(
+    study: Study, config: Config, folder: Path, device: str | None = None
+) -> ConfigResult:
+    """One config: build, init, record, probe; write its folder, ``done.json`` last.
+
+    Returns what the folder now holds, for ``merge`` to use without reading it back.
+    """
     started = time.time()
     dev = resolve_device(device or config.run["device"])
     status, error = "done", None
@@ -184,7 +203,9 @@ def run_config(study: Study, config: Config, folder: Path, device: str | None = 
         "seconds": round(time.time() - started, 3),
         "device": str(dev),
     }
-    frames.atomic_write_text(folder / "done.json", json.dumps(done, indent=2, default=str))
+    done_json = json.dumps(done, indent=2, default=str)
+    frames.atomic_write_text(folder / "done.json", done_json)
+    return ConfigResult(json.loads(done_json), records, probes)  # done as merge would read it
 
 
 def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Records, list]:
@@ -199,7 +220,9 @@ def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Re
     model = build_net(config.net["name"], **net_args).to(device=dev, dtype=dtype)
     initialise(model, config.init, study.presets, gen)
     probes = [PROBES.get(name) for name in run["probes"]]
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    initial = {n: p.detach() for n, p in model.named_parameters()}
+    if run["steps"]:  # optimizer steps change the parameters in place: keep copies
+        initial = {n: p.clone() for n, p in initial.items()}
     ctx = ProbeContext(model=model, x=x, initial=initial)
     warm_up(model, x, run["warmup"])
     model.train(run["mode"] == "train")
@@ -216,9 +239,17 @@ def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Re
     )
     loss_fn = LOSSES[run["loss"]]
     opt = torch.optim.SGD(model.parameters(), lr=run["lr"]) if run["steps"] else None
+    # without a training step the end state is the recorded pass's: end probes that read a
+    # forward pass hook into that one instead of running their own
+    ready: dict[str, dict[str, torch.Tensor]] = {}
+    riders = [
+        (p.hooks, ready.setdefault(p.name, {}))
+        for p in probes
+        if p.when == "end" and p.hooks is not None and opt is None
+    ]
     with rec:
         for step in range(max(run["steps"], 1)):
-            loss_fn(model(x), batch.y).backward()
+            loss_fn(_forward(model, x, riders if step == 0 else []), batch.y).backward()
             if step == 0:
                 _probe(probes, "backward", ctx, 0, rows)
             if opt is not None:
@@ -226,8 +257,19 @@ def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Re
                 opt.zero_grad()
                 _probe(probes, "step", ctx, step + 1, rows)
                 rec.step()
-    _probe(probes, "end", ctx, run["steps"], rows)
+    _probe(probes, "end", ctx, run["steps"], rows, ready)
     return rec.records(), _to_host(rows)
+
+
+def _forward(
+    model: nn.Module, x: torch.Tensor, hooks: list[tuple[Hooks, dict[str, torch.Tensor]]]
+) -> torch.Tensor:
+    """``model(x)`` with probe hooks attached for this pass only: (``Probe.hooks``, the dict
+    they fill)."""
+    with ExitStack() as stack:
+        for attach, into in hooks:
+            stack.enter_context(attached(attach, model, into))
+        return model(x)
 
 
 def initialise(
@@ -271,10 +313,14 @@ def warm_up(model: nn.Module, x: torch.Tensor, passes: int) -> None:
                 model(x)
 
 
-def _probe(probes: list, when: str, ctx: ProbeContext, step: int, rows: list) -> None:
+def _probe(
+    probes: list, when: str, ctx: ProbeContext, step: int, rows: list, ready: dict | None = None
+) -> None:
+    """Rows of the probes run at ``when``; ``ready`` holds values captured already, by name."""
     for probe in probes:
         if probe.when == when:
-            rows.extend((probe.name, step, layer, v) for layer, v in probe.fn(ctx).items())
+            values = ready[probe.name] if ready and probe.name in ready else probe.fn(ctx)
+            rows.extend((probe.name, step, layer, v) for layer, v in values.items())
 
 
 def _to_host(rows: list[tuple[str, int, str, torch.Tensor]]) -> list[tuple[str, int, str, float]]:
@@ -308,25 +354,39 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 # -- merging -----------------------------------------------------------------------------------
 
 
-def merge(study: Study, out: Path, ran: int = 0) -> StudyResult:
-    """Merge the finished configs into the folder's top-level files and check the claims."""
-    stats, hists, probes, statuses = [], [], [], []
-    for config in study.configs():
+def merge(
+    study: Study, out: Path, ran: int = 0, finished: dict[str, ConfigResult] | None = None
+) -> StudyResult:
+    """Merge the finished configs into the folder's top-level files and check the claims.
+
+    ``finished``: configs run by this process, by id, merged as they are; every other config
+    with a ``done.json`` is read from its folder.
+    """
+    stats: list[tuple[pd.DataFrame, pd.DataFrame]] = []  # (frame, its config's columns)
+    hists: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    probes: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    statuses = []
+    configs = study.configs()
+    for config in configs:
         folder = out / "configs" / config.id
-        if not (folder / "done.json").is_file():
+        if finished and config.id in finished:
+            mine = finished[config.id]
+            done, rec, probe = mine.done, mine.records, mine.probes
+        elif (folder / "done.json").is_file():
+            done, rec, probe = _load_config(folder)
+        else:
             continue
-        done, rec, probe = _load_config(folder)
         statuses.append(done)
-        columns = config.columns()
+        columns = pd.DataFrame(index=range(1)).assign(**config.columns())  # one row
         if rec is not None:
-            stats.append(rec.stats.assign(**columns))
-            hists.append(rec.hists.assign(**columns))
-        probes.append(probe.assign(**columns))
+            stats.append((rec.stats, columns))
+            hists.append((rec.hists, columns))
+        probes.append((probe, columns))
     stats_df = _concat(stats, study)
     hists_df = _concat(hists, study)
     probes_df = _concat(probes, study, ["probe", "step", "layer", "value"])
     verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
-    meta = _meta(study, statuses)
+    meta = _meta(study, statuses, len(configs))
     frames.write_parquet(stats_df, out / "stats.parquet", meta)
     frames.write_parquet(hists_df, out / "hists.parquet", meta)
     frames.write_parquet(probes_df, out / "probes.parquet", meta)
@@ -357,22 +417,34 @@ def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Records | None, p
     return done, rec, probes
 
 
-def _concat(parts: list[pd.DataFrame], study: Study, base: list[str] | None = None) -> pd.DataFrame:
+def _concat(
+    parts: list[tuple[pd.DataFrame, pd.DataFrame]], study: Study, base: list[str] | None = None
+) -> pd.DataFrame:
+    """The configs' frames one under the other, each row led by its config's columns.
+
+    ``parts``: (frame, its config's columns as one row). The one-row frames are concatenated
+    (an empty frame's as no row) and repeated over the rows: the values and dtypes that
+    assigning the columns to every frame before the concat gives, without building them
+    once per frame.
+    """
     config_columns = ["config", *study.axis_columns, "seed"]
     if not parts:
         return pd.DataFrame(columns=[*config_columns, *(base or frames.KEYS)])
-    merged = pd.concat(parts, ignore_index=True)
+    merged = pd.concat([frame for frame, _ in parts], ignore_index=True)
+    ones = pd.concat([one.iloc[: min(len(f), 1)] for f, one in parts], ignore_index=True)
+    repeat = np.repeat(np.arange(len(ones)), [len(f) for f, _ in parts if len(f)])
+    front = ones[config_columns].take(repeat).set_axis(merged.index)
     rest = [c for c in merged.columns if c not in config_columns]
-    return merged[config_columns + rest]
+    return pd.concat([front, merged[rest]], axis=1)
 
 
-def _meta(study: Study, statuses: list[dict[str, Any]]) -> dict[str, Any]:
+def _meta(study: Study, statuses: list[dict[str, Any]], configs: int) -> dict[str, Any]:
     return {
         "study": study.name,
         "title": study.title,
         "source": study.source,
         "config_columns": ["config", *study.axis_columns, "seed"],
-        "configs": len(study.configs()),
+        "configs": configs,
         "finished": len(statuses),
         "failed": sum(s["status"] == "failed" for s in statuses),
         "diverged": sum(s["status"] == "diverged" for s in statuses),

@@ -8,11 +8,12 @@ Both are saved as Parquet with flowscope's metadata in the file, and ``meta.json
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_parquet(frame: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
     """Parquet with flowscope's metadata in the schema, written atomically."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # pyarrow's conversion thread pool costs more than it saves below ~10^5-10^6 rows
+    threads = 1 if len(frame) < 500_000 else None
+    table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=threads)
     merged = {**(table.schema.metadata or {}), META_KEY: json.dumps(meta, default=str).encode()}
     with _atomic(path) as tmp:
         pq.write_table(table.replace_schema_metadata(merged), tmp)
@@ -165,15 +168,27 @@ def build_records(
     raw = np.concatenate([c[1] for c in host])
     lin = np.concatenate([c[2] for c in host])
     log = np.concatenate([c[3] for c in host])
-    index = pd.DataFrame([asdict(k) for k in keys])
-    index.insert(0, "run", run)
-    stats = pd.concat([index[KEYS], moments(raw), index[["dtype", "device"]]], axis=1)
+    index = _key_frame(keys, run)
+    key_columns = index[KEYS]
+    stats = pd.concat([key_columns, moments(raw), index[["dtype", "device"]]], axis=1)
     stats["hist_stride"] = raw[:, RAW["stride"]].astype(np.int64)
-    hists = pd.concat(
-        [linear_bins(index[KEYS], raw, lin), log_bins(index[KEYS], log, spec.log)],
-        ignore_index=True,
-    )
+    # linear then log bins, keys taken once for both (one take, one frame of bin columns)
+    lin_rows, lin_cols = _linear_bin_columns(raw, lin)
+    log_rows, log_cols = _log_bin_columns(log, spec.log)
+    rows = np.concatenate([lin_rows, log_rows])
+    kinds = np.array(["linear", "log"], dtype=object)
+    bins = {
+        "hist": np.repeat(kinds, [len(lin_rows), len(log_rows)]),
+        **{c: np.concatenate([lin_cols[c], log_cols[c]]) for c in lin_cols},
+    }
+    hists = pd.concat([key_columns.take(rows).reset_index(drop=True), pd.DataFrame(bins)], axis=1)
     return Records(stats=stats, hists=hists, meta={**meta, "run": run})
+
+
+def _key_frame(keys: Sequence[Any], run: str) -> pd.DataFrame:
+    """One row per snapshot key (``SnapKey``): ``run``, its fields, in field order."""
+    columns = {f.name: [getattr(k, f.name) for k in keys] for f in fields(keys[0])}
+    return pd.DataFrame({"run": [run] * len(keys), **columns})
 
 
 def _empty_stats() -> pd.DataFrame:
@@ -209,31 +224,52 @@ def moments(raw: np.ndarray) -> pd.DataFrame:
 
 def linear_bins(index: pd.DataFrame, raw: np.ndarray, lin: np.ndarray) -> pd.DataFrame:
     """One row per linear bin; edges from each snapshot's own finite [min, max]."""
-    snaps, bins = lin.shape
-    lo = raw[:, RAW["shift"]] + raw[:, RAW["min"]]
-    width = (raw[:, RAW["max"]] - raw[:, RAW["min"]]) / bins
-    b = np.tile(np.arange(bins), snaps)
-    rows = np.repeat(np.arange(snaps), bins)
+    rows, columns = _linear_bin_columns(raw, lin)
     frame = index.iloc[rows].reset_index(drop=True)
     frame["hist"] = "linear"
-    frame["bin"] = b
-    frame["lo"] = lo[rows] + b * width[rows]
-    frame["hi"] = lo[rows] + (b + 1) * width[rows]
-    frame["count"] = lin.reshape(-1)
+    for name, values in columns.items():
+        frame[name] = values
     return frame
 
 
 def log_bins(index: pd.DataFrame, log: np.ndarray, edges: LogEdges) -> pd.DataFrame:
     """One row per non-empty bin of the fixed log-magnitude histogram."""
-    rows, b = np.nonzero(log)
-    bounds = np.array([edges.bounds(i) for i in range(edges.size)])
+    rows, columns = _log_bin_columns(log, edges)
     frame = index.iloc[rows].reset_index(drop=True)
     frame["hist"] = "log"
-    frame["bin"] = b
-    frame["lo"] = bounds[b, 0]
-    frame["hi"] = bounds[b, 1]
-    frame["count"] = log[rows, b]
+    for name, values in columns.items():
+        frame[name] = values
     return frame
+
+
+def _linear_bin_columns(raw: np.ndarray, lin: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """(snapshot row of each linear bin, its bin / lo / hi / count columns)."""
+    snaps, bins = lin.shape
+    lo = raw[:, RAW["shift"]] + raw[:, RAW["min"]]
+    width = (raw[:, RAW["max"]] - raw[:, RAW["min"]]) / bins
+    b = np.tile(np.arange(bins), snaps)
+    rows = np.repeat(np.arange(snaps), bins)
+    return rows, {
+        "bin": b,
+        "lo": lo[rows] + b * width[rows],
+        "hi": lo[rows] + (b + 1) * width[rows],
+        "count": lin.reshape(-1),
+    }
+
+
+def _log_bin_columns(log: np.ndarray, edges: LogEdges) -> tuple[np.ndarray, dict[str, Any]]:
+    """(snapshot row of each non-empty log bin, its bin / lo / hi / count columns)."""
+    rows, b = np.nonzero(log)
+    bounds = _log_bounds(edges)
+    return rows, {"bin": b, "lo": bounds[b, 0], "hi": bounds[b, 1], "count": log[rows, b]}
+
+
+@functools.lru_cache(maxsize=8)
+def _log_bounds(edges: LogEdges) -> np.ndarray:
+    """(lo, hi) of every bin of ``edges``; read-only (shared between calls)."""
+    bounds = np.array([edges.bounds(i) for i in range(edges.size)])
+    bounds.flags.writeable = False
+    return bounds
 
 
 def log_edges_of(meta: dict[str, Any]) -> LogEdges:

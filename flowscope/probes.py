@@ -4,18 +4,28 @@ Each probe is a registry entry with a ``when`` (``backward``: right after the fi
 backward, gradients in place; ``step``: after every optimizer step and once before the first;
 ``end``: after the run) and a function returning ``{layer: 0-d tensor}`` on the model's device.
 The engine stacks every probe value of a run and moves them to the host in one transfer.
-Torch only.
+
+An ``end`` probe that only reads one forward pass of ``x`` also names its forward ``hooks``
+(``hooks(model, into)`` attaches them, each writing its layer's value into ``into``, and
+returns their handles); its ``fn`` runs that pass itself (:func:`read_pass`). When a run has
+no training step the end state is the state of the recorded pass, so the engine attaches the
+hooks to that pass instead of running another one: the same hooks on the same forward give
+the same numbers. Torch only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from flowscope.registry import Registry
+
+Hooks = Callable[[nn.Module, dict[str, torch.Tensor]], list[RemovableHandle]]
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,8 @@ class ProbeContext:
 
     model: nn.Module
     x: torch.Tensor
-    initial: dict[str, torch.Tensor]  # parameter values before training (detached clones)
+    initial: dict[str, torch.Tensor]  # parameter values before training (detached clones;
+    # the parameters themselves, detached, when the run has no training step to change them)
 
 
 @dataclass(frozen=True)
@@ -33,17 +44,39 @@ class Probe:
     when: str  # backward | step | end
     summary: str
     fn: Callable[[ProbeContext], dict[str, torch.Tensor]]
+    hooks: Hooks | None = None  # end probes reading one forward pass of x: that pass's hooks
 
 
 PROBES: Registry[Probe] = Registry("probe")
 
 
-def _probe(name: str, when: str, summary: str) -> Callable[[Callable], Callable]:
+def _probe(
+    name: str, when: str, summary: str, hooks: Hooks | None = None
+) -> Callable[[Callable], Callable]:
     def add(fn: Callable[[ProbeContext], dict[str, torch.Tensor]]) -> Callable:
-        PROBES.register(name)(Probe(name, when, summary, fn))
+        PROBES.register(name)(Probe(name, when, summary, fn, hooks))
         return fn
 
     return add
+
+
+@contextmanager
+def attached(hooks: Hooks, model: nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``hooks`` on ``model``, filling ``into``, for the ``with`` block only."""
+    handles = hooks(model, into)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def read_pass(hooks: Hooks, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ``hooks`` capture during one no-grad forward pass of ``x``."""
+    captured: dict[str, torch.Tensor] = {}
+    with attached(hooks, model, captured), torch.no_grad():
+        model(x)
+    return captured
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -100,26 +133,30 @@ def same_sign_rows(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
-@_probe("dead_units", "end", "share of units of each activation module zero for the whole batch")
-def dead_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    captured: dict[str, torch.Tensor] = {}
+def _dead_unit_hooks(model: nn.Module, into: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Forward hooks on every activation module: the share of its units zero for the batch."""
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            dead = (output.reshape(output.shape[0], -1) == 0).all(dim=0)
-            captured[name] = dead.double().mean()
+            # dead: 0 for every sample, i.e. max |output| over the batch is 0 (a NaN stays
+            # NaN, not dead); the same units as (output == 0).all(dim=0), 2-4x faster on CPU
+            peak = output.detach().reshape(output.shape[0], -1).abs().amax(dim=0)
+            into[name] = (peak == 0).double().mean()
 
         return hook
 
-    handles = [
+    return [
         m.register_forward_hook(keep(n))
-        for n, m in ctx.model.named_modules()
+        for n, m in model.named_modules()
         if isinstance(m, ACTIVATION_TYPES)
     ]
-    try:
-        with torch.no_grad():
-            ctx.model(ctx.x)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
+
+
+@_probe(
+    "dead_units",
+    "end",
+    "share of units of each activation module zero for the whole batch",
+    hooks=_dead_unit_hooks,
+)
+def dead_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return read_pass(_dead_unit_hooks, ctx.model, ctx.x)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from flowscope.claims import evaluate_one, reduce_series
+from flowscope.claims import ClaimFrames, evaluate_one, layer_series, reduce_series
 
 
 def frame(configs: dict[str, dict], layers: int = 4, stat: str = "std", kind: str = "activation"):
@@ -133,3 +134,94 @@ def test_nan_values_fail_a_threshold_claim():
     stats = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: math.nan}})
     claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "mean", "below": 1.0}
     assert evaluate_one(claim, stats, NO_PROBES, ["act"]).held is False
+
+
+def _masked_series(claim, stats, probes):
+    """The claim's rows by masking the whole frame (how claims were selected before the
+    frames were grouped once): the reference for ``layer_series``."""
+    source, _, stat = claim["of"].partition(".")
+    if source == "probe":
+        frame = probes[probes["probe"] == stat]
+        step = claim.get("step", frame.groupby("config")["step"].transform("max"))
+        frame = frame[frame["step"] == step]
+        frame = frame.assign(layer_idx=range(len(frame)))
+    else:
+        tensor = claim.get("tensor", "weight" if source.startswith("weight") else "")
+        frame = stats[(stats.kind == source) & (stats.tensor == tensor) & (stats.call == 0)]
+        step = claim.get("step", frame.groupby("config")["step"].transform("max"))
+        frame = frame[frame["step"] == step].rename(columns={stat: "value"})
+    glob = claim.get("layers")
+    picked = [glob is None or fnmatch.fnmatchcase(n, glob) for n in frame["layer"]]
+    frame = frame[np.array(picked, dtype=bool)]  # (a plain [] would select no columns)
+    for column, wanted in claim.get("where", {}).items():
+        frame = frame[frame[column].isin(wanted if isinstance(wanted, list) else [wanted])]
+    return frame.sort_values(["config", "layer_idx"], kind="stable")
+
+
+def test_grouped_selection_gives_the_rows_of_a_mask_over_the_whole_frame():
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, (act, seed) in enumerate([("relu", 0), ("tanh", 0), ("relu", 1), ("tanh", 1)]):
+        last = 2 + c % 2  # configs end at different steps
+        for step in range(last + 1):
+            for i in range(5):
+                for kind, tensor in [("activation", ""), ("gradient", ""), ("weight", "weight"),
+                                     ("weight", "bias"), ("weight_grad", "weight")]:  # fmt: skip
+                    for call in (0, 1):
+                        rows.append(
+                            {
+                                "config": f"{c:03d}-{act}", "act": act, "seed": seed,
+                                "step": step, "layer_idx": i, "layer": f"layers.{i}.act",
+                                "kind": kind, "call": call, "tensor": tensor,
+                                "std": rng.random(), "mean": rng.random(),
+                            }
+                        )  # fmt: skip
+    stats = pd.DataFrame(rows).sample(frac=1.0, random_state=1)  # rows in no particular order
+    stats.index = rng.permutation(len(stats)) + 100  # labels that are not positions
+    probes = pd.DataFrame(
+        [
+            {
+                "config": f"{c:03d}-x",
+                "act": act,
+                "seed": 0,
+                "probe": probe,
+                "step": step,
+                "layer": f"layers.{i}.act",
+                "value": rng.random(),
+            }
+            for c, act in enumerate(["tanh", "relu", "tanh"])
+            for probe in ("dead_units", "param_change")
+            for step in (0, 3)
+            for i in (2, 0, 1)  # probe rows in the order they came, not sorted by name
+        ]
+    )
+    claims = [
+        {"of": "activation.std"},
+        {"of": "activation.std", "layers": "layers.[13].act", "where": {"act": "tanh"}},
+        {"of": "gradient.mean", "step": 1, "where": {"seed": [1], "act": ["relu", "tanh"]}},
+        {"of": "weight.std"},
+        {"of": "weight.std", "tensor": "bias", "step": 2},
+        {"of": "weight_grad.std", "where": {"act": "gelu"}},
+        {"of": "activation.std", "step": 7},
+        {"of": "probe.dead_units", "layers": "layers.[01].act"},
+        {"of": "probe.param_change", "step": 0, "where": {"act": "tanh"}},
+        {"of": "probe.distinct_units"},
+    ]
+    index = ClaimFrames(stats, probes)
+    for claim in claims:
+        want = _masked_series(claim, stats, probes)
+        got = index.series(claim, where=claim.get("where", {}))
+        assert len(got) == len(want), claim
+        pd.testing.assert_frame_equal(got, want[got.columns], obj=str(claim))
+        if "where" not in claim:
+            pd.testing.assert_frame_equal(layer_series(claim, stats, probes), got)
+
+
+def test_a_claim_on_nothing_recorded_is_not_measured_rather_than_an_error():
+    # a kind that was not recorded, or a step that was not: held None, with the reason (this
+    # used to raise KeyError('config') from sorting a frame whose columns were gone)
+    stats = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: 1.0}})
+    claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "max", "below": 2.0}
+    for other in ({"of": "gradient.std"}, {"step": 7}, {"layers": "head"}):
+        v = evaluate_one({**claim, **other}, stats, NO_PROBES, ["act"])
+        assert v.held is None and "no measured layer" in v.detail, other

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import types
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from flowscope import engine, spec
 from flowscope.errors import FlowscopeError
@@ -84,7 +87,7 @@ def test_interrupted_study_keeps_finished_configs(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(config.id)
-        real(study, config, folder, device)
+        return real(study, config, folder, device)
 
     monkeypatch.setattr(engine, "run_config", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -168,3 +171,142 @@ def test_init_overrides_and_presets_reach_the_right_layers(tmp_path):
     weights = engine.run_study(study, tmp_path / "over").stats.set_index(["layer", "tensor"])
     assert weights.loc[("head", "weight"), "std"] == 0.0
     assert weights.loc[("layers.1.linear", "weight"), "std"] == pytest.approx(5.0, rel=0.3)
+
+
+def test_merge_uses_the_configs_run_now_and_reads_only_earlier_ones(tmp_path, monkeypatch):
+    real = engine._load_config
+    loaded = []
+
+    def counting(folder):
+        loaded.append(folder.name)
+        return real(folder)
+
+    monkeypatch.setattr(engine, "_load_config", counting)
+    study = tiny(**{"run.probes": ["dead_units", "param_change"]})
+    first = engine.run_study(study, tmp_path)
+    assert loaded == []  # every config was run by this call: merged from memory
+    victim = first.configs[1]["config"]
+    (tmp_path / "configs" / victim / "done.json").unlink()
+    engine.run_study(study, tmp_path)
+    assert sorted(loaded) == sorted(c["config"] for c in first.configs if c["config"] != victim)
+    from_disk = engine.merge(study, tmp_path)  # every config read back from its folder
+    for name in ("stats", "hists", "probes"):
+        pd.testing.assert_frame_equal(getattr(first, name), getattr(from_disk, name))
+        pd.testing.assert_frame_equal(  # and the files say the same
+            pd.read_parquet(tmp_path / f"{name}.parquet"), getattr(first, name)
+        )
+    assert [c["config"] for c in first.configs] == [c["config"] for c in from_disk.configs]
+    assert [v.to_dict() for v in first.claims] == [v.to_dict() for v in from_disk.claims]
+
+
+def test_merge_from_memory_matches_disk_with_a_failed_config(tmp_path, monkeypatch):
+    real = engine._measure
+
+    def broken(study, config, dev):
+        if config.index == 2:
+            raise RuntimeError("simulated")
+        return real(study, config, dev)
+
+    monkeypatch.setattr(engine, "_measure", broken)
+    result = engine.run_study(tiny(), tmp_path)
+    from_disk = engine.merge(tiny(), tmp_path)
+    for name in ("stats", "hists", "probes"):
+        pd.testing.assert_frame_equal(getattr(result, name), getattr(from_disk, name))
+    assert result.configs == from_disk.configs
+
+
+def test_config_columns_keep_the_dtypes_of_assigning_them_to_every_frame():
+    frame = pd.DataFrame({"layer": ["a", "b"], "value": [1.0, 2.0]})
+    empty = frame.iloc[:0]
+    rows = [  # (frame, config columns): an axis of int, str and float, bool, an empty frame
+        (frame, {"config": "000-x", "width": 2, "norm": True, "seed": 0}),
+        (empty, {"config": "001-x", "width": "auto", "norm": False, "seed": 0}),
+        (frame, {"config": "002-x", "width": 3.5, "norm": False, "seed": 1}),
+    ]
+    study = types.SimpleNamespace(axis_columns=["width", "norm"])  # all _concat reads
+    one_row = [(f, pd.DataFrame(index=range(1)).assign(**c)) for f, c in rows]
+    got = engine._concat(one_row, study, ["layer", "value"])
+    plain = pd.concat([f.assign(**c) for f, c in rows], ignore_index=True)
+    expected = plain[["config", "width", "norm", "seed", "layer", "value"]]
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def _model_passes(monkeypatch) -> list[int]:
+    """Counts the forward passes of every net the engine builds."""
+    real = engine.build_net
+    passes: list[int] = []
+
+    def counted(name, **kwargs):
+        model = real(name, **kwargs)
+        passes.append(0)
+        index = len(passes) - 1
+
+        def count(module, args, output):
+            passes[index] += 1
+
+        model.register_forward_hook(count)
+        return model
+
+    monkeypatch.setattr(engine, "build_net", counted)
+    return passes
+
+
+CONV = {"name": "conv", "in_channels": 1, "image_size": 6, "channels": 4, "depth": 2, "out_dim": 3}
+IMAGES = {"name": "images", "n": 16, "channels": 1, "size": 6, "classes": 3}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"net": {**TINY["net"], "activation": "relu", "norm": "batchnorm"}},
+        {"net": {**TINY["net"], "activation": "tanh"}},
+        {"net": {**TINY["net"], "activation": "relu"}, "run": {"mode": "eval", "warmup": 2}},
+        {"net": CONV, "data": IMAGES},
+        {"net": {**CONV, "norm": "batchnorm"}, "data": IMAGES},
+    ],
+)
+def test_dead_units_read_on_the_recorded_pass_equal_a_pass_of_their_own(changes, monkeypatch):
+    raw = copy.deepcopy(TINY)
+    raw.update(copy.deepcopy(changes))
+    raw["sweep"] = {"init.name": ["small", "he", "zeros"]}  # zeros: every ReLU unit dead
+    raw["run"] = {**raw.get("run", {}), "seeds": [0], "probes": ["dead_units"]}
+    raw["claim"] = []
+    study = spec.validate(raw, "tiny.toml")
+    warmup = raw["run"].get("warmup", 0)
+    dev = torch.device("cpu")
+    passes = _model_passes(monkeypatch)
+    riding = [engine._measure(study, c, dev)[1] for c in study.configs()]
+    assert passes == [warmup + 1] * 3  # the recorded pass only: none of the probe's own
+    own = dataclasses.replace(engine.PROBES.get("dead_units"), hooks=None)
+    monkeypatch.setattr(engine, "PROBES", {"dead_units": own})  # as before: a pass of its own
+    alone = [engine._measure(study, c, dev)[1] for c in study.configs()]
+    assert passes[3:] == [warmup + 2] * 3
+    assert riding == alone  # the same numbers, bit for bit
+    assert all(len(rows) == raw["net"]["depth"] for rows in riding)  # one per activation
+    if changes["net"].get("activation", "relu") == "relu":
+        assert {v for *_, v in riding[2]} == {1.0}
+
+
+def test_dead_units_with_training_steps_read_the_trained_model(monkeypatch):
+    study = tiny(**{"run.steps": 2})
+    passes = _model_passes(monkeypatch)
+    for config in study.configs():
+        engine._measure(study, config, torch.device("cpu"))
+    assert set(passes) == {3}  # two training passes, then the probe's own on the end state
+
+
+def test_dead_units_count_exact_zeros_only():
+    from flowscope.probes import ProbeContext, dead_units
+
+    x = torch.ones(4, 6)
+    x[:, 0] = 0.0  # dead
+    x[:, 1] = -0.0  # dead: -0.0 == 0
+    x[:, 2] = 0.0
+    x[1, 2] = float("nan")  # not dead: a NaN is not 0
+    x[:, 3] = 0.0
+    x[3, 3] = 1e-30  # not dead
+    x[:, 4] = float("-inf")
+    model = nn.Sequential(nn.Identity())  # the probe hooks activation modules, Identity too
+    got = dead_units(ProbeContext(model=model, x=x, initial={}))
+    expected = (x == 0).all(dim=0).double().mean()
+    assert got == {"0": expected} and expected.item() == pytest.approx(2 / 6)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -113,3 +115,26 @@ def test_empty_recording_gives_empty_frames():
     rec = fs.watch(nn.Linear(2, 2))
     rec.close()
     assert rec.stats.empty and list(rec.stats.columns[: len(KEYS)]) == KEYS
+
+
+def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
+    # build_records takes the key columns once for both histograms; the result is the stats
+    # frame's keys expanded by linear_bins then log_bins, row for row and dtype for dtype
+    from flowscope.frames import linear_bins, log_bins, log_edges_of, moments
+
+    stats, hists = recorded.stats, recorded.hists  # flushed: the host buffers are complete
+    host = recorded._host
+    raw = np.concatenate([c[1] for c in host])
+    lin = np.concatenate([c[2] for c in host])
+    log = np.concatenate([c[3] for c in host])
+    index = stats[KEYS]
+    expected = pd.concat(
+        [linear_bins(index, raw, lin), log_bins(index, log, log_edges_of(recorded.meta))],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(hists, expected, check_exact=True)
+    pd.testing.assert_frame_equal(stats[STATS], moments(raw), check_exact=True)
+    keys = [k for c in host for k in c[0]]
+    assert stats["layer"].tolist() == [k.layer for k in keys]
+    assert stats["dtype"].tolist() == [k.dtype for k in keys]
+    assert stats.dtypes["step"] == np.int64 and stats.dtypes["hist_stride"] == np.int64

@@ -122,7 +122,7 @@ real = engine.run_config
 def second_config_dies(study, config, folder, device=None):
     if config.index == 1:
         half_written(mp, then="die")
-    real(study, config, folder, device)
+    return real(study, config, folder, device)
 engine.run_config = second_config_dies
 engine.run_study(spec.load({study!r}), {out!r})
 """
