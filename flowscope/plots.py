@@ -2,7 +2,9 @@
 
 Every function reads a frame (``stats`` or ``hists`` from :mod:`flowscope.frames`), draws
 into the ``ax`` (one panel) or ``fig`` (several panels) it is given, or into a new pyplot
-figure, and returns the axes. Plots never run models.
+figure, and returns the axes. Plots never run models. Given a ``fig`` it drew before, a
+function redraws that figure's panels in place (much faster than new axes; see
+:func:`clear_panel`, which does the same for an ``ax``).
 
 * :func:`layer_hists` (:func:`activation_hists`, :func:`gradient_hists`): the DD2424
   lecture 4 figures, one histogram per layer (rows of five), x range per layer; activations
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATION_TYPES",
     "activation_hists",
+    "clear_panel",
     "flow_layers",
     "gradient_hists",
     "group_column",
@@ -74,6 +78,13 @@ KIND_LABEL = {
     "weight": "weights",
     "weight_grad": "weight gradients dL/dW",
 }
+# What this module put on a figure, so that drawing the same figure again reuses it instead of
+# adding more: the panel grid (key, every panel including hidden spares, figure-level extras
+# such as a legend) and each colorbar by the panel it belongs to. Weak: the figure owns them.
+_GRIDS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[Any], list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+_COLORBARS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 # -- selecting rows ---------------------------------------------------------------------------
@@ -118,16 +129,23 @@ def flow_layers(frame: pd.DataFrame, layers: Sequence[str] | None = None) -> lis
     Raises:
         FlowscopeError: when a name in ``layers`` is not in the frame.
     """
-    order = frame.groupby("layer", sort=False)["layer_idx"].min().sort_values(kind="stable")
-    names = [str(n) for n in order.index]
+    # numpy on the layer codes: pandas' groupby on string columns costs milliseconds a call
+    codes, uniques = pd.factorize(frame["layer"])
+    rows = np.flatnonzero(codes >= 0)  # a missing name is no layer
+    codes = codes[rows]
+    lowest = np.full(len(uniques), np.inf)
+    np.fmin.at(lowest, codes, frame["layer_idx"].to_numpy(float)[rows])
+    order = np.argsort(lowest, kind="stable")  # by first index, ties in order of appearance
+    names = [str(uniques[i]) for i in order]
     if layers is not None:
         missing = [n for n in layers if n not in set(names)]
         if missing:
             raise FlowscopeError(f"layers {missing} not in the frame; it has {names}")
         wanted = set(layers)
         return [n for n in names if n in wanted]
-    types = frame.drop_duplicates("layer").set_index("layer")["module_type"].astype(str)
-    acts = [n for n in names if is_activation_type(str(types.get(n, "")))]
+    first = rows[np.unique(codes, return_index=True)[1]]  # each layer's first row
+    types = frame["module_type"].to_numpy(dtype=object)[first]
+    acts = [names[k] for k, i in enumerate(order) if is_activation_type(str(types[i]))]
     return acts or names
 
 
@@ -160,11 +178,24 @@ def _first_call(frame: pd.DataFrame) -> pd.DataFrame:
     """One snapshot per layer: the first call and the first output tensor."""
     if frame.empty:
         return frame
+    # per (step, layer) the least (call, rank, tensor), ties in row order; then every row of
+    # that call and tensor. In numpy: pandas' sort, drop_duplicates and merge took ~10 ms
+    tensor = frame["tensor"]
     # a bare output ("") or a layer's "weight" before its bias or other outputs
-    rank = (~frame["tensor"].isin(["", "weight"])).astype(int)
-    first = frame.assign(_rank=rank).sort_values(["call", "_rank", "tensor"], kind="stable")
-    keep = first.drop_duplicates(["step", "layer"])[["step", "layer", "call", "tensor"]]
-    return frame.merge(keep, on=["step", "layer", "call", "tensor"])
+    rank = (~tensor.isin(["", "weight"])).to_numpy(dtype=int)
+    names, known = pd.factorize(tensor, sort=True)
+    names = np.where(names < 0, len(known), names)  # a missing tensor name sorts last
+    steps = pd.factorize(frame["step"], use_na_sentinel=False)[0]
+    layers, seen = pd.factorize(frame["layer"], use_na_sentinel=False)
+    group = steps * len(seen) + layers
+    call = frame["call"].to_numpy()
+    order = np.lexsort((names, rank, call))
+    ids, at = np.unique(group[order], return_index=True)
+    chosen = np.empty(group.max() + 1, dtype=np.int64)
+    chosen[ids] = order[at]
+    pick = chosen[group]
+    keep = (call == call[pick]) & (names == names[pick])
+    return frame[keep].reset_index(drop=True)
 
 
 def _kind_rows(frame: pd.DataFrame, kind: str, what: str) -> pd.DataFrame:
@@ -186,19 +217,78 @@ def _short(name: str, width: int = 22) -> str:
 
 
 def _axes_row(
-    fig: Figure | None, n: int, size: tuple[float, float], per_row: int | None = None
-) -> tuple[Figure, list[Axes]]:
-    """``n`` panels on ``fig`` (or a new pyplot figure), ``per_row`` to a row; spares hidden."""
+    fig: Figure | None,
+    n: int,
+    size: tuple[float, float],
+    per_row: int | None = None,
+    key: tuple[Any, ...] = (),
+) -> tuple[Figure, list[Axes], bool]:
+    """``n`` panels on ``fig`` (or a new pyplot figure), ``per_row`` to a row; spares hidden.
+
+    Returns the figure, the panels and whether they are new. On a figure this gave the same
+    panels before (same ``n``, ``per_row`` and ``key``: the caller and what else fixes the
+    panels' set-up), they come back emptied by :func:`clear_panel`, scales and tick settings
+    kept, rather than as new axes: creating matplotlib axes and their ticks is most of the
+    cost of a figure. A figure it gave other panels is cleared first.
+    """
     per_row = min(n, per_row or n)
     rows = -(-n // per_row)
     if fig is None:
         import matplotlib.pyplot as plt
 
         fig = plt.figure(figsize=size)
+    shape = (rows, per_row, n, *key)
+    kept = _GRIDS.get(fig)
+    if kept is not None:
+        old_shape, old_grid, extras = kept
+        present = fig.axes
+        if old_shape == shape and all(ax in present for ax in old_grid):
+            for artist in extras:
+                artist.remove()
+            extras.clear()
+            return fig, [clear_panel(ax) for ax in old_grid[:n]], False
+        fig.clear()
     grid = list(fig.subplots(rows, per_row, squeeze=False).ravel())
     for spare in grid[n:]:
         spare.set_visible(False)
-    return fig, grid[:n]
+    _GRIDS[fig] = (shape, grid, [])
+    return fig, grid[:n], True
+
+
+def _with_grid(fig: Any, artist: Any) -> None:
+    """Remove ``artist`` (a figure legend, ...) when :func:`_axes_row` reuses the grid."""
+    if fig in _GRIDS:
+        _GRIDS[fig][2].append(artist)
+
+
+def clear_panel(ax: Axes) -> Axes:
+    """Empty a panel so that the function that drew it can draw on it again; returns it.
+
+    Much cheaper than new axes, whose creation and first ticks are most of what a figure
+    costs in matplotlib. Data, notes, title, axis labels and legend go and the data limits
+    are forgotten; scales, tick settings and a colorbar stay, for the function to set again
+    (a colorbar of :func:`log_heatmap` is updated, not added twice). Figure functions with a
+    ``fig`` argument do this themselves when given a figure they drew before; the report
+    draws every config on the same figures this way.
+
+    Example:
+        >>> from matplotlib.figure import Figure
+        >>> ax = Figure().subplots()
+        >>> _ = ax.plot([1, 2]), ax.set_title("run a")
+        >>> clear_panel(ax).lines, ax.get_title()
+        (<Axes.ArtistList of 0 lines>, '')
+    """
+    for artist in [*ax.patches, *ax.texts, *ax.lines, *ax.collections, *ax.images]:
+        artist.remove()
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()
+    ax.set_title("")
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.relim()
+    ax.set_autoscale_on(True)
+    return ax
 
 
 def _new_ax(ax: Axes | None, size: tuple[float, float]) -> Axes:
@@ -239,15 +329,40 @@ def hist_figsize(panels: int, per_row: int = 5) -> tuple[float, float]:
     return round(2.1 * cols + 0.4, 2), round(1.9 * -(-panels // cols) + 0.5, 2)
 
 
-def _panel_counts(lin: pd.DataFrame, log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, float]:
+Bins = tuple[np.ndarray, np.ndarray, np.ndarray]  # lo, hi, count of one histogram
+
+
+def _panel_arrays(frame: pd.DataFrame, names: Sequence[str]) -> dict[str, tuple[Bins, Bins]]:
+    """Per layer: its linear histogram (in bin order) and its log histogram, as arrays.
+
+    One pass over the frame: selecting rows with pandas per panel costs more than the panel.
+    """
+    codes, uniques = pd.factorize(frame["layer"])
+    at = {str(u): k for k, u in enumerate(uniques)}
+    lo, hi = frame["lo"].to_numpy(float), frame["hi"].to_numpy(float)
+    count, bins = frame["count"].to_numpy(float), frame["bin"].to_numpy()
+    kind = frame["hist"]
+    linear = kind.eq("linear").to_numpy(dtype=bool, na_value=False)
+    log = kind.eq("log").to_numpy(dtype=bool, na_value=False)
+    out = {}
+    for name in names:
+        mine = codes == at[name]
+        lin = np.flatnonzero(mine & linear)
+        lin = lin[np.argsort(bins[lin], kind="stable")]
+        lg = np.flatnonzero(mine & log)
+        out[name] = (lo[lin], hi[lin], count[lin]), (lo[lg], hi[lg], count[lg])
+    return out
+
+
+def _panel_counts(lin: Bins, log: Bins) -> tuple[np.ndarray, np.ndarray, float]:
     """Linear bin edges, counts with the zeros still in them, and the sample's zero count."""
-    lin = lin.sort_values("bin")
-    edges = np.append(lin["lo"].to_numpy(float), lin["hi"].to_numpy(float)[-1:])
-    counts = lin["count"].to_numpy(float).copy()
-    is_zero = (log["lo"] == 0) & (log["hi"] == 0)
-    bounded = np.isfinite(log["lo"]) & np.isfinite(log["hi"])
-    zeros = float(log.loc[is_zero, "count"].sum())
-    finite_total = float(log.loc[bounded, "count"].sum())
+    edges = np.append(lin[0], lin[1][-1:])
+    counts = lin[2].copy()
+    log_lo, log_hi, log_count = log
+    is_zero = (log_lo == 0) & (log_hi == 0)
+    bounded = np.isfinite(log_lo) & np.isfinite(log_hi)
+    zeros = float(np.nansum(log_count[is_zero]))
+    finite_total = float(np.nansum(log_count[bounded]))
     # zeros still in the linear counts: 0 when the recorder left them out (drop_zeros)
     zeros_in = min(max(counts.sum() - (finite_total - zeros), 0.0), zeros)
     if zeros_in > 0:
@@ -309,7 +424,8 @@ def layer_hists(
         logy: log y axis (default: True for gradients and weight gradients).
         max_panels: draw at most this many layers, evenly spread (first and last kept).
         per_row: panels per row (the lecture draws one row; five stay readable on a laptop).
-        fig: an empty figure to draw on (default: a new pyplot figure).
+        fig: an empty figure to draw on, or one this function drew on before (its panels
+            are redrawn); default: a new pyplot figure.
 
     Returns:
         The axes, one per layer drawn, in layer order.
@@ -329,22 +445,20 @@ def layer_hists(
         snaps = snaps.drop_duplicates("layer").set_index("layer")
         exact, saturated = snaps["frac_zero"], snaps["frac_saturated"].dropna()
     cols = min(len(names), per_row)
-    fig, axes = _axes_row(fig, len(names), hist_figsize(len(names), per_row), per_row)
-    by_layer = dict(tuple(frame.groupby("layer", sort=False)))
+    size = hist_figsize(len(names), per_row)
+    fig, axes, new = _axes_row(fig, len(names), size, per_row, key=("layer_hists", logy))
+    by_layer = _panel_arrays(frame, names)
     for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
-        part = by_layer[name]
-        edges, counts, zeros = _panel_counts(
-            part[part["hist"] == "linear"], part[part["hist"] == "log"]
-        )
-        log = part[part["hist"] == "log"]
-        sample = float(log.loc[log["lo"].notna(), "count"].sum())
+        lin, log = by_layer[name]
+        edges, counts, zeros = _panel_counts(lin, log)
+        sample = float(np.nansum(log[2][~np.isnan(log[0])]))
         share = (
             float(exact[name]) if exact is not None and name in exact else zeros / max(sample, 1)
         )
         drop = nonzero is True or (nonzero == "auto" and share > ZERO_SHARE)
         if not drop:
             counts[_zero_bin(edges)] += zeros
-        _draw_panel(ax, edges, counts, logy)
+        _draw_panel(ax, edges, counts, logy, new)
         ax.set_title(_short(name, 26), fontsize=8, y=1.0, pad=3)  # fixed y: no auto-placement pass
         notes = []
         if drop:
@@ -375,14 +489,24 @@ def _note(ax: Axes, text: str) -> None:
     ax.text(0.97, 0.95, text, transform=ax.transAxes, ha="right", va="top", fontsize=7, bbox=box)
 
 
-def _draw_panel(ax: Axes, edges: np.ndarray, counts: np.ndarray, logy: bool) -> None:
+def _draw_panel(ax: Axes, edges: np.ndarray, counts: np.ndarray, logy: bool, new: bool) -> None:
+    """One histogram panel; ``new``: set up its scale and ticks (a reused panel has them)."""
     from matplotlib.ticker import MaxNLocator
 
     if edges[-1] <= edges[0]:  # a constant layer: one bar of small width around its value
         half = max(abs(edges[0]), 1.0) * 1e-3
         edges = np.linspace(edges[0] - half, edges[0] + half, len(edges))
-    # one filled step patch: a bar per bin costs ~1 ms each to lay out
-    ax.stairs(counts, edges, fill=True, color="#4c72b0", linewidth=0, baseline=0.5 if logy else 0)
+    # one filled step patch: a bar per bin costs ~1 ms each to lay out. It is made as one bin
+    # and then given the data, with its limits from its vertices: matplotlib measures a new
+    # patch curve segment by curve segment, ~3 ms for 64 bins
+    baseline = 0.5 if logy else 0.0
+    patch = ax.stairs(
+        [baseline], edges[[0, -1]], fill=True, color="#4c72b0", linewidth=0, baseline=baseline
+    )
+    patch.set_data(counts, edges)
+    ax.update_datalim(patch.get_path().vertices)
+    if not new:
+        return
     if logy:
         _log_y(ax)
     ax.xaxis.set_major_locator(MaxNLocator(3))
@@ -457,7 +581,8 @@ def scale_plot(
         step: the step to draw (default: each group's last recorded step).
         layers: layer names to draw (default: see :func:`flow_layers`, per group).
         stat: the statistic on the y axis.
-        fig: an empty figure to draw on (default: a new pyplot figure).
+        fig: an empty figure to draw on, or one this function drew on before (its panels
+            are redrawn); default: a new pyplot figure.
 
     Returns:
         Two axes: activations, gradients.
@@ -471,14 +596,13 @@ def scale_plot(
     for col in (by, stat):
         if col not in stats.columns:
             raise FlowscopeError(f"scale_plot: column {col!r} not in the stats frame")
-    groups = [str(g) for g in pd.unique(stats[by].astype(str))]
+    keys = stats[by].astype(str)
+    groups = [str(g) for g in pd.unique(keys)]
     # tab20 pairs neighbours (dark, light): sweeps listed axis by axis read as pairs
     name = "tab10" if len(groups) <= 10 else "tab20" if len(groups) <= 20 else "husl"
     palette = sns.color_palette(name, len(groups))
-    fig, axes = _axes_row(fig, 2, (11.0, 3.6))
-    series = {
-        g: _scale_series(stats[stats[by].astype(str) == g], stat, step, layers) for g in groups
-    }
+    fig, axes, _ = _axes_row(fig, 2, (11.0, 3.6), key=("scale_plot",))
+    series = {g: _scale_series(stats[keys == g], stat, step, layers) for g in groups}
     for ax, kind in zip(axes, ("activation", "gradient"), strict=True):
         for color, g in zip(palette, groups, strict=True):
             s = series[g][kind]
@@ -489,7 +613,7 @@ def scale_plot(
         if all(series[g][kind][stat].isna().all() for g in groups):
             _note(ax, f"no {KIND_LABEL[kind]} recorded")
         _log_y(ax, numticks=8)
-        ax.set_title(f"{KIND_LABEL[kind]}: {stat} per layer", fontsize=10)
+        ax.set_title(f"{KIND_LABEL[kind]}: {stat} per layer", fontsize=10, y=1.0)
         ax.set_xlabel("layer (execution order)", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         ax.tick_params(labelsize=8)
@@ -501,7 +625,7 @@ def scale_plot(
 
         handles.append(Line2D([], [], color="0.3", ls="--", lw=2.8, alpha=0.45))
         names.append("theory")
-    fig.legend(
+    legend = fig.legend(
         handles,
         names,
         loc="center left",
@@ -511,6 +635,7 @@ def scale_plot(
         title=by,
         title_fontsize=8,
     )
+    _with_grid(fig, legend)
     fig.subplots_adjust(left=0.07, right=0.85, wspace=0.22, bottom=0.16)
     return axes
 
@@ -586,17 +711,22 @@ def _per_decade(lo: np.ndarray, hi: np.ndarray) -> int:
 
 
 def _heat_matrix(log: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[float]]:
-    """Fractions (rows: zero row then decades, columns: ``column`` values)."""
+    """Fractions (rows: zero row then decades, columns: ``column`` values, sorted)."""
     rows = _magnitude_rows(log)
-    table = rows.pivot_table(index="row", columns=column, values="count", aggfunc="sum")
-    table = table.fillna(0.0)
-    decades = sorted(r for r in table.index if np.isfinite(r))
+    decade = rows["row"].to_numpy(float)
+    ok = ~np.isnan(decade)  # no magnitude (a non-finite bin): no row
+    # counts summed per (decade, column) with numpy: pivot_table costs ~10 ms a call
+    values, at = np.unique(decade[ok], return_inverse=True)
+    where, columns = pd.factorize(rows[column][ok], sort=True)
+    sums = np.zeros((len(values), len(columns)))
+    np.add.at(sums, (at.ravel(), where), np.nan_to_num(rows["count"].to_numpy(float)[ok]))
+    labels = [r if not np.isfinite(r) else round(r, 6) for r in values]
+    decades = sorted(r for r in labels if np.isfinite(r))
     step = 1.0 / _per_decade(log["lo"].to_numpy(float), log["hi"].to_numpy(float))
     full = [-math.inf] + (
         list(np.round(np.arange(decades[0], decades[-1] + step / 2, step), 6)) if decades else []
     )
-    table.index = [r if not np.isfinite(r) else round(r, 6) for r in table.index]
-    table = table.reindex(full, fill_value=0.0)
+    table = pd.DataFrame(sums, index=labels, columns=columns).reindex(full, fill_value=0.0)
     return table / table.sum(axis=0).replace(0, np.nan), full
 
 
@@ -623,9 +753,16 @@ def _draw_heat(ax: Axes, table: pd.DataFrame, rows: list[float]) -> Any:
 
 
 def _colorbar(fig: Any, mesh: Any, ax: Any) -> None:
+    """A colorbar for ``mesh`` beside ``ax`` (one axes or a list); on a redraw, the same one."""
     from matplotlib.ticker import FuncFormatter
 
-    bar = fig.colorbar(mesh, ax=ax, fraction=0.05, pad=0.02)
+    host = ax[0] if isinstance(ax, list | tuple) else ax
+    bar = _COLORBARS.get(host)
+    if bar is not None and bar.ax in fig.axes:
+        bar.update_normal(mesh)
+    else:
+        bar = fig.colorbar(mesh, ax=ax, fraction=0.05, pad=0.02)
+        _COLORBARS[host] = bar
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _power(v)))
     bar.ax.tick_params(labelsize=7)
     bar.set_label("fraction of values", fontsize=7)
@@ -675,6 +812,7 @@ def log_heatmap(
     ax.set_title(
         f"{KIND_LABEL.get(kind, kind)}: log-magnitude histogram per layer (step {chosen})",
         fontsize=9,
+        y=1.0,  # fixed: nothing sits above the panel, and placing it measures the axis
     )
     _colorbar(ax.figure, mesh, ax)
     return ax
@@ -699,7 +837,8 @@ def log_heatmap_steps(
         layers: layer names to draw (default: see :func:`flow_layers`), at most
             ``max_panels`` of them, evenly spread.
         max_panels: the most panels drawn.
-        fig: an empty figure to draw on (default: a new pyplot figure).
+        fig: an empty figure to draw on, or one this function drew on before (its panels
+            are redrawn); default: a new pyplot figure.
 
     Returns:
         The axes, one per layer.
@@ -713,7 +852,7 @@ def log_heatmap_steps(
     names = _spread(flow_layers(frame, layers), max_panels)
     log = frame[frame["hist"] == "log"]
     _, rows = _heat_matrix(log[log["layer"].isin(names)], "step")
-    fig, axes = _axes_row(fig, len(names), (2.4 * len(names) + 1.0, 3.0))
+    fig, axes, _ = _axes_row(fig, len(names), (2.4 * len(names) + 1.0, 3.0), key=("steps",))
     steps = sorted(int(s) for s in frame["step"].unique())
     mesh = None
     for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
@@ -783,7 +922,7 @@ def saturation_plot(
     ax.set_ylabel("fraction", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"saturated and zero fractions per layer (step {chosen})", fontsize=9)
+    ax.set_title(f"saturated and zero fractions per layer (step {chosen})", fontsize=9, y=1.0)
     ax.legend(fontsize=7, loc="best", frameon=False)
     return ax
 

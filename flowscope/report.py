@@ -24,6 +24,7 @@ import os
 import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from flowscope.errors import FlowscopeError
 from flowscope.frames import Records, atomic_write_text, load, records_of
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure, SubFigure
 
     from flowscope.recorder import Recorder
 
@@ -48,6 +50,8 @@ __all__ = ["REPORT_FILE", "report", "summary"]
 
 REPORT_FILE = "report.html"
 DPI = 100
+PAD = 0.08  # inches of white around a figure cropped to its contents
+MARGIN = 1.0  # inches of canvas around such a figure, for labels that stick out of it
 STUDY_FILES = ("spec.json", "claims.json", "configs.json", "probes.parquet")
 DATA_FILES = ("stats.parquet", "hists.parquet", "meta.json", *STUDY_FILES)
 EXPORTS = {
@@ -207,30 +211,171 @@ def _diagnose(stats: pd.DataFrame, by: str, source: Any = None) -> tuple[Any, st
 # -- figures ----------------------------------------------------------------------------------
 
 
-def _png(draw: Callable[[Figure], object], size: tuple[float, float], tight: bool = True) -> str:
-    """Draw on a fresh (pyplot-free) figure and return it as a base64 PNG data URI.
+class Canvases:
+    """The report's figures, each built once and then redrawn in place for every config.
 
-    ``tight=False`` for figures that lay themselves out: a tight bounding box draws twice.
+    A study draws the same figures for each of its configs, and matplotlib spends most of a
+    figure's time on things that do not change between them. So, for one report:
+
+    * each kind of figure (``key``) and size keeps its Figure and canvas; the plotting
+      functions empty and redraw its panels (:func:`flowscope.plots.clear_panel`) instead of
+      creating axes and ticks again;
+    * a figure cropped to its contents (``tight``) is drawn once, centred on a canvas with a
+      margin for labels that stick out, and cut from the pixels (``savefig(bbox_inches=
+      "tight")`` draws twice);
+    * the pixels go from the canvas straight into a PNG of at most 256 colours.
+
+    Example:
+        >>> canvases = Canvases()  # doctest: +SKIP
+        >>> draw = lambda fig: plots.scale_plot(stats, fig=fig)  # doctest: +SKIP
+        >>> canvases.png("scale", draw, (11.0, 4.0))  # doctest: +SKIP
+        'data:image/png;base64,...'
     """
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, dpi=DPI)
-    draw(fig)
-    buf = io.BytesIO()
-    extra: dict[str, Any] = {"bbox_inches": "tight", "pad_inches": 0.08} if tight else {}
-    fig.savefig(buf, format="png", dpi=DPI, **extra)
-    return "data:image/png;base64," + base64.b64encode(_palette_png(buf)).decode("ascii")
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], tuple[FigureCanvasAgg, Figure | SubFigure]] = {}
+
+    def png(
+        self,
+        key: Any,
+        draw: Callable[[Any], object],
+        size: tuple[float, float],
+        tight: bool = True,
+    ) -> str:
+        """``draw(fig)`` on the figure kept for ``key`` and ``size``, as a PNG data URI.
+
+        ``tight=False`` for figures that lay themselves out to their size; else the image is
+        cropped to what was drawn plus ``PAD``.
+        """
+        kept = self._kept.get((key, size, tight))
+        if kept is None:
+            kept = self._kept[(key, size, tight)] = self._canvas(size, tight)
+        canvas, target = kept
+        draw(target)
+        _fixed_empty_labels(target)
+        canvas.draw()
+        rgba = np.asarray(canvas.buffer_rgba())
+        if tight:
+            cropped = None if _placed_outside(canvas, target) else _crop(rgba, round(PAD * DPI))
+            if cropped is None:  # something reaches past the margin: let matplotlib measure
+                buf = io.BytesIO()
+                canvas.figure.savefig(
+                    buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=PAD
+                )
+                from PIL import Image
+
+                buf.seek(0)
+                with Image.open(buf) as image:
+                    cropped = np.asarray(image.convert("RGBA"))
+            rgba = cropped
+        return "data:image/png;base64," + base64.b64encode(_palette_png(rgba)).decode("ascii")
+
+    def _canvas(
+        self, size: tuple[float, float], tight: bool
+    ) -> tuple[FigureCanvasAgg, Figure | SubFigure]:
+        """A canvas and what to draw on: its figure, or a subfigure of ``size`` centred on it."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        if not tight:
+            fig = Figure(figsize=size, dpi=DPI)
+            return FigureCanvasAgg(fig), fig
+        (w, h), m = size, MARGIN
+        fig = Figure(figsize=(w + 2 * m, h + 2 * m), dpi=DPI)
+        spec = fig.add_gridspec(
+            3, 3, width_ratios=[m, w, m], height_ratios=[m, h, m],
+            left=0, right=1, bottom=0, top=1, wspace=0, hspace=0,
+        )  # fmt: skip
+        return FigureCanvasAgg(fig), fig.add_subfigure(spec[1, 1])
 
 
-def _palette_png(buf: io.BytesIO) -> bytes:
-    """The PNG in 256 colours: a third of the bytes, no visible change for these plots."""
+def _fixed_empty_labels(fig: Figure | SubFigure) -> None:
+    """Skip placing axis labels that are empty: matplotlib measures every tick label to do it."""
+    for ax in fig.axes:
+        for axis, at in ((ax.xaxis, (0.5, -0.1)), (ax.yaxis, (-0.1, 0.5))):
+            if not axis.label.get_text():
+                axis.set_label_coords(*at)
+
+
+def _placed_outside(canvas: Any, fig: Figure | SubFigure) -> bool:
+    """Whether a legend or figure text lies off the canvas (placed far outside its figure,
+    where no pixel of it shows); what axes draw stays within the margin or reaches its edge,
+    which :func:`_crop` sees."""
+    legends = [ax.get_legend() for ax in fig.axes]
+    placed = [*fig.texts, *fig.legends, *(legend for legend in legends if legend is not None)]
+    renderer = canvas.get_renderer()
+    width, height = canvas.figure.bbox.size
+    for artist in placed:
+        box = artist.get_window_extent(renderer)
+        if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
+            return True
+    return False
+
+
+def _crop(rgba: np.ndarray, pad: int) -> np.ndarray | None:
+    """The image cut to its non-white pixels plus ``pad``; None when they come that close to
+    an edge (the figure may reach past the canvas)."""
+    ink = rgba.view(np.uint32)[..., 0] != np.uint32(0xFFFFFFFF)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if not rows.size:
+        return rgba
+    top, bottom, left, right = rows[0] - pad, rows[-1] + pad, cols[0] - pad, cols[-1] + pad
+    if top < 0 or left < 0 or bottom >= rgba.shape[0] or right >= rgba.shape[1]:
+        return None
+    return rgba[top : bottom + 1, left : right + 1]
+
+
+_PANELS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _panels(fig: Figure | SubFigure, n: int) -> list[Any]:
+    """``n`` panels side by side on ``fig``: those made for it before, emptied, or new ones."""
+    kept = _PANELS.get(fig)
+    if kept is not None and len(kept) == n and all(ax in fig.axes for ax in kept):
+        return [plots.clear_panel(ax) for ax in kept]
+    if kept is not None:
+        fig.clear()
+    axes = list(fig.subplots(1, n, squeeze=False)[0])
+    _PANELS[fig] = axes
+    return axes
+
+
+def _png(draw: Callable[[Any], object], size: tuple[float, float], tight: bool = True) -> str:
+    """A one-off figure as a PNG data URI (see :class:`Canvases`)."""
+    return Canvases().png(None, draw, size, tight)
+
+
+def _palette_png(rgba: np.ndarray) -> bytes:
+    """An RGBA image as a PNG of at most 256 colours: a third of the bytes, no visible change.
+
+    Plots use few colours. The pixels' 32-bit values are factorized (a hash pass, ~2 ms);
+    with at most 256 distinct ones they are the palette, exactly; with up to 4096, the 256
+    most frequent are, and every other colour (antialiased edges) takes its nearest. More
+    colours than that get a median cut (~25 ms).
+    """
     from PIL import Image
 
-    buf.seek(0)
-    with Image.open(buf) as img:
-        small = img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-        out = io.BytesIO()
-        small.save(out, format="PNG", optimize=False)
+    rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
+    h, w = rgba.shape[:2]
+    codes, values = pd.factorize(rgba.view(np.uint32).ravel())
+    if len(values) > 4096:
+        image = Image.frombuffer("RGBA", (w, h), rgba, "raw", "RGBA", 0, 1).convert("RGB")
+        small = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    else:
+        rgb = np.asarray(values, dtype=np.uint32).view(np.uint8).reshape(-1, 4)[:, :3]
+        if len(values) <= 256:
+            palette, index = rgb, codes.astype(np.uint8)
+        else:
+            counts = np.bincount(codes, minlength=len(values))
+            kept = np.argsort(-counts, kind="stable")[:256]
+            palette = rgb[kept]
+            far = rgb[:, None, :].astype(np.int32) - palette[None, :, :].astype(np.int32)
+            nearest = (far**2).sum(axis=2).argmin(axis=1).astype(np.uint8)  # kept: itself
+            index = nearest[codes]
+        small = Image.frombuffer("P", (w, h), index.reshape(h, w), "raw", "P", 0, 1)
+        small.putpalette(np.ascontiguousarray(palette).tobytes())
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=False)
     return out.getvalue()
 
 
@@ -238,11 +383,22 @@ def _layer_count(frame: pd.DataFrame, kind: str) -> int:
     return len(plots.flow_layers(frame[frame["kind"] == kind]))
 
 
-def config_figures(stats: pd.DataFrame, hists: pd.DataFrame) -> list[dict[str, str]]:
-    """The figures of one config / run: ``[{"title", "caption", "src"}]`` (PNG data URIs)."""
+def config_figures(
+    stats: pd.DataFrame, hists: pd.DataFrame, canvases: Canvases | None = None
+) -> list[dict[str, str]]:
+    """The figures of one config / run: ``[{"title", "caption", "src"}]`` (PNG data URIs).
+
+    ``canvases``: figures kept from the previous config, redrawn (default: new ones).
+    """
+    canvases = canvases or Canvases()
     kinds = set(hists["kind"].unique()) if not hists.empty else set()
+    counts = {kind: _layer_count(hists, kind) for kind in kinds}
     figs = [
-        {"title": title, "caption": caption, "src": _hist_png(stats, hists, kind)}
+        {
+            "title": title,
+            "caption": caption,
+            "src": _hist_png(canvases, stats, hists, kind, counts[kind]),
+        }
         for kind, title, caption in HIST_FIGURES
         if kind in kinds
     ]
@@ -250,40 +406,57 @@ def config_figures(stats: pd.DataFrame, hists: pd.DataFrame) -> list[dict[str, s
     if flows and hists["step"].nunique() > 1:
         for kind in flows:
             title = f"{plots.KIND_LABEL[kind]} over training"
-            figs.append({"title": title, **HEAT_STEPS, "src": _steps_heat_png(hists, kind)})
+            src = _steps_heat_png(canvases, hists, kind, counts[kind])
+            figs.append({"title": title, **HEAT_STEPS, "src": src})
     elif flows:
         title = "Where the values sit: log-magnitude heat map"
-        figs.append({"title": title, **HEAT, "src": _heat_png(hists, flows)})
+        most = max(counts[k] for k in flows)
+        figs.append({"title": title, **HEAT, "src": _heat_png(canvases, hists, flows, most)})
     if "activation" in set(stats["kind"].unique()):
-        figs.append({"title": "Saturated and dead", **SATURATION, "src": _saturation_png(stats)})
+        src = _saturation_png(canvases, stats)
+        figs.append({"title": "Saturated and dead", **SATURATION, "src": src})
     return figs
 
 
-def _hist_png(stats: pd.DataFrame, hists: pd.DataFrame, kind: str) -> str:
-    size = plots.hist_figsize(min(_layer_count(hists, kind), 10))
-    return _png(lambda f: plots.layer_hists(hists, stats, kind=kind, fig=f), size, tight=False)
-
-
-def _heat_png(hists: pd.DataFrame, flows: list[str]) -> str:
-    width = min(max(4.5, 0.42 * max(_layer_count(hists, k) for k in flows) + 2.0), 14.0)
+def _hist_png(
+    canvases: Canvases, stats: pd.DataFrame, hists: pd.DataFrame, kind: str, layers: int
+) -> str:
+    size = plots.hist_figsize(min(layers, 10))
 
     def draw(fig: Figure) -> None:
-        for ax, kind in zip(fig.subplots(1, len(flows), squeeze=False)[0], flows, strict=True):
+        plots.layer_hists(hists, stats, kind=kind, fig=fig)
+
+    return canvases.png(("hists", kind), draw, size, tight=False)
+
+
+def _heat_png(canvases: Canvases, hists: pd.DataFrame, flows: list[str], layers: int) -> str:
+    width = min(max(4.5, 0.42 * layers + 2.0), 14.0)
+
+    def draw(fig: Figure | SubFigure) -> None:
+        for ax, kind in zip(_panels(fig, len(flows)), flows, strict=True):
             plots.log_heatmap(hists, kind=kind, ax=ax)
         fig.subplots_adjust(wspace=0.32)
 
-    return _png(draw, (width * len(flows), 3.6))
+    return canvases.png(("heat", *flows), draw, (width * len(flows), 3.6))
 
 
-def _steps_heat_png(hists: pd.DataFrame, kind: str) -> str:
-    n = min(_layer_count(hists, kind), 6)
-    return _png(lambda f: plots.log_heatmap_steps(hists, kind=kind, fig=f), (2.4 * n + 1.2, 3.0))
+def _steps_heat_png(canvases: Canvases, hists: pd.DataFrame, kind: str, layers: int) -> str:
+    n = min(layers, 6)
+
+    def draw(fig: Figure) -> None:
+        plots.log_heatmap_steps(hists, kind=kind, fig=fig)
+
+    return canvases.png(("steps", kind), draw, (2.4 * n + 1.2, 3.0))
 
 
-def _saturation_png(stats: pd.DataFrame) -> str:
+def _saturation_png(canvases: Canvases, stats: pd.DataFrame) -> str:
     n = _layer_count(stats, "activation")
     size = (min(max(5.0, 0.5 * n + 2), 14.0), 3.0)
-    return _png(lambda f: plots.saturation_plot(stats, ax=f.subplots()), size)
+
+    def draw(fig: Figure | SubFigure) -> None:
+        plots.saturation_plot(stats, ax=_panels(fig, 1)[0])
+
+    return canvases.png("saturation", draw, size)
 
 
 HIST_FIGURES = [
@@ -637,9 +810,10 @@ def _axis_names(table: pd.DataFrame, by: str) -> list[str]:
     return axes
 
 
-def _figures_of(job: tuple[pd.DataFrame, pd.DataFrame]) -> list[dict[str, str]]:
-    stats, hists = job
-    return [] if stats.empty else config_figures(stats, hists)
+def _figures_of(jobs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> list[list[dict[str, str]]]:
+    """:func:`config_figures` of each (stats, hists) in turn, on the same canvases."""
+    canvases = Canvases()
+    return [[] if stats.empty else config_figures(stats, hists, canvases) for stats, hists in jobs]
 
 
 def all_figures(
@@ -647,11 +821,13 @@ def all_figures(
 ) -> list[list[dict[str, str]]]:
     """:func:`config_figures` of every group, in order; in ``workers`` forked processes.
 
-    matplotlib spends ~1 ms of Python per tick label, so a 16-config study takes ~30 s in one
-    process. Workers are forked (Linux only), as torch's DataLoader does: nothing re-imports
-    the caller's ``__main__`` (spawn would re-run a user's script), and the children use
-    numpy/pandas/matplotlib only. ``workers=None``: one per CPU (at most 8) when there are
-    4+ CPUs and 4+ groups; with 2 busy CPUs forking measured slower than one process.
+    Each process draws a run of consecutive groups on one :class:`Canvases`, so that every
+    figure after a group's first is a redraw (a 16-config study: ~13 s in one process on 2
+    busy CPUs). Workers are forked (Linux only), as torch's DataLoader does: nothing
+    re-imports the caller's ``__main__`` (spawn would re-run a user's script), and the
+    children use numpy/pandas/matplotlib only. ``workers=None``: one per CPU (at most 8)
+    when there are 4+ CPUs and 4+ groups; with 2 busy CPUs forking measured slower than one
+    process.
     """
     by_stats, by_hists = stats[by].astype(str), hists[by].astype(str)
     jobs = [(stats[by_stats == g], hists[by_hists == g]) for g in groups]
@@ -659,13 +835,13 @@ def all_figures(
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         workers = min(cpus, 8) if cpus >= 4 and len(jobs) >= 4 else 1
     if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
-        return [_figures_of(job) for job in jobs]
+        return _figures_of(jobs)
+    n = min(workers, len(jobs))  # one run of consecutive groups each: they share canvases
+    parts = [jobs[i * len(jobs) // n : (i + 1) * len(jobs) // n] for i in range(n)]
     with warnings.catch_warnings():  # 3.12+: "process is multi-threaded" (torch's idle pool)
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
-        with ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=mp.get_context("fork")
-        ) as pool:
-            return list(pool.map(_figures_of, jobs))
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
+            return [figures for part in pool.map(_figures_of, parts) for figures in part]
 
 
 def _sections(

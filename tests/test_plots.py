@@ -204,3 +204,67 @@ def test_plots_and_the_report_command_do_not_import_torch():
     code = "import flowscope.plots, flowscope.report_cli, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def pixels(fig: Figure) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def test_drawing_again_on_a_figure_reuses_its_panels_and_looks_like_a_new_one(relu, tanh):
+    # the report redraws one figure per kind for every config: same axes, same pixels
+    runs = [record(nn.Tanh, 0.5, depth=3, steps=3, name=n, seed=i) for i, n in enumerate("ab")]
+    small = record(nn.Tanh, 0.2, depth=3, name="small", seed=3)  # as many layers as tanh
+    cases = [
+        (plots.layer_hists, [tanh.hists, small.hists, tanh.hists], {"kind": "gradient"}),
+        (plots.log_heatmap_steps, [r.hists for r in runs], {"kind": "activation"}),
+        (plots.scale_plot, [pd.concat([relu.stats, tanh.stats]), relu.stats], {}),
+    ]
+    for draw, frames, kw in cases:
+        fig = Figure(figsize=(8, 3))
+        first = draw(frames[0], fig=fig, **kw)
+        count = (len(fig.axes), len(fig.legends))
+        for frame in frames[1:]:
+            again = draw(frame, fig=fig, **kw)
+            new = Figure(figsize=(8, 3))
+            draw(frame, fig=new, **kw)
+            assert (len(fig.axes), len(fig.legends)) == count  # no second grid, colorbar, legend
+            assert all(a is b for a, b in zip(again, first, strict=True)), draw.__name__
+            assert np.array_equal(pixels(fig), pixels(new)), draw.__name__
+
+
+def test_a_figure_drawn_with_other_panels_is_cleared_first(relu):
+    fig = Figure()
+    plots.layer_hists(relu.hists, kind="gradient", fig=fig)  # log y
+    axes = plots.layer_hists(relu.hists, kind="activation", layers=["1", "3"], fig=fig)
+    assert len(fig.axes) == 2 and all(a.get_yscale() == "linear" for a in axes)
+    new = Figure()
+    plots.layer_hists(relu.hists, kind="activation", layers=["1", "3"], fig=new)
+    assert np.array_equal(pixels(fig), pixels(new))
+
+
+def test_clear_panel_empties_a_panel_for_its_function_to_draw_again(tanh):
+    ax = Figure().subplots()
+    plots.saturation_plot(tanh.stats, ax=ax)
+    assert plots.clear_panel(ax) is ax
+    assert not (ax.lines or ax.texts or ax.patches or ax.get_legend() or ax.get_title())
+    plots.saturation_plot(tanh.stats, ax=ax)
+    assert len(ax.lines) == 3 and ax.get_legend() is not None
+
+
+def test_first_call_keeps_each_layers_first_call_and_first_output():
+    frame = pd.DataFrame(
+        {
+            "step": [0, 0, 0, 0, 0, 0, 1, 1],
+            "layer": ["a", "a", "a", "a", "b", "b", "a", "a"],
+            "call": [1, 1, 0, 0, 0, 0, 2, 2],
+            "tensor": ["", "", "bias", "weight", "1", "0", "1", "0"],
+            "v": range(8),
+        }
+    )
+    kept = plots._first_call(frame)
+    # step 0 / a: call 0, weight before bias; b: tensor "0" before "1"; step 1 / a: "0"
+    assert kept["v"].tolist() == [3, 5, 7] and kept.index.tolist() == [0, 1, 2]

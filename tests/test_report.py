@@ -8,23 +8,37 @@ real recordings, so the page is checked against known configs, names and statuse
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
 import flowscope as fs
 from flowscope.errors import FlowscopeError
 from flowscope.frames import Records, write_parquet
-from flowscope.report import REPORT_FILE, fmt, pct, report, summary
+from flowscope.report import (
+    REPORT_FILE,
+    Canvases,
+    _palette_png,
+    config_figures,
+    fmt,
+    pct,
+    report,
+    summary,
+)
 from flowscope.report_cli import report_cmd
 
 XSS = "<script>window.__xss = 1</script>"
@@ -286,3 +300,66 @@ def test_numbers_are_formatted_for_reading():
     assert fmt(0.22377) == "0.224" and fmt(7.04e4) == "7.04e+04" and fmt(float("nan")) == "—"
     assert fmt(float("inf")) == "∞" and fmt(3) == "3" and fmt("x") == "x"
     assert pct(0.905) == "90.5%" and pct(None) == "—" and pct(float("nan")) == "—"
+
+
+def decoded(src: str) -> Any:
+    assert src.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+def test_figures_redrawn_for_the_next_config_match_new_ones(tmp_path):
+    rec = fs.load(make_study(tmp_path / "s"))
+    kept = Canvases()  # every config after the first redraws these figures
+    for config in rec.stats["config"].unique():
+        stats = rec.stats[rec.stats.config == config]
+        hists = rec.hists[rec.hists.config == config]
+        again = config_figures(stats, hists, kept)
+        new = config_figures(stats, hists, Canvases())
+        assert [f["title"] for f in again] == [f["title"] for f in new]
+        for a, b in zip(again, new, strict=True):
+            assert np.array_equal(decoded(a["src"]), decoded(b["src"])), a["title"]
+
+
+def test_cropped_figures_are_cut_like_a_tight_bounding_box():
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1])
+        ax.set_xticks([0, 1], ["a long rotated label", "b"], rotation=40, ha="right")
+
+    reference = Figure(figsize=(4, 2), dpi=100)
+    draw(reference)
+    buf = io.BytesIO()
+    reference.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.08)
+    tight = Image.open(buf).size
+    image = decoded(Canvases().png("line", draw, (4.0, 2.0)))
+    assert abs(image.shape[1] - tight[0]) <= 4 and abs(image.shape[0] - tight[1]) <= 4
+    assert image.shape[0] > 200  # the labels below the figure are in
+
+    for x in (-0.3, -0.9):  # reaching past the canvas's margin, or wholly beyond it
+        fig = Figure(figsize=(4, 2), dpi=100)
+        draw(fig)
+        fig.text(x, 0.5, "far out")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.08)
+
+        def far(fig: Any, x: float = x) -> None:
+            draw(fig)
+            fig.text(x, 0.5, "far out")
+
+        wide = decoded(Canvases().png("far", far, (4.0, 2.0)))
+        assert abs(wide.shape[1] - Image.open(buf).size[0]) <= 4
+        assert wide.shape[1] > image.shape[1] + 50  # the text is in
+
+
+def test_figures_keep_their_colours_in_the_palette():
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (300, 4), dtype=np.uint8)
+    colours[:, 3] = 255
+    for n in (200, 300):  # exact up to 256 colours, else nearest of the most frequent
+        rgba = colours[rng.integers(0, n, (40, 50))]
+        with Image.open(io.BytesIO(_palette_png(rgba))) as image:
+            assert image.mode == "P"
+            back = np.asarray(image.convert("RGBA")).astype(int)
+        error = np.abs(back - rgba).max()
+        assert error == 0 if n <= 256 else error < 60
