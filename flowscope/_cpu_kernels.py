@@ -12,6 +12,14 @@ finiteness test at all. The extremes it finds on the order-preserving integer ke
 whether that was right (every NaN and Inf has a key beyond +-Inf's); only then is the slice
 read again by the careful loop, which replaces non-finite values before any float op.
 
+A float32 tensor is read by the narrow pass first: every lane 32 bits wide (float32 sums
+over blocks of NARROW_BLOCK elements, added up in float64; int32 keys; float32 counters),
+twice the lanes of the float64 pass. Its sums are trusted only when the extremes show
+every value finite and every deviation from the shift within [NARROW_LO, NARROW_HI]
+(no float32 overflow or underflow of a square); otherwise the slice is read again by the
+float64 pass (or the careful one), so the float32 sums never decide a result they cannot
+hold.
+
 Results follow ``stats.RAW_FIELDS`` exactly, so frames and tests cannot tell the backends
 apart except through rounding (float64 here, the tensor's dtype in eager sums).
 """
@@ -24,13 +32,21 @@ from typing import Any
 
 import numba
 import numpy as np
+import torch
 from numba import njit, prange
 
-from flowscope.stats import RAW_FIELDS, LogEdges
+from flowscope.stats import RAW_FIELDS, LogEdges, outward
 
 # chunks per call: enough for load balance on any core count, few enough to stay cheap
 CHUNKS = 64
 PARALLEL_FROM = 1 << 22  # below ~4M elements a thread pool costs more than it saves
+# the narrow pass: float32 partial sums over blocks this long (each of LLVM's ~32 vector
+# accumulators adds ~128 values: relative error ~1e-7, against 1e-5 allowed by the tests)
+NARROW_BLOCK = 4096
+# ... trusted when the largest |x - shift| lies in this range: above, a block's sum of
+# squares could overflow float32 (4096 * 2**112 < 3.4e38); below, squares of the leading
+# values would approach float32's subnormals (2**-80 >> 1.2e-38)
+NARROW_LO, NARROW_HI = 2.0**-40, 2.0**56
 N_RAW = len(RAW_FIELDS)  # the row is raw | linear counts | log counts
 
 
@@ -107,24 +123,133 @@ def _careful_pass(
     return s, ss, mnk, mxk, nonzero, nan, bad - nan, sat
 
 
+@njit(cache=True, fastmath=True)
+def _narrow_block(x: np.ndarray, bits: np.ndarray, c: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(sum, sumsq) about c, (min key, max key) and zeros of a float32 block, 32-bit lanes.
+
+    Every integer is forced to int32 (numba widens int32 arithmetic to int64, which halves
+    the lanes); the counter is a float32, exact up to 2**24.
+    """
+    mag = np.int32(0x7FFFFFFF)
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    zeros = np.float32(0.0)
+    mnk = np.int32(0x7FFFFFFF)
+    mxk = np.int32(-0x80000000)
+    for i in range(x.size):
+        u = bits[i]
+        d = x[i] - c
+        a += d
+        b += d * d
+        key = np.int32(u ^ np.int32(np.int32(u >> np.int32(31)) & mag))
+        mnk = key if key < mnk else mnk
+        mxk = key if key > mxk else mxk
+        zeros += np.float32(1.0) if np.int32(u & mag) == np.int32(0) else np.float32(0.0)
+    return a, b, mnk, mxk, zeros
+
+
+@njit(cache=True, fastmath=True)
+def _narrow_block_saturated(
+    x: np.ndarray, bits: np.ndarray, c: Any, klo: Any, khi: Any
+) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """The same plus the saturated count, compared on the key: ``key <= klo or key >= khi``
+    (the keys of the float32 bounds, see :func:`saturation_keys`)."""
+    mag = np.int32(0x7FFFFFFF)
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    zeros = np.float32(0.0)
+    sat = np.float32(0.0)
+    mnk = np.int32(0x7FFFFFFF)
+    mxk = np.int32(-0x80000000)
+    for i in range(x.size):
+        u = bits[i]
+        d = x[i] - c
+        a += d
+        b += d * d
+        key = np.int32(u ^ np.int32(np.int32(u >> np.int32(31)) & mag))
+        mnk = key if key < mnk else mnk
+        mxk = key if key > mxk else mxk
+        zeros += np.float32(1.0) if np.int32(u & mag) == np.int32(0) else np.float32(0.0)
+        sat += np.float32(1.0) if (key <= klo) | (key >= khi) else np.float32(0.0)
+    return a, b, mnk, mxk, zeros, sat
+
+
+@njit(cache=True)
+def _narrow_pass(
+    x: np.ndarray, bits: np.ndarray, c: float, saturation: bool, klo: Any, khi: Any
+) -> tuple[float, float, Any, Any, int, int]:  # fmt: skip
+    """(sum, sumsq, min key, max key, nonzero, saturated) of a float32 slice, block by
+    block; the caller decides whether the sums can be trusted."""
+    n = x.size
+    c32 = np.float32(c)
+    s = 0.0
+    ss = 0.0
+    zeros = 0
+    sat = 0
+    mnk = np.int32(0x7FFFFFFF)
+    mxk = np.int32(-0x80000000)
+    for start in range(0, n, NARROW_BLOCK):
+        stop = min(n, start + NARROW_BLOCK)
+        if saturation:
+            a, b, lo, hi, z, q = _narrow_block_saturated(
+                x[start:stop], bits[start:stop], c32, klo, khi
+            )
+            sat += int(q)
+        else:
+            a, b, lo, hi, z = _narrow_block(x[start:stop], bits[start:stop], c32)
+        s += a
+        ss += b
+        zeros += int(z)
+        mnk = min(mnk, lo)
+        mxk = max(mxk, hi)
+    return s, ss, mnk, mxk, n - zeros, sat
+
+
+@njit(cache=True)
+def _narrow_trusted(mnk: Any, mxk: Any, c: float, exp: Any) -> bool:
+    """Whether the narrow pass's sums hold: every value finite and every deviation from the
+    shift either 0 or within [NARROW_LO, NARROW_HI]."""
+    if mxk >= exp or mnk <= ~exp:
+        return False
+    mag = np.int32(0x7FFFFFFF)
+    lo = np.float64(np.int32(mnk ^ ((mnk >> 31) & mag)).view(np.float32)) - c
+    hi = np.float64(np.int32(mxk ^ ((mxk >> 31) & mag)).view(np.float32)) - c
+    m = max(abs(lo), abs(hi))
+    return bool(m == 0.0 or (NARROW_LO <= m <= NARROW_HI))
+
+
 @njit(cache=True)
 def _chunk(
     x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, shift: int, c: float,
-    ckey: int, lo: float, hi: float, top: int, bottom: int,
+    ckey: int, lo: float, hi: float, top: int, bottom: int, narrow: bool, saturation: bool,
+    klo: Any, khi: Any,
 ) -> tuple[float, float, int, int, int, int, int, int]:  # fmt: skip
-    """(sum, sumsq, min key, max key, nonzero, nan, inf, saturated) of one slice: the fast
-    pass, and the careful one when the fast pass saw a key at or beyond +-Inf's (``exp`` is
-    the key of +Inf, ``~exp`` that of -Inf; NaNs lie beyond them)."""
-    s, ss, mnk, mxk, nonzero, sat = _fast_pass(x, bits, magnitude, shift, c, lo, hi, top, bottom)
-    if mxk < exp and mnk > ~exp:
-        return s, ss, mnk, mxk, nonzero, 0, 0, sat
+    """(sum, sumsq, min key, max key, nonzero, nan, inf, saturated) of one slice.
+
+    float32 (``narrow``): the narrow pass, kept when :func:`_narrow_trusted` says so. Then
+    (and for float64) the float64 pass, and the careful one when a pass saw a key at or
+    beyond +-Inf's (``exp`` is the key of +Inf, ``~exp`` that of -Inf; NaNs lie beyond).
+    """
+    finite = True  # until a pass shows otherwise
+    if narrow:
+        s, ss, mnk, mxk, nonzero, sat = _narrow_pass(x, bits, c, saturation, klo, khi)
+        if _narrow_trusted(mnk, mxk, c, exp):
+            return s, ss, mnk, mxk, nonzero, 0, 0, sat
+        finite = mxk < exp and mnk > ~exp  # finite, but beyond float32's sums
+    if finite:
+        s, ss, mnk, mxk, nonzero, sat = _fast_pass(
+            x, bits, magnitude, shift, c, lo, hi, top, bottom
+        )
+        if mxk < exp and mnk > ~exp:
+            return s, ss, mnk, mxk, nonzero, 0, 0, sat
     return _careful_pass(x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom)
 
 
 @njit(cache=True, parallel=True)
 def _chunks_parallel(
     x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, shift: int, c: float,
-    ckey: int, lo: float, hi: float, top: int, bottom: int,
+    ckey: int, lo: float, hi: float, top: int, bottom: int, narrow: bool, saturation: bool,
+    klo: Any, khi: Any,
 ) -> tuple[float, float, int, int, int, int, int, int]:  # fmt: skip
     """The same over CHUNKS slices in parallel, for tensors of millions of elements."""
     n = x.size
@@ -135,8 +260,9 @@ def _chunks_parallel(
         start = min(n, k * step)
         stop = min(n, start + step)
         s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunk(
-            x[start:stop], bits[start:stop], exp, magnitude, shift, c, ckey, lo, hi, top, bottom
-        )
+            x[start:stop], bits[start:stop], exp, magnitude, shift, c, ckey, lo, hi, top, bottom,
+            narrow, saturation, klo, khi,
+        )  # fmt: skip
         sums[k, 0] = s
         sums[k, 1] = ss
         ints[k, 0] = mnk
@@ -157,54 +283,75 @@ def _hist_into(
     lo: float, scale: float, bins: int, drop_zeros: bool, base: np.ndarray,
     thresholds: np.ndarray, zero_index: int, lin: np.ndarray, log: np.ndarray,
 ) -> None:  # fmt: skip
-    """Count the sample ``s`` into ``lin`` (zeroed here) and ``log``: bin indices first, in a
-    loop that vectorises, then the scatter.
+    """Count the sample ``s`` into ``lin`` and ``log`` (both overwritten): bin indices
+    first, in loops that vectorise, then the scatter.
 
     Linear: finite values (exact zeros too unless ``drop_zeros``) over [lo, lo + bins/scale].
     Log: the exponent field of the bits picks the magnitude bin of the octave's lower end
     (``base``) and the few decade edges inside the octave (``thresholds``, padded with Inf)
     settle it exactly: no log10. Magnitude bin 0 is the underflow bin, the last |x| >= the
     top edge (Inf included). NaN is in neither histogram.
+
+    Indices are stored shifted by one, 0 meaning "not counted", so the scatter has no
+    branch; it spreads over four copies of the counts, because a sample whose values share
+    a bin (most of a layer's values lie in one or two decades) would otherwise make every
+    increment wait for the one before.
     """
     n = s.size
     lin_idx = np.empty(n, dtype=np.int32)
-    mag_idx = np.empty(n, dtype=np.int32)
+    log_idx = np.empty(n, dtype=np.int32)
     top = base[exp_bits]  # the overflow bin (the Inf field's)
     for i in range(n):  # vectorises: no scatter, one table lookup
         b = bits[i]
         fin = (b & exp) != exp
         v = np.float64(s[i]) if fin else 0.0  # finite: fast-math may assume so
         pos = min(max(int((v - lo) * scale), 0), bins - 1)
-        lin_idx[i] = -1 if (not fin) or ((b & magnitude) == 0 and drop_zeros) else pos
+        lin_idx[i] = 0 if (not fin) or ((b & magnitude) == 0 and drop_zeros) else pos + 1
         e = (b >> mant) & exp_bits
         j = base[e] + (1 if abs(v) >= thresholds[e, 0] else 0)
-        mag_idx[i] = j if fin else top  # +-Inf: the overflow bins
+        log_idx[i] = j if fin else top  # +-Inf: the overflow bins
     for k in range(1, thresholds.shape[1]):  # finer log bins: more edges in an octave
         for i in range(n):
             b = bits[i]
             fin = (b & exp) != exp
             v = np.float64(s[i]) if fin else 0.0
             e = (b >> mant) & exp_bits
-            mag_idx[i] += 1 if fin and abs(v) >= thresholds[e, k] else 0
-    lin[:] = 0.0
-    log[:] = 0.0
-    for i in range(n):
-        if lin_idx[i] >= 0:
-            lin[lin_idx[i]] += 1
+            log_idx[i] += 1 if fin and abs(v) >= thresholds[e, k] else 0
+    for i in range(n):  # magnitude bin -> signed bin; zero has its own, NaN none
         b = bits[i]
         m = b & magnitude
-        if m <= exp:  # NaN is in neither histogram
-            j = mag_idx[i]
-            signed = zero_index + j + 1 if b >= 0 else zero_index - j - 1
-            log[zero_index if m == 0 else signed] += 1
+        j = log_idx[i]
+        signed = zero_index + j + 1 if b >= 0 else zero_index - j - 1
+        log_idx[i] = 0 if m > exp else (zero_index if m == 0 else signed) + 1
+    wl = bins + 1
+    wg = log.size + 1
+    lc = np.zeros(4 * wl, dtype=np.int32)
+    gc = np.zeros(4 * wg, dtype=np.int32)
+    m4 = n - n % 4
+    for i in range(0, m4, 4):
+        lc[lin_idx[i]] += 1
+        lc[wl + lin_idx[i + 1]] += 1
+        lc[2 * wl + lin_idx[i + 2]] += 1
+        lc[3 * wl + lin_idx[i + 3]] += 1
+        gc[log_idx[i]] += 1
+        gc[wg + log_idx[i + 1]] += 1
+        gc[2 * wg + log_idx[i + 2]] += 1
+        gc[3 * wg + log_idx[i + 3]] += 1
+    for i in range(m4, n):
+        lc[lin_idx[i]] += 1
+        gc[log_idx[i]] += 1
+    for j in range(bins):
+        lin[j] = lc[j + 1] + lc[wl + j + 1] + lc[2 * wl + j + 1] + lc[3 * wl + j + 1]
+    for j in range(log.size):
+        log[j] = gc[j + 1] + gc[wg + j + 1] + gc[2 * wg + j + 1] + gc[3 * wg + j + 1]
 
 
 @njit(cache=True)
 def _snapshot(
     x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, mant: int, exp_bits: int,
-    shift: int, top: int, bottom: int, lo: float, hi: float, saturation: bool,
-    stride: int, bins: int, drop_zeros: bool, base: np.ndarray, thresholds: np.ndarray,
-    zero_index: int, parallel_from: int, row: np.ndarray,
+    shift: int, top: int, bottom: int, lo: float, hi: float, saturation: bool, klo: Any,
+    khi: Any, stride: int, bins: int, drop_zeros: bool, base: np.ndarray,
+    thresholds: np.ndarray, zero_index: int, parallel_from: int, row: np.ndarray,
 ) -> None:  # fmt: skip
     """One snapshot of ``x`` into ``row`` (raw fields | linear counts | log counts)."""
     n = x.size
@@ -213,14 +360,17 @@ def _snapshot(
     tmp[0] = c
     ckey_bits = tmp.view(bits.dtype)[0]
     ckey = ckey_bits ^ ((ckey_bits >> shift) & magnitude)
+    narrow = x.itemsize == 4  # float32
     if n >= parallel_from:
         s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunks_parallel(
-            x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom
-        )
+            x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom, narrow, saturation,
+            klo, khi,
+        )  # fmt: skip
     else:
         s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunk(
-            x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom
-        )
+            x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom, narrow, saturation,
+            klo, khi,
+        )  # fmt: skip
     keys = np.empty(2, dtype=bits.dtype)
     keys[0] = mnk
     keys[1] = mxk
@@ -245,9 +395,11 @@ def _snapshot(
     row[10] = stride
     width = mx - mn
     scale = bins / width if width > 0 else 0.0
-    sample = x[::stride]
+    sample = np.empty((n + stride - 1) // stride, dtype=x.dtype)
+    for i in range(sample.size):  # one strided read; the histogram loops read it 3 times
+        sample[i] = x[i * stride]
     _hist_into(
-        sample, bits[::stride], exp, magnitude, mant, exp_bits, c + mn, scale, bins,
+        sample, sample.view(bits.dtype), exp, magnitude, mant, exp_bits, c + mn, scale, bins,
         drop_zeros, base, thresholds, zero_index, row[N_RAW : N_RAW + bins], row[N_RAW + bins :],
     )  # fmt: skip
 
@@ -265,12 +417,13 @@ def snapshot_into(
     ints, exp, mant, exp_bits, _ = _layout(x.dtype)
     shift, top, bottom = _int_constants(x.dtype.char)
     lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
+    klo, khi = saturation_keys(lo, hi)
     e = log_edges
     base, thresholds = log_tables(x.dtype.char, e.lo, e.hi, e.per_decade)
     _snapshot(
         x, x.view(ints), exp, top, mant, exp_bits, shift, top, bottom, lo, hi,
-        saturation is not None, stride, bins, drop_zeros, base, thresholds, e.zero_index,
-        PARALLEL_FROM, row,
+        saturation is not None, klo, khi, stride, bins, drop_zeros, base, thresholds,
+        e.zero_index, PARALLEL_FROM, row,
     )  # fmt: skip
 
 
@@ -289,6 +442,22 @@ def _int_constants(dtype_char: str) -> tuple[Any, Any, Any]:
     ints = _layout(np.dtype(dtype_char))[0]
     info = np.iinfo(ints)
     return ints(info.bits - 1), ints(info.max), ints(info.min)
+
+
+@cache
+def saturation_keys(lo: float, hi: float) -> tuple[np.int32, np.int32]:
+    """int32 keys (see :func:`_narrow_block`) such that, for every finite float32 ``w``,
+    ``w <= lo`` iff ``key(w) <= klo`` and ``w >= hi`` iff ``key(w) >= khi``.
+
+    The bounds go outward to float32 values first (:func:`flowscope.stats.outward`); a bound
+    that lands on a zero takes the key of the zero that keeps both zeros on its side.
+    """
+    down, up = outward(lo, hi, torch.float32)
+    down = 0.0 if down == 0 else down  # +0's key: -0 <= lo and +0 <= lo alike
+    up = -0.0 if up == 0 else up  # -0's key: both zeros >= hi
+    keys = np.array([down, up], dtype=np.float32).view(np.int32)
+    keys = keys ^ ((keys >> 31) & np.int32(0x7FFFFFFF))
+    return keys[0], keys[1]
 
 
 @cache

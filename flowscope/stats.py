@@ -116,6 +116,26 @@ def _next_prime(n: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=256)
+def outward(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The largest ``dtype`` value <= lo and the smallest >= hi (as floats).
+
+    Compared in ``dtype`` (as torch compares a tensor with a Python number), these split
+    the values exactly where ``lo`` and ``hi`` themselves do: ``x <= 0.1`` on float32 would
+    otherwise take 0.1 rounded to float32 (0.10000000149), a value above the bound.
+
+    Example:
+        >>> outward(0.1, 0.7, torch.float32)
+        (0.09999999403953552, 0.7000000476837158)
+    """
+    bounds = torch.tensor([lo, hi], dtype=torch.float64)
+    near = bounds.to(dtype)  # beyond the dtype's range: +-Inf, still in order
+    inf = near.new_tensor(math.inf)
+    down = torch.where(near.double() > bounds, torch.nextafter(near, -inf), near)
+    up = torch.where(near.double() < bounds, torch.nextafter(near, inf), near)
+    return float(down[0]), float(up[1])
+
+
 @functools.lru_cache(maxsize=4096)
 def sample_stride(numel: int, cap: int) -> int:
     """Stride of the histogram sample: 1 when the tensor fits, else a prime >= numel / cap."""
@@ -237,7 +257,7 @@ def _snapshot_eager(
     if saturation is None:
         sat = torch.full((), math.nan, dtype=torch.float64, device=flat.device)
     else:
-        lo, hi = saturation
+        lo, hi = outward(*saturation, flat.dtype)
         outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
         sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
     stride = sample_stride(n, spec.sample)

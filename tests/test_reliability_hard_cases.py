@@ -593,7 +593,10 @@ def test_fifty_million_element_activation_keeps_only_fixed_size_buffers():
     act = row(stats, "<root>", "activation")
     assert act["count"] == n and act["frac_zero"] == pytest.approx(1 / 1000)
     assert act["mean"] == pytest.approx(499.5, rel=1e-9)
-    assert act["std"] == pytest.approx(np.sqrt((1000**2 - 1) / 12), rel=1e-6)
+    # float32 squares are summed in float32 lanes of 128 values (blocks of 4096, then
+    # float64): at most 128 * 2**-24 = 7.6e-6 relative on the sum of squares, half that on
+    # the std; this periodic data (0..999 in every block) rounds alike in every block
+    assert act["std"] == pytest.approx(np.sqrt((1000**2 - 1) / 12), rel=4e-6)
     assert (act["min"], act["max"]) == (0.0, 999.0)
     grad = row(stats, "<root>", "gradient")
     assert grad["count"] == n

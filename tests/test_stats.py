@@ -244,3 +244,49 @@ def test_no_autograd_graph_is_built():
     x = torch.randn(100, requires_grad=True)
     raw, lin, log = snapshot(x * 2, HistSpec())
     assert not raw.requires_grad and not lin.requires_grad and not log.requires_grad
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-13, 1e15, 1e30])
+def test_tiny_and_huge_float32_values_keep_exact_moments(scale):
+    # vanishing gradients (1e-25: squares below float32's range) and exploding ones: the
+    # float32 narrow pass cannot hold their squares and must hand the slice to float64
+    x = (torch.randn(50_000, generator=torch.Generator().manual_seed(12)) * scale).float()
+    row, *_ = measured(x)
+    check(row, reference(x.numpy()), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bounds", [(-0.99, 0.99), (0.1, 0.7), (-0.7, -0.1), (0.25, 0.5), (-0.0, 1.0), (-1.0, 0.0),
+               (0.0, -0.0), (-1e300, 1e300), (1e-40, 3e38),
+               (float(np.float32(0.7)), float(np.float32(-0.7)))],
+)  # fmt: skip
+def test_saturation_on_the_float32_neighbours_of_the_bounds(bounds):
+    # the narrow pass compares integer keys of float32 bounds: every float32 next to a
+    # float64 bound, and both zeros, must land on the side a float64 compare puts them
+    # (0.1 rounds up in float32, 0.7 down; -0.0 <= +0.0 and +0.0 >= -0.0 hold)
+    lo, hi = bounds
+    near = []
+    for b in (lo, hi):
+        f = np.float32(np.clip(b, -3e38, 3e38))
+        for _ in range(3):
+            near += [f, -f]
+            f = np.nextafter(f, np.float32(np.inf))
+        f = np.float32(np.clip(b, -3e38, 3e38))
+        for _ in range(3):
+            f = np.nextafter(f, np.float32(-np.inf))
+            near += [f, -f]
+    v = np.array([*near, 0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45], dtype=np.float32)
+    v = np.tile(v, 300)  # long enough for several vector lanes
+    row, *_ = measured(torch.from_numpy(v), saturation=bounds)
+    w = v.astype(np.float64)
+    assert round(row["frac_saturated"] * v.size) == ((w <= lo) | (w >= hi)).sum()
+
+
+def test_float32_moments_agree_with_float64_on_the_same_values():
+    # narrow float32 sums (blocked, added in float64) against the float64 pass itself
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(300_001, generator=g) * 0.05 + 3.0  # mean >> std: the shift matters
+    row32, *_ = measured(x)
+    row64, *_ = measured(x.double())
+    for name in ("mean", "std", "rms", "min", "max", "frac_zero"):
+        assert row32[name] == pytest.approx(row64[name], rel=1e-6), name
