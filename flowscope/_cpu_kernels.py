@@ -2,10 +2,14 @@
 
 Eager torch makes one memory pass per operation, so a snapshot with eleven statistics costs
 about ten passes over the tensor. On the CPU one compiled call per snapshot does everything:
-it finds the shift, reads each element once for all moments and counts (float64
-accumulators; one thread below PARALLEL_FROM elements, chunks in parallel above), counts both
+it finds the shift, reads each element once for all moments and counts, counts both
 histograms on the strided sample and writes the row. It sees CPU tensors through zero-copy
 numpy views: nothing is transferred and nothing waits.
+
+Large tensors (PARALLEL_FROM elements; samples of HIST_TEAM_FROM values) are split over
+torch's own OpenMP threads, which spin idle between torch's operations anyway
+(:mod:`flowscope._team`): each thread runs the same code on its share and the results are
+merged, so the split changes nothing but the order of float additions.
 
 The moments pass is optimistic: almost every tensor is finite, so the first loop does no
 finiteness test at all. The extremes it finds on the order-preserving integer key tell
@@ -30,16 +34,26 @@ import math
 from functools import cache
 from typing import Any
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, cfunc, njit, types
 
+from flowscope._team import (
+    call_int,
+    float32_at,
+    float64_at,
+    int32_at,
+    int64_at,
+    run_team,
+    team_size,
+    torch_team,
+)
 from flowscope.stats import RAW_FIELDS, LogEdges, outward
 
-# chunks per call: enough for load balance on any core count, few enough to stay cheap
-CHUNKS = 64
-PARALLEL_FROM = 1 << 22  # below ~4M elements a thread pool costs more than it saves
+PARALLEL_FROM = 1 << 17  # from here the moments pass is split over torch's threads
+HIST_TEAM_FROM = 1 << 12  # ... and the histograms, from this many sampled values
+F32_EXP = np.int32(0x7F800000)  # the exponent field: all ones is NaN or Inf
+F64_EXP = np.int64(0x7FF0000000000000)
 # the narrow pass: float32 partial sums over blocks this long (each of LLVM's ~32 vector
 # accumulators adds ~128 values: relative error ~1e-7, against 1e-5 allowed by the tests)
 NARROW_BLOCK = 4096
@@ -245,46 +259,19 @@ def _chunk(
     return _careful_pass(x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom)
 
 
-@njit(cache=True, parallel=True)
-def _chunks_parallel(
-    x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, shift: int, c: float,
-    ckey: int, lo: float, hi: float, top: int, bottom: int, narrow: bool, saturation: bool,
-    klo: Any, khi: Any,
-) -> tuple[float, float, int, int, int, int, int, int]:  # fmt: skip
-    """The same over CHUNKS slices in parallel, for tensors of millions of elements."""
-    n = x.size
-    sums = np.zeros((CHUNKS, 2))
-    ints = np.zeros((CHUNKS, 6), dtype=np.int64)
-    step = (n + CHUNKS - 1) // CHUNKS
-    for k in prange(CHUNKS):
-        start = min(n, k * step)
-        stop = min(n, start + step)
-        s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunk(
-            x[start:stop], bits[start:stop], exp, magnitude, shift, c, ckey, lo, hi, top, bottom,
-            narrow, saturation, klo, khi,
-        )  # fmt: skip
-        sums[k, 0] = s
-        sums[k, 1] = ss
-        ints[k, 0] = mnk
-        ints[k, 1] = mxk
-        ints[k, 2] = nonzero
-        ints[k, 3] = nan
-        ints[k, 4] = inf
-        ints[k, 5] = sat
-    return (
-        sums[:, 0].sum(), sums[:, 1].sum(), ints[:, 0].min(), ints[:, 1].max(),
-        ints[:, 2].sum(), ints[:, 3].sum(), ints[:, 4].sum(), ints[:, 5].sum(),
-    )  # fmt: skip
+# -- histograms -----------------------------------------------------------------------------
 
 
 @njit(cache=True, fastmath=True)
-def _hist_into(
-    s: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, mant: int, exp_bits: int,
-    lo: float, scale: float, bins: int, drop_zeros: bool, base: np.ndarray,
-    thresholds: np.ndarray, zero_index: int, lin: np.ndarray, log: np.ndarray,
+def _hist_counts(
+    x: np.ndarray, bits: np.ndarray, stride: int, start: int, stop: int, exp: Any,
+    magnitude: Any, mant: int, exp_bits: int, lo: float, scale: float, bins: int,
+    drop_zeros: bool, base: np.ndarray, thresholds: np.ndarray, zero_index: int,
+    lc: np.ndarray, gc: np.ndarray,
 ) -> None:  # fmt: skip
-    """Count the sample ``s`` into ``lin`` and ``log`` (both overwritten): bin indices
-    first, in loops that vectorise, then the scatter.
+    """Add the sample positions [start, stop) (``x[p * stride]``) to four copies of the
+    linear counts ``lc`` (4 x (bins + 1)) and of the log counts ``gc``: bin indices first,
+    in loops that vectorise, then the scatter.
 
     Linear: finite values (exact zeros too unless ``drop_zeros``) over [lo, lo + bins/scale].
     Log: the exponent field of the bits picks the magnitude bin of the octave's lower end
@@ -297,12 +284,16 @@ def _hist_into(
     a bin (most of a layer's values lie in one or two decades) would otherwise make every
     increment wait for the one before.
     """
-    n = s.size
+    n = stop - start
+    s = np.empty(n, dtype=x.dtype)
+    for i in range(n):  # one strided read; the loops below read the copy three times
+        s[i] = x[(start + i) * stride]
+    sb = s.view(bits.dtype)
     lin_idx = np.empty(n, dtype=np.int32)
     log_idx = np.empty(n, dtype=np.int32)
     top = base[exp_bits]  # the overflow bin (the Inf field's)
     for i in range(n):  # vectorises: no scatter, one table lookup
-        b = bits[i]
+        b = sb[i]
         fin = (b & exp) != exp
         v = np.float64(s[i]) if fin else 0.0  # finite: fast-math may assume so
         pos = min(max(int((v - lo) * scale), 0), bins - 1)
@@ -312,23 +303,21 @@ def _hist_into(
         log_idx[i] = j if fin else top  # +-Inf: the overflow bins
     for k in range(1, thresholds.shape[1]):  # finer log bins: more edges in an octave
         for i in range(n):
-            b = bits[i]
+            b = sb[i]
             fin = (b & exp) != exp
             v = np.float64(s[i]) if fin else 0.0
             e = (b >> mant) & exp_bits
             log_idx[i] += 1 if fin and abs(v) >= thresholds[e, k] else 0
     for i in range(n):  # magnitude bin -> signed bin; zero has its own, NaN none
-        b = bits[i]
+        b = sb[i]
         m = b & magnitude
         j = log_idx[i]
         signed = zero_index + j + 1 if b >= 0 else zero_index - j - 1
         log_idx[i] = 0 if m > exp else (zero_index if m == 0 else signed) + 1
     wl = bins + 1
-    wg = log.size + 1
-    lc = np.zeros(4 * wl, dtype=np.int32)
-    gc = np.zeros(4 * wg, dtype=np.int32)
-    m4 = n - n % 4
-    for i in range(0, m4, 4):
+    wg = gc.size // 4
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
         lc[lin_idx[i]] += 1
         lc[wl + lin_idx[i + 1]] += 1
         lc[2 * wl + lin_idx[i + 2]] += 1
@@ -337,13 +326,177 @@ def _hist_into(
         gc[wg + log_idx[i + 1]] += 1
         gc[2 * wg + log_idx[i + 2]] += 1
         gc[3 * wg + log_idx[i + 3]] += 1
-    for i in range(m4, n):
+    for i in range(n4, n):
         lc[lin_idx[i]] += 1
         gc[log_idx[i]] += 1
-    for j in range(bins):
-        lin[j] = lc[j + 1] + lc[wl + j + 1] + lc[2 * wl + j + 1] + lc[3 * wl + j + 1]
-    for j in range(log.size):
-        log[j] = gc[j + 1] + gc[wg + j + 1] + gc[2 * wg + j + 1] + gc[3 * wg + j + 1]
+
+
+@njit(cache=True)
+def _fold(counts: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = the sum of the copies in ``counts`` (each out.size + 1 long, slot 0 unused)."""
+    w = out.size + 1
+    out[:] = 0.0
+    for c in range(counts.size // w):
+        for j in range(out.size):
+            out[j] += counts[c * w + j + 1]
+
+
+# -- torch's OpenMP team ------------------------------------------------------------------------
+# A task is an int64 array (slots below) plus a float64 array (c, saturation lo/hi, linear
+# histogram lo/scale), read by the worker of the tensor's dtype on every thread of the team.
+
+TEAM_MAX = 256  # result slots: more threads than any torch team here
+(THREAD_NUM, NUM_THREADS, X, N, JOB, FLOATS, SUMS, INTS, CKEY, KLO, KHI, NARROW, SATURATION,
+ SAMPLE, STRIDE, BINS, DROP_ZEROS, BASE, FIELDS, THRESHOLDS, EDGES_PER_FIELD, ZERO_INDEX,
+ LOG_SIZE, LIN_COUNTS, LOG_COUNTS) = range(25)  # fmt: skip
+TASK_SLOTS = 25
+MOMENTS, HISTOGRAMS = 0, 1  # the task's JOB
+
+
+@njit(cache=True)
+def _team_share(
+    task: np.ndarray, x: np.ndarray, bits: np.ndarray, exp: Any, magnitude: Any, shift: Any,
+    mant: int, exp_bits: int, top: Any, bottom: Any, ckey: Any, klo: Any, khi: Any,
+) -> None:  # fmt: skip
+    """This thread's share of a task (a worker's body; see :func:`_run_on_team`)."""
+    t = call_int(task[THREAD_NUM])
+    size = call_int(task[NUM_THREADS])
+    floats = carray(float64_at(task[FLOATS]), 5)
+    if task[JOB] == MOMENTS:
+        n = x.size
+        start = n * t // size
+        stop = n * (t + 1) // size
+        s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunk(
+            x[start:stop], bits[start:stop], exp, magnitude, shift, floats[0], ckey, floats[1],
+            floats[2], top, bottom, task[NARROW] != 0, task[SATURATION] != 0, klo, khi,
+        )  # fmt: skip
+        sums = carray(float64_at(task[SUMS]), 2 * TEAM_MAX)
+        ints = carray(int64_at(task[INTS]), 6 * TEAM_MAX)
+        sums[2 * t] = s
+        sums[2 * t + 1] = ss
+        for j, v in enumerate((mnk, mxk, nonzero, nan, inf, sat)):
+            ints[6 * t + j] = v
+        return
+    m = task[SAMPLE]
+    wl = 4 * (task[BINS] + 1)  # one thread's linear counts: four copies of bins + 1
+    wg = 4 * (task[LOG_SIZE] + 1)
+    fields = task[FIELDS]
+    _hist_counts(
+        x, bits, task[STRIDE], m * t // size, m * (t + 1) // size, exp, magnitude, mant,
+        exp_bits, floats[3], floats[4], task[BINS], task[DROP_ZEROS] != 0,
+        carray(int32_at(task[BASE]), fields),
+        carray(float64_at(task[THRESHOLDS]), (fields, task[EDGES_PER_FIELD])),
+        task[ZERO_INDEX], carray(int32_at(task[LIN_COUNTS] + 4 * wl * t), wl),
+        carray(int32_at(task[LOG_COUNTS] + 4 * wg * t), wg),
+    )  # fmt: skip
+
+
+def _worker32(data: Any) -> None:
+    """The body run on each thread for float32 (compiled by :func:`_worker`)."""
+    task = carray(data, TASK_SLOTS, np.int64)
+    x = carray(float32_at(task[X]), task[N])
+    _team_share(
+        task, x, x.view(np.int32), F32_EXP, np.int32(0x7FFFFFFF), np.int32(31), 23, 0xFF,
+        np.int32(0x7FFFFFFF), np.int32(-0x80000000), np.int32(task[CKEY]), np.int32(task[KLO]),
+        np.int32(task[KHI]),
+    )  # fmt: skip
+
+
+def _worker64(data: Any) -> None:
+    """The same for float64."""
+    task = carray(data, TASK_SLOTS, np.int64)
+    x = carray(float64_at(task[X]), task[N])
+    _team_share(
+        task, x, x.view(np.int64), F64_EXP, np.int64(0x7FFFFFFFFFFFFFFF), np.int64(63), 52,
+        0x7FF, np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-0x8000000000000000), task[CKEY],
+        task[KLO], task[KHI],
+    )  # fmt: skip
+
+
+@cache
+def _worker(dtype_char: str) -> Any:
+    """The worker of a dtype as a C callback, compiled on first use (not at import)."""
+    body = _worker32 if dtype_char == "f" else _worker64
+    return cfunc(types.void(types.voidptr), cache=True)(body)
+
+
+@njit(cache=True)
+def _run_on_team(team: np.ndarray, task: np.ndarray, floats: np.ndarray) -> None:
+    """Every thread of torch's team runs its share of ``task`` (``team``: see
+    :func:`_team_of` and :mod:`flowscope._team`)."""
+    task[THREAD_NUM] = team[2]
+    task[NUM_THREADS] = team[3]
+    task[FLOATS] = floats.ctypes.data
+    run_team(team[0], team[1], task.ctypes.data, min(team[4], TEAM_MAX))
+
+
+@njit(cache=True)
+def _moments_on_team(
+    x: np.ndarray, team: np.ndarray, c: float, ckey: Any, lo: float, hi: float,
+    narrow: bool, saturation: bool, klo: Any, khi: Any, top: Any, bottom: Any,
+) -> tuple[float, float, Any, Any, int, int, int, int]:  # fmt: skip
+    """The moments pass split over the team, every thread :func:`_chunk` on its share; the
+    slots a smaller team leaves unused stay neutral."""
+    sums = np.zeros(2 * TEAM_MAX)
+    ints = np.zeros(6 * TEAM_MAX, dtype=np.int64)
+    ints[0::6] = top
+    ints[1::6] = bottom
+    task = np.zeros(TASK_SLOTS, dtype=np.int64)
+    task[X] = x.ctypes.data
+    task[N] = x.size
+    task[JOB] = MOMENTS
+    task[SUMS] = sums.ctypes.data
+    task[INTS] = ints.ctypes.data
+    task[CKEY] = ckey
+    task[KLO] = klo
+    task[KHI] = khi
+    task[NARROW] = narrow
+    task[SATURATION] = saturation
+    _run_on_team(team, task, np.array([c, lo, hi, 0.0, 0.0]))
+    return (
+        sums[0::2].sum(), sums[1::2].sum(), ints[0::6].min(), ints[1::6].max(),
+        ints[2::6].sum(), ints[3::6].sum(), ints[4::6].sum(), ints[5::6].sum(),
+    )  # fmt: skip
+
+
+@njit(cache=True)
+def _histograms(
+    x: np.ndarray, bits: np.ndarray, stride: int, exp: Any, magnitude: Any, mant: int,
+    exp_bits: int, lo: float, scale: float, bins: int, drop_zeros: bool, base: np.ndarray,
+    thresholds: np.ndarray, zero_index: int, team: np.ndarray, lin: np.ndarray,
+    log: np.ndarray,
+) -> None:  # fmt: skip
+    """Both histograms of the sample ``x[::stride]`` into ``lin`` and ``log``: on the team
+    when the sample is long enough to pay for it, each thread into its own counts."""
+    m = (x.size + stride - 1) // stride
+    threads = team[4] if m >= team[6] else 1
+    lc = np.zeros(threads * 4 * (bins + 1), dtype=np.int32)
+    gc = np.zeros(threads * 4 * (log.size + 1), dtype=np.int32)
+    if threads > 1:
+        task = np.zeros(TASK_SLOTS, dtype=np.int64)
+        task[X] = x.ctypes.data
+        task[N] = x.size
+        task[JOB] = HISTOGRAMS
+        task[SAMPLE] = m
+        task[STRIDE] = stride
+        task[BINS] = bins
+        task[DROP_ZEROS] = drop_zeros
+        task[BASE] = base.ctypes.data
+        task[FIELDS] = base.size
+        task[THRESHOLDS] = thresholds.ctypes.data
+        task[EDGES_PER_FIELD] = thresholds.shape[1]
+        task[ZERO_INDEX] = zero_index
+        task[LOG_SIZE] = log.size
+        task[LIN_COUNTS] = lc.ctypes.data
+        task[LOG_COUNTS] = gc.ctypes.data
+        _run_on_team(team, task, np.array([0.0, 0.0, 0.0, lo, scale]))
+    else:
+        _hist_counts(
+            x, bits, stride, 0, m, exp, magnitude, mant, exp_bits, lo, scale, bins,
+            drop_zeros, base, thresholds, zero_index, lc, gc,
+        )  # fmt: skip
+    _fold(lc, lin)
+    _fold(gc, log)
 
 
 @njit(cache=True)
@@ -351,7 +504,7 @@ def _snapshot(
     x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, mant: int, exp_bits: int,
     shift: int, top: int, bottom: int, lo: float, hi: float, saturation: bool, klo: Any,
     khi: Any, stride: int, bins: int, drop_zeros: bool, base: np.ndarray,
-    thresholds: np.ndarray, zero_index: int, parallel_from: int, row: np.ndarray,
+    thresholds: np.ndarray, zero_index: int, team: np.ndarray, row: np.ndarray,
 ) -> None:  # fmt: skip
     """One snapshot of ``x`` into ``row`` (raw fields | linear counts | log counts)."""
     n = x.size
@@ -361,11 +514,10 @@ def _snapshot(
     ckey_bits = tmp.view(bits.dtype)[0]
     ckey = ckey_bits ^ ((ckey_bits >> shift) & magnitude)
     narrow = x.itemsize == 4  # float32
-    if n >= parallel_from:
-        s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunks_parallel(
-            x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom, narrow, saturation,
-            klo, khi,
-        )  # fmt: skip
+    if n >= team[5] and team[4] > 1:
+        s, ss, mnk, mxk, nonzero, nan, inf, sat = _moments_on_team(
+            x, team, c, ckey, lo, hi, narrow, saturation, klo, khi, top, bottom
+        )
     else:
         s, ss, mnk, mxk, nonzero, nan, inf, sat = _chunk(
             x, bits, exp, magnitude, shift, c, ckey, lo, hi, top, bottom, narrow, saturation,
@@ -395,12 +547,9 @@ def _snapshot(
     row[10] = stride
     width = mx - mn
     scale = bins / width if width > 0 else 0.0
-    sample = np.empty((n + stride - 1) // stride, dtype=x.dtype)
-    for i in range(sample.size):  # one strided read; the histogram loops read it 3 times
-        sample[i] = x[i * stride]
-    _hist_into(
-        sample, sample.view(bits.dtype), exp, magnitude, mant, exp_bits, c + mn, scale, bins,
-        drop_zeros, base, thresholds, zero_index, row[N_RAW : N_RAW + bins], row[N_RAW + bins :],
+    _histograms(
+        x, bits, stride, exp, magnitude, mant, exp_bits, c + mn, scale, bins, drop_zeros, base,
+        thresholds, zero_index, team, row[N_RAW : N_RAW + bins], row[N_RAW + bins :],
     )  # fmt: skip
 
 
@@ -423,16 +572,30 @@ def snapshot_into(
     _snapshot(
         x, x.view(ints), exp, top, mant, exp_bits, shift, top, bottom, lo, hi,
         saturation is not None, klo, khi, stride, bins, drop_zeros, base, thresholds,
-        e.zero_index, PARALLEL_FROM, row,
+        e.zero_index, _team_of(x.dtype.char, team_size(), PARALLEL_FROM, HIST_TEAM_FROM), row,
     )  # fmt: skip
+
+
+@cache
+def _team_of(dtype_char: str, threads: int, moments_from: int, hist_from: int) -> np.ndarray:
+    """The team as the kernels take it: GOMP_parallel, the dtype's worker, omp_get_thread_num,
+    omp_get_num_threads, threads (1: no team), and from which tensor size (moments) and
+    sample size (histograms) to use it."""
+    found = torch_team()
+    if found is None or threads < 2:
+        return np.array([0, 0, 0, 0, 1, moments_from, hist_from], dtype=np.int64)
+    gomp, thread_num, num_threads = found
+    worker = _worker(dtype_char).address
+    team = [gomp, worker, thread_num, num_threads, threads, moments_from, hist_from]
+    return np.array(team, dtype=np.int64)
 
 
 def _layout(dtype: np.dtype) -> tuple[Any, Any, int, int, int]:
     """IEEE layout of float32 / float64: the same-width int type, the exponent mask (typed),
     mantissa bits, exponent field mask and bias."""
     if dtype == np.float32:
-        return np.int32, np.int32(0x7F800000), 23, 0xFF, 127
-    return np.int64, np.int64(0x7FF0000000000000), 52, 0x7FF, 1023
+        return np.int32, F32_EXP, 23, 0xFF, 127
+    return np.int64, F64_EXP, 52, 0x7FF, 1023
 
 
 @cache
@@ -502,9 +665,3 @@ def decade_edges(lo: int, hi: int, per_decade: int) -> np.ndarray:
         ks = np.arange(lo * per_decade, hi * per_decade + 1)
         _EDGES[key] = np.array([10.0 ** (k / per_decade) for k in ks])
     return _EDGES[key]
-
-
-def set_threads(n: int) -> None:
-    """Use as many threads as torch does (numba's pool is created on first use)."""
-    cap = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    numba.set_num_threads(max(1, min(n, cap)))

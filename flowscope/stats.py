@@ -174,7 +174,6 @@ def _kernels() -> Any:
         try:
             from flowscope import _cpu_kernels
 
-            _cpu_kernels.set_threads(torch.get_num_threads())
             _numba = _cpu_kernels
         except ImportError:
             _numba = False

@@ -1,0 +1,85 @@
+"""The fused CPU kernels on torch's own OpenMP threads (flowscope._team)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_stats import check, measured, reference
+
+from flowscope.stats import RAW
+
+
+@pytest.fixture(autouse=True)
+def numba_kernels(monkeypatch):
+    monkeypatch.setenv("FLOWSCOPE_KERNELS", "numba")
+
+
+def _force_team(monkeypatch, on: bool) -> None:
+    """Split every snapshot over torch's OpenMP team (on) or run it on this thread (off)."""
+    from flowscope import _cpu_kernels
+
+    monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", 1 if on else 1 << 62)
+    monkeypatch.setattr(_cpu_kernels, "HIST_TEAM_FROM", 1 if on else 1 << 62)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_team_and_the_calling_thread_agree(monkeypatch, dtype):
+    # the same snapshot split over torch's threads and on one: histograms and counts exactly,
+    # sums to rounding; NaN/Inf in one thread's share only, zeros and saturated values
+    from flowscope import _team
+
+    if _team.torch_team() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs torch on a GNU OpenMP team of 2+ threads")
+    g = torch.Generator().manual_seed(14)
+    x = torch.tanh(3 * torch.randn(200_003, generator=g)).to(dtype)
+    x[:5000] = 0.0
+    x[150_000] = float("nan")
+    x[150_001] = -float("inf")
+    rows = {}
+    for on in (True, False):
+        _force_team(monkeypatch, on)
+        rows[on] = measured(x, saturation=(-0.99, 0.99), spec={"sample": 50_000})
+    (team, team_raw, team_lin, team_log), (one, one_raw, one_lin, one_log) = rows[True], rows[False]
+    np.testing.assert_array_equal(team_lin, one_lin)
+    np.testing.assert_array_equal(team_log, one_log)
+    for name in ("numel", "nonfinite", "nan", "shift", "min", "max", "nonzero", "saturated"):
+        assert team_raw[RAW[name]] == one_raw[RAW[name]], name
+    check(team, reference(x.numpy(), (-0.99, 0.99)))
+    check(one, reference(x.numpy(), (-0.99, 0.99)))
+
+
+def test_snapshots_from_another_thread_use_their_own_team(monkeypatch):
+    # a hook may fire on a thread other than the one that runs torch's ops (a second
+    # Python thread): its team is its own, and the results are the same
+    _force_team(monkeypatch, True)
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(15))
+    here = measured(x)
+    there: list = []
+    worker = threading.Thread(target=lambda: there.append(measured(x)))
+    worker.start()
+    worker.join(timeout=60)
+    assert there, "the snapshot on the second thread did not finish"
+    np.testing.assert_array_equal(here[1], there[0][1])
+    np.testing.assert_array_equal(here[2], there[0][2])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_large_snapshots_add_no_thread_pool_of_their_own(monkeypatch):
+    # the kernels borrow torch's OpenMP threads: no second OpenMP runtime is loaded and the
+    # process gains no threads (a pool of our own would fight torch's spinning workers)
+    torch.randn(512, 512) @ torch.randn(512, 512)  # torch's team exists
+    threads = len(os.listdir("/proc/self/task"))
+    _force_team(monkeypatch, True)
+    for _ in range(3):
+        measured(torch.randn(1_000_000, generator=torch.Generator().manual_seed(16)))
+    runtimes = set(
+        re.findall(r"\S*lib(?:g|i|)omp[^/\s]*\.so[.\d]*", Path("/proc/self/maps").read_text())
+    )
+    assert len({Path(r).name for r in runtimes}) <= 1 and len(runtimes) <= 1, runtimes
+    assert len(os.listdir("/proc/self/task")) <= threads
