@@ -501,10 +501,10 @@ def _histograms(
 
 @njit(cache=True)
 def _snapshot(
-    x: np.ndarray, bits: np.ndarray, exp: int, magnitude: int, mant: int, exp_bits: int,
-    shift: int, top: int, bottom: int, lo: float, hi: float, saturation: bool, klo: Any,
-    khi: Any, stride: int, bins: int, drop_zeros: bool, base: np.ndarray,
-    thresholds: np.ndarray, zero_index: int, team: np.ndarray, row: np.ndarray,
+    x: np.ndarray, bits: np.ndarray, stride: int, bins: int, drop_zeros: bool, row: np.ndarray,
+    exp: int, magnitude: int, mant: int, exp_bits: int, shift: int, top: int, bottom: int,
+    lo: float, hi: float, saturation: bool, klo: Any, khi: Any, base: np.ndarray,
+    thresholds: np.ndarray, zero_index: int, team: np.ndarray,
 ) -> None:  # fmt: skip
     """One snapshot of ``x`` into ``row`` (raw fields | linear counts | log counts)."""
     n = x.size
@@ -563,16 +563,32 @@ def snapshot_into(
     row: np.ndarray,
 ) -> None:
     """Statistics and both histograms of the 1-d float32/float64 array ``x`` into ``row``."""
-    ints, exp, mant, exp_bits, _ = _layout(x.dtype)
-    shift, top, bottom = _int_constants(x.dtype.char)
+    ints, *settings = _settings(
+        x.dtype.char, saturation, log_edges, team_size(), PARALLEL_FROM, HIST_TEAM_FROM
+    )
+    _snapshot(x, x.view(ints), stride, bins, drop_zeros, row, *settings)
+
+
+@cache
+def _settings(
+    dtype_char: str,
+    saturation: tuple[float, float] | None,
+    e: LogEdges,
+    threads: int,
+    moments_from: int,
+    hist_from: int,
+) -> tuple[Any, ...]:
+    """The bits' int type, then every argument of :func:`_snapshot` after ``row``: the same
+    for every snapshot of a layer, so computed once (a snapshot's Python is microseconds)."""
+    ints, exp, mant, exp_bits, _ = _layout(np.dtype(dtype_char))
+    shift, top, bottom = _int_constants(dtype_char)
     lo, hi = saturation if saturation is not None else (-math.inf, math.inf)
     klo, khi = saturation_keys(lo, hi)
-    e = log_edges
-    base, thresholds = log_tables(x.dtype.char, e.lo, e.hi, e.per_decade)
-    _snapshot(
-        x, x.view(ints), exp, top, mant, exp_bits, shift, top, bottom, lo, hi,
-        saturation is not None, klo, khi, stride, bins, drop_zeros, base, thresholds,
-        e.zero_index, _team_of(x.dtype.char, team_size(), PARALLEL_FROM, HIST_TEAM_FROM), row,
+    base, thresholds = log_tables(dtype_char, e.lo, e.hi, e.per_decade)
+    team = _team_of(dtype_char, threads, moments_from, hist_from)
+    return (
+        ints, exp, top, mant, exp_bits, shift, top, bottom, lo, hi, saturation is not None,
+        klo, khi, base, thresholds, e.zero_index, team,
     )  # fmt: skip
 
 

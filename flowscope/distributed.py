@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from flowscope.errors import FlowscopeError
 from flowscope.recorder import KINDS, ROOT, Recorder, SnapKey
-from flowscope.stats import RAW
+from flowscope.stats import RAW, split_row
 
 if TYPE_CHECKING:
     from flowscope.engine import StudyResult
@@ -204,8 +204,9 @@ def _merge_rows(
 ) -> None:
     """Replace the pending snapshots ``order`` (sorted alike on every rank) by merged ones."""
     pending = rec._pending
-    device = pending.raw[order[0]].device
-    raw = torch.stack([pending.raw[i].to(device) for i in order])
+    device = pending.rows[order[0]].device
+    stacked = torch.stack([pending.rows[i].to(device) for i in order])
+    raw, lins, logs = split_row(stacked, rec.hist)
     gathered = [torch.empty_like(raw) for _ in range(world)]
     dist.all_gather(gathered, raw, group=group)
     every = torch.stack(gathered)  # (rank, snapshot, field)
@@ -218,15 +219,11 @@ def _merge_rows(
     sub = every[:, rows]
     merged = merge_raw(sub)
     weight = _stride_weights(sub)[dist.get_rank(group)]
-    lin = torch.stack([pending.lin[order[s]].to(device) for s in rows])
-    log = torch.stack([pending.log[order[s]].to(device) for s in rows])
-    lin = rebin_linear(lin, raw[rows], merged)
-    hists = torch.cat([lin, log], dim=1) * weight[:, None]
+    lin = rebin_linear(lins[rows], raw[rows], merged)
+    hists = torch.cat([lin, logs[rows]], dim=1) * weight[:, None]
     dist.all_reduce(hists, group=group)  # one SUM for every histogram of every snapshot
-    bins = lin.shape[1]
     for j, s in enumerate(rows):
-        i = order[s]
-        pending.raw[i], pending.lin[i], pending.log[i] = merged[j], hists[j, :bins], hists[j, bins:]
+        pending.rows[order[s]] = torch.cat([merged[j], hists[j]])
 
 
 def _agreeing(every: torch.Tensor, kinds: list[str], replicated: tuple[str, ...]) -> list[bool]:
@@ -374,11 +371,7 @@ def record_synced_grads(rec: Recorder) -> int:
         rec._record(param.grad, key)  # the recorder's own path (dtype, layout, settings)
         if len(pending.keys) > count:  # it appended the new snapshot: move it into place
             pending.keys.pop()
-            pending.raw[i], pending.lin[i], pending.log[i] = (
-                pending.raw.pop(),
-                pending.lin.pop(),
-                pending.log.pop(),
-            )
+            pending.rows[i] = pending.rows.pop()
             done += 1
     return done
 

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def build_records(
 
 def _key_frame(keys: Sequence[Any], run: str) -> pd.DataFrame:
     """One row per snapshot key (``SnapKey``): ``run``, its fields, in field order."""
-    columns = {f.name: [getattr(k, f.name) for k in keys] for f in fields(keys[0])}
+    columns = {name: [getattr(k, name) for k in keys] for name in keys[0]._fields}
     return pd.DataFrame({"run": [run] * len(keys), **columns})
 
 

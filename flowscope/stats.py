@@ -230,17 +230,47 @@ def snapshot(
         ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
         ``spec.bins`` and ``spec.log.size``.
     """
+    return split_row(snapshot_row(x, spec, saturation, drop_zeros, backend, out), spec)
+
+
+def snapshot_row(
+    x: torch.Tensor,
+    spec: HistSpec,
+    saturation: tuple[float, float] | None = None,
+    drop_zeros: bool = False,
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`snapshot` as one float64 row ``raw | linear counts | log counts`` (``out``
+    when given): the recorder's form, with the least Python per call."""
+    flat = x.detach()
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    n = flat.numel()
+    if n and backend_for(flat, backend) == "numba":
+        row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
+        a = flat.numpy().reshape(-1)  # a view of CPU memory (a copy only if not contiguous)
+        stride = sample_stride(n, spec.sample)
+        _kernels().snapshot_into(
+            a, saturation, stride, spec.bins, drop_zeros, spec.log, row.numpy()
+        )
+        return row
     with torch.no_grad():
-        flat = x.detach().reshape(-1)
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        n = flat.numel()
-        if n == 0:
-            return _into(out, *_empty(spec, flat.device))
-        if backend_for(flat, backend) == "numba":
-            row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
-            return _snapshot_cpu(flat, spec, saturation, drop_zeros, row)
-        return _into(out, *_snapshot_eager(flat, spec, saturation, drop_zeros))
+        flat = flat.reshape(-1)
+        parts = (
+            _empty(spec, flat.device)
+            if n == 0
+            else _snapshot_eager(flat, spec, saturation, drop_zeros)
+        )
+        full = torch.cat(parts)
+    return full if out is None else out.copy_(full)
+
+
+def split_row(row: torch.Tensor, spec: HistSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(raw, linear counts, log counts)``: views of a snapshot row (or of rows, on the last
+    axis)."""
+    n_raw, bins = len(RAW_FIELDS), spec.bins
+    return row[..., :n_raw], row[..., n_raw : n_raw + bins], row[..., n_raw + bins :]
 
 
 def _snapshot_eager(
@@ -287,35 +317,9 @@ def _snapshot_eager(
     return raw, lin, log
 
 
-def _into(
-    out: torch.Tensor | None, raw: torch.Tensor, lin: torch.Tensor, log: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The results as views of ``out`` (copied in) when a row is given, else as they are."""
-    if out is None:
-        return raw, lin, log
-    a, b = raw.numel(), raw.numel() + lin.numel()
-    out.copy_(torch.cat([raw, lin, log]))
-    return out[:a], out[a:b], out[b:]
-
-
 def row_width(spec: HistSpec) -> int:
     """Length of one snapshot laid out as raw | linear counts | log counts."""
     return len(RAW_FIELDS) + spec.bins + spec.log.size
-
-
-def _snapshot_cpu(
-    flat: torch.Tensor,
-    spec: HistSpec,
-    saturation: tuple[float, float] | None,
-    drop_zeros: bool,
-    row: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused CPU path: numba kernels over a zero-copy numpy view, results into ``row``."""
-    a = flat.contiguous().numpy()  # a view of CPU memory: no copy, no device to wait for
-    stride = sample_stride(a.size, spec.sample)
-    _kernels().snapshot_into(a, saturation, stride, spec.bins, drop_zeros, spec.log, row.numpy())
-    n_raw, bins = len(RAW_FIELDS), spec.bins
-    return row[:n_raw], row[n_raw : n_raw + bins], row[n_raw + bins :]
 
 
 def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -537,7 +537,7 @@ def test_interrupted_attach_leaves_no_hook(monkeypatch):
 
 def buffer_bytes(rec: fs.Recorder) -> int:
     pending = rec._pending
-    n = sum(t.nbytes for t in pending.raw + pending.lin + pending.log)
+    n = sum(t.nbytes for t in pending.rows)
     return n + sum(a.nbytes + b.nbytes + c.nbytes for _, a, b, c in rec._host)
 
 

@@ -284,10 +284,10 @@ def test_cpu_results_live_in_a_few_mmap_blocks_not_the_heap(kernels, monkeypatch
         model(torch.randn(64, 20)).sum().backward()
         rec.step()
     pending = rec._pending
-    storages = {t.untyped_storage().data_ptr() for t in pending.raw + pending.lin + pending.log}
-    assert len(pending.raw) > 40 and len(storages) == 1  # all rows of one 512-row block
+    storages = {t.untyped_storage().data_ptr() for t in pending.rows}
+    assert len(pending.rows) > 40 and len(storages) == 1  # all rows of one 512-row block
     rec.close()
-    assert rec.stats.groupby("step").size().tolist() == [len(pending.raw) // 3] * 3
+    assert rec.stats.groupby("step").size().tolist() == [len(pending.rows) // 3] * 3
 
 
 def test_deep_copy_of_model_is_not_watched():

@@ -46,7 +46,7 @@ from torch import nn
 from flowscope.distributed import merge_pending, rank_and_world, record_synced_grads
 from flowscope.errors import FlowscopeError
 from flowscope.recorder import Recorder, watch
-from flowscope.stats import RAW, LogEdges
+from flowscope.stats import RAW, LogEdges, split_row
 
 __all__ = ["Session", "loss_scale", "unscale_pending"]
 
@@ -111,9 +111,9 @@ def unscale_pending(
     done = 0
     for i, key in enumerate(pending.keys):
         if key.step == step and key.kind in kinds:
-            s = torch.as_tensor(scale, dtype=torch.float64, device=pending.raw[i].device)
-            pending.raw[i] = _divide_raw(pending.raw[i], s)
-            pending.log[i] = shift_log_hist(pending.log[i], s, edges)
+            raw, lin, log = split_row(pending.rows[i], rec.hist)
+            s = torch.as_tensor(scale, dtype=torch.float64, device=raw.device)
+            pending.rows[i] = torch.cat([_divide_raw(raw, s), lin, shift_log_hist(log, s, edges)])
             done += 1
     if done:
         rec._frames = None
