@@ -4,9 +4,10 @@
     python bench/overhead.py --quick         # fewer repetitions, for a smoke run
 
 Every mode gets its own copy of the model with its hooks attached; timing blocks of
-``--steps`` training steps are interleaved across modes (bare, flowscope, ...) and repeated
-``--reps`` times, so drift of the machine hits every mode alike. Reported: the median time
-per step and its ratio to the bare step. Modes:
+``--steps`` training steps are interleaved across modes (bare, flowscope, ...), in an order
+rotated every repetition, and repeated ``--reps`` times, so drift of the machine hits every
+mode alike. Reported: the median time per step, the median over repetitions of the ratio to
+the bare block of the same repetition, and the quartiles of those ratios. Modes:
 
 * ``bare``: forward, cross-entropy, backward, SGD step.
 * ``flowscope``: ``fs.watch(model)`` with every kind and both histograms, every step.
@@ -218,8 +219,11 @@ def time_case(case: str, modes: list[str], reps: int, steps: int) -> list[dict[s
             for _ in range(2):  # warm-up
                 train_step(model, opt, x, y)
                 step()
-        for _ in range(reps):
-            for model, opt, step, _, times in runs.values():
+        order = list(runs)
+        for rep in range(reps):
+            k = rep % len(order)  # rotate: no mode always runs right after the same one
+            for mode in order[k:] + order[:k]:
+                model, opt, step, _, times = runs[mode]
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     train_step(model, opt, x, y)
@@ -227,17 +231,23 @@ def time_case(case: str, modes: list[str], reps: int, steps: int) -> list[dict[s
                 times.append((time.perf_counter() - t0) / steps)
         for _, (_, _, _, close, _) in runs.items():
             close()
-    bare = statistics.median(runs["bare"][4])
-    return [
-        {
-            "case": case,
-            "mode": mode,
-            "ms_per_step": round(statistics.median(r[4]) * 1e3, 2),
-            "ratio": round(statistics.median(r[4]) / bare, 3),
-            "spread": round((max(r[4]) - min(r[4])) / statistics.median(r[4]), 3),
-        }
-        for mode, r in runs.items()
-    ]
+    bare = runs["bare"][4]
+    rows = []
+    for mode, r in runs.items():
+        # paired: each repetition's block against the bare block of the same repetition, so
+        # the machine's slow drift (a shared VM) cancels; the median of those ratios
+        ratios = sorted(t / b for t, b in zip(r[4], bare, strict=True))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        rows.append(
+            {
+                "case": case,
+                "mode": mode,
+                "ms_per_step": round(statistics.median(r[4]) * 1e3, 2),
+                "ratio": round(statistics.median(ratios), 3),
+                "ratio_iqr": f"{q1:.2f}-{q3:.2f}",
+            }
+        )
+    return rows
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -418,7 +428,11 @@ def main() -> None:
         f"Command: `{command.strip()}`  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
         "",
-        markdown("Time per training step (median), ratio to the bare step", timing),
+        markdown(
+            "Time per training step (median); ratio to the bare step (median of the"
+            " repetitions' paired ratios) and its quartiles",
+            timing,
+        ),
         markdown(
             "Against the targets (every step <= 1.3x, every 10th <= 1.05x; >= 3x less"
             " overhead than TensorBoard-style hooks and wandb.watch)",

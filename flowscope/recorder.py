@@ -20,6 +20,7 @@ This module imports torch only; frames are built lazily by :mod:`flowscope.frame
 from __future__ import annotations
 
 import fnmatch
+import functools
 import mmap
 import time
 import warnings
@@ -587,8 +588,16 @@ def _in_backward() -> bool:
 
 def _eager(hook: Any) -> Any:
     """The hook, run eagerly under ``torch.compile``: dynamo graph-breaks around it instead of
-    tracing its bookkeeping (Python dicts, the numba kernels) into a compiled graph."""
-    return torch.compiler.disable(hook)
+    tracing its bookkeeping (Python dicts, the numba kernels) into a compiled graph.
+
+    A partial of one function disabled once: ``torch.compiler.disable`` on every new closure
+    costs ~4 us, and a gradient hook is made per activation per recorded step."""
+    return functools.partial(_run_eagerly, hook)
+
+
+@torch.compiler.disable
+def _run_eagerly(hook: Any, *args: Any) -> Any:
+    return hook(*args)
 
 
 def _float_tensors(
