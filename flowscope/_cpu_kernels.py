@@ -31,7 +31,7 @@ apart except through rounding (float64 here, the tensor's dtype in eager sums).
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -569,7 +569,7 @@ def snapshot_into(
     _snapshot(x, x.view(ints), stride, bins, drop_zeros, row, *settings)
 
 
-@cache
+@lru_cache(maxsize=256)  # one entry per dtype x saturation x ...: a handful
 def _settings(
     dtype_char: str,
     saturation: tuple[float, float] | None,
