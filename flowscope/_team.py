@@ -48,9 +48,28 @@ def torch_team() -> tuple[int, int, int] | None:
     return gomp, thread_num, num_threads
 
 
+_forked = False  # set in a child made by fork(): its copy of the team's threads is gone
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def team_size() -> int:
-    """Threads to ask for: torch's own setting (1 means run on the calling thread)."""
-    return torch.get_num_threads() if torch_team() is not None else 1
+    """Threads to ask for: torch's own setting (1 means run on the calling thread).
+
+    1 in a child process made by ``fork()``: GNU OpenMP waits there forever for the parent's
+    worker threads (torch's own parallel operations hang the same way), so after a fork the
+    kernels stay on the calling thread.
+    """
+    if _forked or torch_team() is None:
+        return 1
+    return torch.get_num_threads()
 
 
 def _call_int(typingctx: Any, addr: Any) -> Any:

@@ -83,3 +83,30 @@ def test_large_snapshots_add_no_thread_pool_of_their_own(monkeypatch):
     )
     assert len({Path(r).name for r in runtimes}) <= 1 and len(runtimes) <= 1, runtimes
     assert len(os.listdir("/proc/self/task")) <= threads
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_snapshots_on_its_own_thread():
+    # GNU OpenMP hangs in a child made by fork() once the parent used its team (torch's own
+    # parallel ops hang there too): the child must fall back to the calling thread. Run in
+    # a fresh interpreter with a timeout, so a regression fails instead of hanging the suite
+    import subprocess
+    import sys
+
+    script = """
+import os, torch
+from flowscope.stats import snapshot, HistSpec
+x = torch.randn(1_000_000)
+snapshot(x, HistSpec())  # the parent uses torch's team
+pid = os.fork()
+if pid == 0:
+    raw, *_ = snapshot(x, HistSpec())
+    os._exit(0 if raw[0].item() == 1_000_000 else 3)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    env = {**os.environ, "FLOWSCOPE_KERNELS": "numba"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"
