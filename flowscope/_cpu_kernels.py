@@ -138,36 +138,18 @@ def _careful_pass(
 
 
 @njit(cache=True, fastmath=True)
-def _narrow_block(x: np.ndarray, bits: np.ndarray, c: Any) -> tuple[Any, Any, Any, Any, Any]:
-    """(sum, sumsq) about c, (min key, max key) and zeros of a float32 block, 32-bit lanes.
+def _narrow_block(
+    x: np.ndarray, bits: np.ndarray, c: Any, saturation: bool, klo: Any, khi: Any
+) -> tuple[Any, Any, Any, Any, Any, Any]:  # fmt: skip
+    """(sum, sumsq) about c, (min key, max key), zeros and saturated of a float32 block, in
+    32-bit lanes.
 
     Every integer is forced to int32 (numba widens int32 arithmetic to int64, which halves
-    the lanes); the counter is a float32, exact up to 2**24.
+    the lanes); the counters are float32, exact up to 2**24. Saturated means
+    ``key <= klo or key >= khi`` (the keys of the float32 bounds, see
+    :func:`saturation_keys`); LLVM splits the loop on ``saturation``, so the test costs
+    nothing where it is off.
     """
-    mag = np.int32(0x7FFFFFFF)
-    a = np.float32(0.0)
-    b = np.float32(0.0)
-    zeros = np.float32(0.0)
-    mnk = np.int32(0x7FFFFFFF)
-    mxk = np.int32(-0x80000000)
-    for i in range(x.size):
-        u = bits[i]
-        d = x[i] - c
-        a += d
-        b += d * d
-        key = np.int32(u ^ np.int32(np.int32(u >> np.int32(31)) & mag))
-        mnk = key if key < mnk else mnk
-        mxk = key if key > mxk else mxk
-        zeros += np.float32(1.0) if np.int32(u & mag) == np.int32(0) else np.float32(0.0)
-    return a, b, mnk, mxk, zeros
-
-
-@njit(cache=True, fastmath=True)
-def _narrow_block_saturated(
-    x: np.ndarray, bits: np.ndarray, c: Any, klo: Any, khi: Any
-) -> tuple[Any, Any, Any, Any, Any, Any]:
-    """The same plus the saturated count, compared on the key: ``key <= klo or key >= khi``
-    (the keys of the float32 bounds, see :func:`saturation_keys`)."""
     mag = np.int32(0x7FFFFFFF)
     a = np.float32(0.0)
     b = np.float32(0.0)
@@ -184,7 +166,8 @@ def _narrow_block_saturated(
         mnk = key if key < mnk else mnk
         mxk = key if key > mxk else mxk
         zeros += np.float32(1.0) if np.int32(u & mag) == np.int32(0) else np.float32(0.0)
-        sat += np.float32(1.0) if (key <= klo) | (key >= khi) else np.float32(0.0)
+        if saturation:
+            sat += np.float32(1.0) if (key <= klo) | (key >= khi) else np.float32(0.0)
     return a, b, mnk, mxk, zeros, sat
 
 
@@ -204,13 +187,10 @@ def _narrow_pass(
     mxk = np.int32(-0x80000000)
     for start in range(0, n, NARROW_BLOCK):
         stop = min(n, start + NARROW_BLOCK)
-        if saturation:
-            a, b, lo, hi, z, q = _narrow_block_saturated(
-                x[start:stop], bits[start:stop], c32, klo, khi
-            )
-            sat += int(q)
-        else:
-            a, b, lo, hi, z = _narrow_block(x[start:stop], bits[start:stop], c32)
+        a, b, lo, hi, z, q = _narrow_block(
+            x[start:stop], bits[start:stop], c32, saturation, klo, khi
+        )
+        sat += int(q)
         s += a
         ss += b
         zeros += int(z)
