@@ -2,6 +2,7 @@
 
     python bench/overhead.py                 # the full table (a few minutes on 2 CPU cores)
     python bench/overhead.py --quick         # fewer repetitions, for a smoke run
+    python bench/overhead.py --device cuda   # on a GPU: bench/results/overhead-cuda.{csv,md}
 
 Every mode gets its own copy of the model with its hooks attached; timing blocks of
 ``--steps`` training steps are interleaved across modes (bare, flowscope, ...), in an order
@@ -50,6 +51,13 @@ import flowscope as fs
 from flowscope.nets import build_net
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device("cpu")  # --device; models and batches live there
+
+
+def sync() -> None:
+    """Wait for the GPU (timing a CUDA step needs it); nothing on the CPU."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -93,7 +101,8 @@ def make_case(name: str, batch: int | None = None) -> tuple[nn.Module, torch.Ten
         x = torch.randint(0, 1000, (n, 64), generator=g)
     else:
         raise SystemExit(f"unknown case {name!r}")
-    return model, x, torch.randint(0, 10, (n,), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
 
 
 # -- modes: each returns (per-step callback, close) after attaching to its model ---------------
@@ -224,10 +233,12 @@ def time_case(case: str, modes: list[str], reps: int, steps: int) -> list[dict[s
             k = rep % len(order)  # rotate: no mode always runs right after the same one
             for mode in order[k:] + order[:k]:
                 model, opt, step, _, times = runs[mode]
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     train_step(model, opt, x, y)
                     step()
+                sync()
                 times.append((time.perf_counter() - t0) / steps)
         for _, (_, _, _, close, _) in runs.items():
             close()
@@ -254,7 +265,8 @@ def time_case(case: str, modes: list[str], reps: int, steps: int) -> list[dict[s
 
 
 def peak_rss_child(case: str, mode: str, batch: int, steps: int) -> None:
-    """Run in a child process: peak RSS (MiB) after ``steps`` steps, printed as JSON."""
+    """Run in a child process: peak RSS (MiB) after ``steps`` steps, printed as JSON; on a GPU
+    the peak of ``torch.cuda.max_memory_allocated`` instead."""
     model, x, y = make_case(case, batch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     step, close = MODES[mode](model, tempfile.mkdtemp())
@@ -262,6 +274,10 @@ def peak_rss_child(case: str, mode: str, batch: int, steps: int) -> None:
         train_step(model, opt, x, y)
         step()
     close()
+    if DEVICE.type == "cuda":
+        sync()
+        print(json.dumps({"rss_mib": torch.cuda.max_memory_allocated(DEVICE) / 2**20}))
+        return
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would report
     # its parent's peak; VmHWM belongs to this address space only
     status = Path("/proc/self/status").read_text()
@@ -275,7 +291,8 @@ def memory_rows(case: str, batches: tuple[int, int], steps: int) -> list[dict[st
         rss = {}
         for mode in ("bare", "flowscope"):
             out = subprocess.run(
-                [sys.executable, __file__, "--rss-child", case, mode, str(batch), str(steps)],
+                [sys.executable, __file__, "--device", str(DEVICE), "--rss-child", case, mode,
+                 str(batch), str(steps)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             rss[mode] = json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
@@ -288,6 +305,36 @@ def memory_rows(case: str, batches: tuple[int, int], steps: int) -> list[dict[st
                 "added_mib": round(rss["flowscope"] - rss["bare"], 1),
             }
         )
+    return rows
+
+
+# -- host synchronisation (GPU) -----------------------------------------------------------------
+
+
+def sync_rows(cases: list[str], steps: int = 3) -> list[dict[str, Any]]:
+    """Recorded training steps under ``torch.cuda.set_sync_debug_mode("error")``: any host
+    synchronisation in a hook (or in the step) raises. Warm-up steps run outside the check."""
+    rows = []
+    for case in cases:
+        model, x, y = make_case(case)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        rec = fs.watch(model)
+        for _ in range(2):
+            train_step(model, opt, x, y)
+            rec.step()
+        sync()
+        result = "none"
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                train_step(model, opt, x, y)
+                rec.step()
+        except RuntimeError as err:
+            result = f"SYNC: {str(err).splitlines()[0][:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rec.close()
+        rows.append({"case": case, "steps": steps, "host syncs in hooks": result})
     return rows
 
 
@@ -339,6 +386,7 @@ def study_rows() -> list[dict[str, Any]]:
 
 
 TARGETS = {"flowscope": 1.3, "flowscope/10": 1.05}  # the issue's CPU targets for MLPs
+GPU_TARGETS = {"flowscope": 1.10}  # ... and on a GPU, for the wide MLP and the transformer
 LESS_OVERHEAD = 3.0  # flowscope's overhead must be this many times below these tools'
 
 
@@ -346,13 +394,14 @@ def summary(timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per case: flowscope's ratios against the targets, and how many times less overhead
     (ratio - 1) it adds than each of the other tools."""
     rows = []
+    targets = GPU_TARGETS if DEVICE.type == "cuda" else TARGETS
     for case in dict.fromkeys(r["case"] for r in timing):
         ratio = {r["mode"]: r["ratio"] for r in timing if r["case"] == case}
         if "flowscope" not in ratio:
             continue
         own = max(ratio["flowscope"] - 1.0, 1e-9)
         row: dict[str, Any] = {"case": case}
-        for mode, target in TARGETS.items():
+        for mode, target in targets.items():
             if mode in ratio:
                 met = "yes" if ratio[mode] <= target else "no"
                 row[f"{mode} (<= {target})"] = f"{ratio[mode]:.2f} {met}"
@@ -382,6 +431,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
         "flowscope": fs.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -395,8 +445,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 reps, no memory/study parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to measure on a GPU")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
     if args.rss_child:
         case, mode, batch, steps = args.rss_child
         peak_rss_child(case, mode, int(batch), int(steps))
@@ -413,11 +468,14 @@ def main() -> None:
         timing += time_case(case, args.modes.split(","), reps, args.steps)
         print(markdown(case, [r for r in timing if r["case"] == case]), file=sys.stderr)
     memory = [] if args.quick else memory_rows("lecture-mlp", (250, 1000), 20)
-    study = [] if args.quick else study_rows()
+    gpu = DEVICE.type == "cuda"
+    syncs = sync_rows(args.cases.split(",")) if gpu else []
+    study = [] if args.quick or gpu else study_rows()  # the engine's timing is a CPU target
+    stem = "overhead-cuda" if gpu else "overhead"  # a GPU run leaves the CPU table alone
     args.out.mkdir(parents=True, exist_ok=True)
     import csv
 
-    with open(args.out / "overhead.csv", "w", newline="") as f:
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(timing[0]))
         writer.writeheader()
         writer.writerows(timing)
@@ -434,14 +492,24 @@ def main() -> None:
             timing,
         ),
         markdown(
-            "Against the targets (every step <= 1.3x, every 10th <= 1.05x; >= 3x less"
-            " overhead than TensorBoard-style hooks and wandb.watch)",
+            (
+                "Against the GPU target (every step <= 1.10x for the wide MLP and the transformer)"
+                if gpu
+                else "Against the targets (every step <= 1.3x, every 10th <= 1.05x; >= 3x less"
+                " overhead than TensorBoard-style hooks and wandb.watch)"
+            ),
             summary(timing),
         ),
-        markdown("Peak RSS, lecture MLP, 20 steps (each in its own process)", memory),
+        markdown("Host synchronisation in recorded steps (set_sync_debug_mode('error'))", syncs),
+        markdown(
+            "Peak "
+            + ("torch.cuda.max_memory_allocated" if gpu else "RSS")
+            + ", lecture MLP, 20 steps (each in its own process)",
+            memory,
+        ),
         markdown("Study engine vs a bare loop of the same passes", study),
     ]
-    (args.out / "overhead.md").write_text("\n".join(md))
+    (args.out / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
