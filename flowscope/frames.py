@@ -222,26 +222,6 @@ def moments(raw: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def linear_bins(index: pd.DataFrame, raw: np.ndarray, lin: np.ndarray) -> pd.DataFrame:
-    """One row per linear bin; edges from each snapshot's own finite [min, max]."""
-    rows, columns = _linear_bin_columns(raw, lin)
-    frame = index.iloc[rows].reset_index(drop=True)
-    frame["hist"] = "linear"
-    for name, values in columns.items():
-        frame[name] = values
-    return frame
-
-
-def log_bins(index: pd.DataFrame, log: np.ndarray, edges: LogEdges) -> pd.DataFrame:
-    """One row per non-empty bin of the fixed log-magnitude histogram."""
-    rows, columns = _log_bin_columns(log, edges)
-    frame = index.iloc[rows].reset_index(drop=True)
-    frame["hist"] = "log"
-    for name, values in columns.items():
-        frame[name] = values
-    return frame
-
-
 def _linear_bin_columns(raw: np.ndarray, lin: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """(snapshot row of each linear bin, its bin / lo / hi / count columns)."""
     snaps, bins = lin.shape

@@ -15,6 +15,7 @@ from torch import nn
 import flowscope as fs
 from flowscope.errors import FlowscopeError
 from flowscope.frames import KEYS, META_KEY, STATS, atomic_write_text
+from flowscope.stats import RAW
 
 
 @pytest.fixture
@@ -118,20 +119,29 @@ def test_empty_recording_gives_empty_frames():
 
 
 def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
-    # build_records takes the key columns once for both histograms; the result is the stats
-    # frame's keys expanded by linear_bins then log_bins, row for row and dtype for dtype
-    from flowscope.frames import linear_bins, log_bins, log_edges_of, moments
+    # the hists frame, built here bin by bin from the raw rows: per snapshot, its linear bins
+    # over its own [min, max], then (after every snapshot's linear bins) its non-empty log bins
+    # with the bounds LogEdges gives
+    from flowscope.frames import log_edges_of, moments
 
     stats, hists = recorded.stats, recorded.hists  # flushed: the host buffers are complete
     host = recorded._host
     raw = np.concatenate([c[1] for c in host])
     lin = np.concatenate([c[2] for c in host])
     log = np.concatenate([c[3] for c in host])
-    index = stats[KEYS]
-    expected = pd.concat(
-        [linear_bins(index, raw, lin), log_bins(index, log, log_edges_of(recorded.meta))],
-        ignore_index=True,
-    )
+    edges = log_edges_of(recorded.meta)
+    keys = stats[KEYS].to_dict("records")
+    linear, logs = [], []
+    for i, key in enumerate(keys):
+        lo = raw[i, RAW["shift"]] + raw[i, RAW["min"]]
+        width = (raw[i, RAW["max"]] - raw[i, RAW["min"]]) / lin.shape[1]
+        for b, count in enumerate(lin[i]):
+            bounds = {"lo": lo + b * width, "hi": lo + (b + 1) * width}
+            linear.append({**key, "hist": "linear", "bin": b, **bounds, "count": count})
+        for b in np.flatnonzero(log[i]):
+            bounds = dict(zip(("lo", "hi"), edges.bounds(b), strict=True))
+            logs.append({**key, "hist": "log", "bin": b, **bounds, "count": log[i, b]})
+    expected = pd.DataFrame(linear + logs).astype(hists.dtypes.to_dict())
     pd.testing.assert_frame_equal(hists, expected, check_exact=True)
     pd.testing.assert_frame_equal(stats[STATS], moments(raw), check_exact=True)
     keys = [k for c in host for k in c[0]]
