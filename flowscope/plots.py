@@ -56,6 +56,7 @@ __all__ = [
     "layer_hists",
     "log_heatmap",
     "log_heatmap_steps",
+    "panels",
     "saturation_plot",
     "scale_plot",
 ]
@@ -253,6 +254,14 @@ def _axes_row(
         spare.set_visible(False)
     _GRIDS[fig] = (shape, grid, [])
     return fig, grid[:n], True
+
+
+def panels(fig: Any, n: int) -> list[Axes]:
+    """``n`` panels side by side on ``fig`` (a Figure or SubFigure), for functions that draw
+    on an ``ax``: the ones made for ``fig`` before, emptied by :func:`clear_panel`, or new
+    ones (the report redraws its heat-map and saturation figures for every config this way).
+    """
+    return _axes_row(fig, n, (0.0, 0.0), key=("panels",))[1]
 
 
 def _with_grid(fig: Any, artist: Any) -> None:

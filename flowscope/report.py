@@ -24,7 +24,6 @@ import os
 import re
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -325,21 +324,6 @@ def _crop(rgba: np.ndarray, pad: int) -> np.ndarray | None:
     return rgba[top : bottom + 1, left : right + 1]
 
 
-_PANELS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
-
-
-def _panels(fig: Figure | SubFigure, n: int) -> list[Any]:
-    """``n`` panels side by side on ``fig``: those made for it before, emptied, or new ones."""
-    kept = _PANELS.get(fig)
-    if kept is not None and len(kept) == n and all(ax in fig.axes for ax in kept):
-        return [plots.clear_panel(ax) for ax in kept]
-    if kept is not None:
-        fig.clear()
-    axes = list(fig.subplots(1, n, squeeze=False)[0])
-    _PANELS[fig] = axes
-    return axes
-
-
 def _png(draw: Callable[[Any], object], size: tuple[float, float], tight: bool = True) -> str:
     """A one-off figure as a PNG data URI (see :class:`Canvases`)."""
     return Canvases().png(None, draw, size, tight)
@@ -433,7 +417,7 @@ def _heat_png(canvases: Canvases, hists: pd.DataFrame, flows: list[str], layers:
     width = min(max(4.5, 0.42 * layers + 2.0), 14.0)
 
     def draw(fig: Figure | SubFigure) -> None:
-        for ax, kind in zip(_panels(fig, len(flows)), flows, strict=True):
+        for ax, kind in zip(plots.panels(fig, len(flows)), flows, strict=True):
             plots.log_heatmap(hists, kind=kind, ax=ax)
         fig.subplots_adjust(wspace=0.32)
 
@@ -454,7 +438,7 @@ def _saturation_png(canvases: Canvases, stats: pd.DataFrame) -> str:
     size = (min(max(5.0, 0.5 * n + 2), 14.0), 3.0)
 
     def draw(fig: Figure | SubFigure) -> None:
-        plots.saturation_plot(stats, ax=_panels(fig, 1)[0])
+        plots.saturation_plot(stats, ax=plots.panels(fig, 1)[0])
 
     return canvases.png("saturation", draw, size)
 
