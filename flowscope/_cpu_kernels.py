@@ -54,8 +54,9 @@ PARALLEL_FROM = 1 << 17  # from here the moments pass is split over torch's thre
 HIST_TEAM_FROM = 1 << 12  # ... and the histograms, from this many sampled values
 F32_EXP = np.int32(0x7F800000)  # the exponent field: all ones is NaN or Inf
 F64_EXP = np.int64(0x7FF0000000000000)
-# the narrow pass: float32 partial sums over blocks this long (each of LLVM's ~32 vector
-# accumulators adds ~128 values: relative error ~1e-7, against 1e-5 allowed by the tests)
+# the narrow pass: float32 partial sums over blocks this long (LLVM keeps 4 x 8 float32
+# accumulators, so each adds 128 values: at most 128 * 2**-24 = 7.6e-6 relative on the sum
+# of squares, ~1e-7 typically; see docs/PERFORMANCE.md)
 NARROW_BLOCK = 4096
 # ... trusted when the largest |x - shift| lies in this range: above, a block's sum of
 # squares could overflow float32 (4096 * 2**112 < 3.4e38); below, squares of the leading
