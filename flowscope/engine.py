@@ -3,8 +3,9 @@
 Layout of a run folder::
 
     spec.json            the resolved spec (and its fingerprint)
-    configs/<id>/        one folder per finished config: stats/hists parquet, meta.json,
-                         probes.parquet, done.json (written last: its presence = finished)
+    configs/<id>/        one folder per finished config: snapshots.parquet (the raw
+                         snapshots, frames.Snapshots), probes.parquet, done.json (written
+                         last: its presence = finished)
     stats.parquet        all configs merged, with config columns (config, axes..., seed)
     hists.parquet        likewise
     probes.parquet       config columns + probe, step, layer, value
@@ -13,9 +14,9 @@ Layout of a run folder::
     meta.json            versions, device, dtype, times, config columns
 
 A rerun skips configs whose ``done.json`` exists; a different spec in the same folder is
-refused (the fingerprint differs) unless ``fresh=True``. The merge reads from disk only the
-configs finished by an earlier run: those run by this call are merged from memory (what their
-files hold, without reading them back).
+refused (the fingerprint differs) unless ``fresh=True``. The merge builds the frames of all
+configs at once; it reads from disk only the configs finished by an earlier run: those run by
+this call are merged from memory (what their files hold, without reading them back).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from flowscope.nets import build_net
 from flowscope.probes import PROBES, Hooks, ProbeContext, attached
 from flowscope.recorder import watch
 from flowscope.spec import Config, Study, matches
+from flowscope.stats import RAW, HistSpec
 
 
 @dataclass
@@ -67,10 +69,11 @@ class StudyResult:
 
 @dataclass
 class ConfigResult:
-    """One finished config as its folder holds it: done.json, records (None: failed), probes."""
+    """One finished config as its folder holds it: done.json, snapshots (None: failed),
+    probes."""
 
     done: dict[str, Any]
-    records: frames.Records | None
+    snapshots: frames.Snapshots | None
     probes: pd.DataFrame
 
 
@@ -179,18 +182,17 @@ def run_config(
     dev = resolve_device(device or config.run["device"])
     status, error = "done", None
     try:
-        records, probe_rows = _measure(study, config, dev)
+        snaps, meta, probe_rows = _measure(study, config, dev)
     except (KeyboardInterrupt, FlowscopeError):
         raise
     except Exception as err:  # a crash in one config must not lose the others
         status, error = "failed", f"{type(err).__name__}: {err}"
-        records, probe_rows = None, []
+        snaps, meta, probe_rows = None, {}, []
         print(f"flowscope: config {config.id} failed: {error}", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
-    if records is not None:
-        nonfinite = int((records.stats["nan"] + records.stats["inf"]).sum())
-        status = "diverged" if nonfinite else status
-        records.save(folder)
+    if snaps is not None:
+        status = "diverged" if snaps.raw[:, RAW["nonfinite"]].any() else status
+        snaps.save(folder / frames.SNAPSHOTS_FILE, meta)
     probes = pd.DataFrame(probe_rows, columns=["probe", "step", "layer", "value"])
     frames.write_parquet(probes, folder / "probes.parquet", {"config": config.id})
     done = {
@@ -205,11 +207,14 @@ def run_config(
     }
     done_json = json.dumps(done, indent=2, default=str)
     frames.atomic_write_text(folder / "done.json", done_json)
-    return ConfigResult(json.loads(done_json), records, probes)  # done as merge would read it
+    return ConfigResult(json.loads(done_json), snaps, probes)  # done as merge would read it
 
 
-def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Records, list]:
-    """Build, initialise, optionally train, and record one config."""
+def _measure(
+    study: Study, config: Config, dev: torch.device
+) -> tuple[frames.Snapshots, dict[str, Any], list]:
+    """Build, initialise, optionally train, and record one config: (snapshots, their
+    metadata, probe rows)."""
     run = config.run
     gen = torch.Generator(device=dev).manual_seed(derive_seed(study, config))
     dtype = getattr(torch, run["dtype"])
@@ -258,7 +263,7 @@ def _measure(study: Study, config: Config, dev: torch.device) -> tuple[frames.Re
                 _probe(probes, "step", ctx, step + 1, rows)
                 rec.step()
     _probe(probes, "end", ctx, run["steps"], rows, ready)
-    return rec.records(), _to_host(rows)
+    return rec.snapshots(), {**rec.meta, "run": config.id}, _to_host(rows)
 
 
 def _forward(
@@ -362,8 +367,7 @@ def merge(
     ``finished``: configs run by this process, by id, merged as they are; every other config
     with a ``done.json`` is read from its folder.
     """
-    stats: list[tuple[pd.DataFrame, pd.DataFrame]] = []  # (frame, its config's columns)
-    hists: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    snapshots: list[tuple[frames.Snapshots, pd.DataFrame]] = []  # (snapshots, config columns)
     probes: list[tuple[pd.DataFrame, pd.DataFrame]] = []
     statuses = []
     configs = study.configs()
@@ -371,19 +375,17 @@ def merge(
         folder = out / "configs" / config.id
         if finished and config.id in finished:
             mine = finished[config.id]
-            done, rec, probe = mine.done, mine.records, mine.probes
+            done, snaps, probe = mine.done, mine.snapshots, mine.probes
         elif (folder / "done.json").is_file():
-            done, rec, probe = _load_config(folder)
+            done, snaps, probe = _load_config(folder)
         else:
             continue
         statuses.append(done)
         columns = pd.DataFrame(index=range(1)).assign(**config.columns())  # one row
-        if rec is not None:
-            stats.append((rec.stats, columns))
-            hists.append((rec.hists, columns))
+        if snaps is not None:
+            snapshots.append((snaps, columns))
         probes.append((probe, columns))
-    stats_df = _concat(stats, study)
-    hists_df = _concat(hists, study)
+    stats_df, hists_df = _frames(snapshots, ["config", *study.axis_columns, "seed"])
     probes_df = _concat(probes, study, ["probe", "step", "layer", "value"])
     verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
     meta = _meta(study, statuses, len(configs))
@@ -400,25 +402,58 @@ def merge(
 DONE_KEYS = ("config", "status", "error", "seconds", "device")
 
 
-def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Records | None, pd.DataFrame]:
-    """A finished config's done.json, records and probes; a clear error when it is damaged."""
+def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Snapshots | None, pd.DataFrame]:
+    """A finished config's done.json, snapshots and probes; a clear error when it is damaged."""
     try:
         done = json.loads((folder / "done.json").read_text())
         if not isinstance(done, dict) or not all(k in done for k in DONE_KEYS):
             raise ValueError(f"done.json lacks {', '.join(DONE_KEYS)}")
-        rec = frames.load(folder) if done["status"] != "failed" else None
+        needed = ["probes.parquet"] + [frames.SNAPSHOTS_FILE] * (done["status"] != "failed")
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        snaps = None
+        if done["status"] != "failed":
+            snaps = frames.Snapshots.read(folder / frames.SNAPSHOTS_FILE)[0]
         probes = pd.read_parquet(folder / "probes.parquet")
-    except (OSError, ValueError) as err:  # FlowscopeError and pyarrow's errors are ValueErrors
+    except (OSError, ValueError) as err:  # pyarrow's errors are ValueErrors or OSErrors
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FlowscopeError(
             f"config folder {str(folder)!r} is damaged ({first}); delete that folder to rerun"
             " the config, or use --fresh"
         ) from err
-    return done, rec, probes
+    return done, snaps, probes
+
+
+def _frames(
+    parts: list[tuple[frames.Snapshots, pd.DataFrame]], config_columns: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stats and hists frames of every config at once, each row led by its config's
+    columns (``parts``: snapshots, their config's columns as one row). Configs whose
+    histograms differ in layout (a swept ``run.bins``) are built group by group."""
+    if not parts:
+        no_snapshots = frames.Snapshots.of([], HistSpec(), "")
+        empty = frames.records_from(no_snapshots, {}, pd.DataFrame(columns=config_columns))
+        return empty.stats, empty.hists
+    groups: dict[Any, list[int]] = {}
+    for i, (snaps, _) in enumerate(parts):
+        groups.setdefault(snaps.layout, []).append(i)
+    built = []
+    for members in groups.values():
+        snaps = frames.Snapshots.concat([parts[i][0] for i in members])
+        ones = pd.concat([parts[i][1] for i in members], ignore_index=True)[config_columns]
+        owner = np.repeat(np.arange(len(members)), [len(parts[i][0]) for i in members])
+        built.append(frames.records_from(snaps, {}, ones.take(owner).reset_index(drop=True)))
+    if len(built) == 1:
+        return built[0].stats, built[0].hists
+    return (
+        pd.concat([r.stats for r in built], ignore_index=True),
+        pd.concat([r.hists for r in built], ignore_index=True),
+    )
 
 
 def _concat(
-    parts: list[tuple[pd.DataFrame, pd.DataFrame]], study: Study, base: list[str] | None = None
+    parts: list[tuple[pd.DataFrame, pd.DataFrame]], study: Study, base: list[str]
 ) -> pd.DataFrame:
     """The configs' frames one under the other, each row led by its config's columns.
 
@@ -429,7 +464,7 @@ def _concat(
     """
     config_columns = ["config", *study.axis_columns, "seed"]
     if not parts:
-        return pd.DataFrame(columns=[*config_columns, *(base or frames.KEYS)])
+        return pd.DataFrame(columns=[*config_columns, *base])
     merged = pd.concat([frame for frame, _ in parts], ignore_index=True)
     ones = pd.concat([one.iloc[: min(len(f), 1)] for f, one in parts], ignore_index=True)
     repeat = np.repeat(np.arange(len(ones)), [len(f) for f, _ in parts if len(f)])

@@ -39,7 +39,7 @@ from flowscope.stats import RAW_FIELDS, HistSpec, LogEdges, row_width, snapshot_
 if TYPE_CHECKING:
     import pandas as pd
 
-    from flowscope.frames import Records
+    from flowscope.frames import Records, Snapshots
 
 KINDS = ("activation", "gradient", "weight", "weight_grad")
 ROOT = "<root>"
@@ -452,10 +452,18 @@ class Recorder:
         """All snapshots so far as frames plus metadata (see :class:`flowscope.frames.Records`)."""
         from flowscope import frames
 
-        self.flush()
         if self._frames is None:
-            self._frames = frames.build_records(self._host, self.hist, self.meta, self.name)
+            meta = {**self.meta, "run": self.name}
+            self._frames = frames.records_from(self.snapshots(), meta)
         return self._frames
+
+    def snapshots(self) -> Snapshots:
+        """All snapshots so far on the host, before they become frames (what the study engine
+        saves per config; :class:`flowscope.frames.Snapshots`)."""
+        from flowscope import frames
+
+        self.flush()
+        return frames.Snapshots.of(self._host, self.hist, self.name)
 
     @property
     def stats(self) -> pd.DataFrame:

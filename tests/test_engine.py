@@ -56,6 +56,8 @@ def test_run_folder_holds_every_file_and_config_columns(tmp_path):
     assert set(stats.kind) == {"activation", "gradient", "weight_grad"}
     hists = pd.read_parquet(out / "hists.parquet")
     assert set(hists.config) == set(stats.config)
+    for frame in (stats, hists):  # config columns from the merge, run from each recording
+        assert (frame["config"] == frame["run"]).all()
     assert [c["status"] for c in json.loads((out / "configs.json").read_text())] == ["done"] * 4
     claims = json.loads((out / "claims.json").read_text())
     assert claims[0]["id"] == "tanh-small-shrinks" and claims[0]["held"] is True
@@ -275,11 +277,11 @@ def test_dead_units_read_on_the_recorded_pass_equal_a_pass_of_their_own(changes,
     warmup = raw["run"].get("warmup", 0)
     dev = torch.device("cpu")
     passes = _model_passes(monkeypatch)
-    riding = [engine._measure(study, c, dev)[1] for c in study.configs()]
+    riding = [engine._measure(study, c, dev)[2] for c in study.configs()]
     assert passes == [warmup + 1] * 3  # the recorded pass only: none of the probe's own
     own = dataclasses.replace(engine.PROBES.get("dead_units"), hooks=None)
     monkeypatch.setattr(engine, "PROBES", {"dead_units": own})  # as before: a pass of its own
-    alone = [engine._measure(study, c, dev)[1] for c in study.configs()]
+    alone = [engine._measure(study, c, dev)[2] for c in study.configs()]
     assert passes[3:] == [warmup + 2] * 3
     assert riding == alone  # the same numbers, bit for bit
     assert all(len(rows) == raw["net"]["depth"] for rows in riding)  # one per activation
@@ -310,3 +312,18 @@ def test_dead_units_count_exact_zeros_only():
     got = dead_units(ProbeContext(model=model, x=x, initial={}))
     expected = (x == 0).all(dim=0).double().mean()
     assert got == {"0": expected} and expected.item() == pytest.approx(2 / 6)
+
+
+def test_swept_bins_merge_configs_with_different_histogram_layouts(tmp_path):
+    study = tiny(**{"sweep.run.bins": [8, 16], "sweep.init.name": ["he"]})
+    result = engine.run_study(study, tmp_path)
+    assert sorted(result.stats["bins"].unique()) == [8, 16]
+    lin = result.hists[result.hists["hist"] == "linear"]
+    per_snapshot = lin.groupby(["config", "bins", "step", "layer", "kind", "tensor", "call"])
+    sizes = per_snapshot.size().reset_index(name="n")
+    assert (sizes["n"] == sizes["bins"]).all() and set(sizes["bins"]) == {8, 16}
+    for frame in (result.stats, result.hists):
+        assert (frame["config"] == frame["run"]).all()
+    from_disk = engine.merge(study, tmp_path)
+    for name in ("stats", "hists"):
+        pd.testing.assert_frame_equal(getattr(result, name), getattr(from_disk, name))

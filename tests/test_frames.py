@@ -148,3 +148,34 @@ def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
     assert stats["layer"].tolist() == [k.layer for k in keys]
     assert stats["dtype"].tolist() == [k.dtype for k in keys]
     assert stats.dtypes["step"] == np.int64 and stats.dtypes["hist_stride"] == np.int64
+
+
+def test_snapshots_file_round_trip_gives_the_same_frames(recorded, tmp_path):
+    # what the study engine saves per config: read back, the frames are the recorder's own,
+    # keys (str and int columns), raw rows, both histograms and the log edges intact
+    from flowscope.frames import Snapshots, records_from
+
+    snaps = recorded.snapshots()
+    snaps.save(tmp_path / "snapshots.parquet", {**recorded.meta, "run": "demo"})
+    back, meta = Snapshots.read(tmp_path / "snapshots.parquet")
+    assert meta["run"] == "demo" and back.edges == recorded.hist.log
+    for name in ("raw", "lin", "log"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(snaps, name))
+    again = records_from(back, meta)
+    pd.testing.assert_frame_equal(again.stats, recorded.stats, check_exact=True)
+    pd.testing.assert_frame_equal(again.hists, recorded.hists, check_exact=True)
+
+
+def test_front_columns_lead_both_frames_row_for_row(recorded):
+    # the engine's config columns: one row per snapshot, and every histogram bin carries the
+    # row of its own snapshot (checked here against the snapshot's run-independent keys)
+    from flowscope.frames import records_from
+
+    snaps = recorded.snapshots()
+    front = pd.DataFrame({"tag": [f"{s}/{layer}" for s, layer in
+                                  zip(snaps.keys["step"], snaps.keys["layer"], strict=True)]})  # fmt: skip
+    rec = records_from(snaps, {}, front)
+    for frame in (rec.stats, rec.hists):
+        assert frame.columns[0] == "tag"
+        assert (frame["tag"] == frame["step"].astype(str) + "/" + frame["layer"]).all()
+    assert len(rec.hists) == len(recorded.hists)

@@ -137,8 +137,8 @@ def test_process_killed_mid_write_then_resumed(tmp_path, study_file):
     assert proc.returncode == 9, proc.stderr
     first, second = sorted((out / "configs").iterdir())
     assert (first / "done.json").is_file()
-    assert not (second / "done.json").exists() and not (second / "stats.parquet").exists()
-    leftovers = [p for p in second.iterdir() if p.name.startswith(".stats.parquet.")]
+    assert not (second / "done.json").exists() and not (second / "snapshots.parquet").exists()
+    leftovers = [p for p in second.iterdir() if p.name.startswith(".snapshots.parquet.")]
     assert len(leftovers) == 1  # the half file, under a hidden temporary name
     with pytest.raises(Exception):  # noqa: B017 -- any pyarrow error: it is not valid Parquet
         pq.read_table(leftovers[0])
@@ -154,7 +154,7 @@ def test_config_folder_with_partial_files_and_no_done_json_is_redone(tmp_path, s
     first = engine.run_study(study, tmp_path)
     folder = tmp_path / "configs" / first.configs[1]["config"]
     (folder / "done.json").unlink()
-    (folder / "stats.parquet").write_bytes(b"PAR1 half")
+    (folder / "snapshots.parquet").write_bytes(b"PAR1 half")
     (folder / "probes.parquet").unlink()
     again = engine.run_study(study, tmp_path)
     assert again.ran == 1
@@ -187,8 +187,8 @@ DAMAGE = {
     "done.json truncated": ("configs/{c}/done.json", _truncate, "damaged"),
     "done.json a list": ("configs/{c}/done.json", lambda p: p.write_text("[]"), "lacks"),
     "probes.parquet garbage": ("configs/{c}/probes.parquet", _truncate, "damaged"),
-    "stats.parquet garbage": ("configs/{c}/stats.parquet", _truncate, "cannot read"),
-    "meta.json missing": ("configs/{c}/meta.json", Path.unlink, "missing meta.json"),
+    "snapshots.parquet garbage": ("configs/{c}/snapshots.parquet", _truncate, "damaged"),
+    "snapshots.parquet missing": ("configs/{c}/snapshots.parquet", Path.unlink, "missing snapshots"),
     "spec.json a list": ("spec.json", lambda p: p.write_text("[1, 2]"), "not a flowscope run"),
     "spec.json truncated": ("spec.json", _truncate, "not a flowscope run spec (unreadable"),
 }
