@@ -24,6 +24,7 @@ import functools
 import mmap
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -34,7 +35,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from flowscope.errors import FlowscopeError, unknown
-from flowscope.stats import RAW_FIELDS, HistSpec, LogEdges, row_width, snapshot_row, split_row
+from flowscope.stats import (
+    RAW,
+    RAW_FIELDS,
+    HistSpec,
+    LogEdges,
+    row_width,
+    snapshot_row,
+    split_row,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +87,16 @@ class SnapKey(NamedTuple):
     tensor: str
     dtype: str
     device: str
+
+
+class _Taken(NamedTuple):
+    """A snapshot taken this step, kept to recognise the same tensor asked for again."""
+
+    tensor: weakref.ref[torch.Tensor]
+    version: int  # torch bumps it on every in-place change
+    saturation: tuple[float, float] | None
+    drop_zeros: bool
+    row: torch.Tensor
 
 
 @dataclass
@@ -237,6 +256,7 @@ class Recorder:
         self._cursor: int | None = None
         self._pending = _Buffers()
         self._rows = _RowBlocks(row_width(self.hist))
+        self._taken: dict[int, _Taken] = {}  # id(tensor) -> its snapshot, until step/flush
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
@@ -274,6 +294,7 @@ class Recorder:
         self._awaiting.clear()
         self._matched.clear()
         self._cursor = None
+        self._taken.clear()
         for handle in self._tensor_handles:  # tensors of finished steps: hooks no longer needed
             handle.remove()
         self._tensor_handles.clear()
@@ -419,10 +440,40 @@ class Recorder:
         drop = self._drop_zeros is True or (
             self._drop_zeros == "auto" and is_act and isinstance(module, ZERO_OUTPUT)
         )
-        row = self._rows.take() if t.device.type == "cpu" else None
-        self._pending.rows.append(snapshot_row(t, self.hist, sat, drop, out=row))
+        self._pending.rows.append(self._row(t, sat, drop))
         self._pending.keys.append(key)
         self._frames = None
+
+    def _row(self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool) -> torch.Tensor:
+        """The snapshot row of ``t``; read once when the same tensor, unchanged, comes again.
+
+        A container's output is often its last child's output, the same tensor (and so is its
+        gradient): the child's row serves for the container when the linear histogram is taken
+        alike (``drop``) and the saturation interval is the same or absent (then the count is
+        NaN, what no interval gives). Same = the same live tensor object at the same version
+        (inference tensors keep no version: they are read every time).
+        """
+        taken = self._taken.get(id(t))
+        inference = t.is_inference()
+        if (
+            taken is not None
+            and not inference
+            and taken.tensor() is t
+            and taken.version == t._version
+            and taken.drop_zeros == drop
+            and (taken.saturation == sat or sat is None)
+        ):
+            if taken.saturation == sat:
+                return taken.row
+            row = self._rows.take() if t.device.type == "cpu" else torch.empty_like(taken.row)
+            row.copy_(taken.row)
+            row[RAW["saturated"]] = float("nan")
+            return row
+        row = self._rows.take() if t.device.type == "cpu" else None
+        row = snapshot_row(t, self.hist, sat, drop, out=row)
+        if not inference:
+            self._taken[id(t)] = _Taken(weakref.ref(t), t._version, sat, drop, row)
+        return row
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
         for cls in type(module).__mro__:
@@ -438,6 +489,7 @@ class Recorder:
         """Move pending snapshots to the host: one transfer per device and buffer."""
         pending, self._pending = self._pending, _Buffers()
         self._rows = _RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
+        self._taken.clear()
         if not pending.keys:
             return
         by_device: dict[torch.device, list[int]] = {}

@@ -296,3 +296,74 @@ def test_deep_copy_of_model_is_not_watched():
         twin = copy.deepcopy(model)
         twin(torch.randn(2, 20))
     assert len(rec.stats) == 0
+
+
+class Block(nn.Module):
+    """Linear then an activation; the block's output is the activation's own tensor (unless
+    ``shift`` changes it in place after the activation's hook saw it)."""
+
+    def __init__(self, act: nn.Module, shift: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.linear, self.act, self.shift = nn.Linear(8, 8), act, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.linear(x))
+        return y.add_(self.shift) if self.shift else y
+
+
+def counting_snapshots(monkeypatch) -> list[int]:
+    from flowscope import recorder
+
+    calls, real = [], recorder.snapshot_row
+    monkeypatch.setattr(
+        recorder, "snapshot_row", lambda t, *a, **k: calls.append(t.numel()) or real(t, *a, **k)
+    )
+    return calls
+
+
+def test_a_container_whose_output_is_its_childs_tensor_reads_it_once(monkeypatch):
+    calls = counting_snapshots(monkeypatch)
+    model = nn.Sequential(Block(nn.Tanh()))
+    x = torch.randn(64, 8)
+    with fs.watch(model, modules=["0", "0.act"], kinds=["activation", "gradient"]) as rec:
+        out = model(x)
+        out.retain_grad()
+        (out**2).sum().backward()
+    assert len(calls) == 2  # the tanh's output and its gradient; the block's rows are theirs
+    stats = rec.stats
+    for kind, want in (("activation", out.detach()), ("gradient", out.grad)):
+        block, tanh = row(stats, "0", kind), row(stats, "0.act", kind)
+        w = want.double()
+        assert block["mean"] == pytest.approx(w.mean().item(), rel=1e-6)
+        assert block["std"] == pytest.approx(w.std(unbiased=False).item(), rel=1e-6)
+        assert (block["min"], block["max"]) == (w.min().item(), w.max().item())
+        shared = ["count", "mean", "std", "min", "max", "frac_zero"]
+        assert block[shared].tolist() == tanh[shared].tolist()
+    # the block has no saturation interval: NaN, not the tanh's share
+    tanh_act = row(stats, "0.act", "activation")
+    saturated = (out.detach().abs() >= 0.99).double().mean().item()
+    assert tanh_act["frac_saturated"] == pytest.approx(saturated)
+    assert np.isnan(row(stats, "0", "activation")["frac_saturated"])
+    hists = rec.hists.query("kind == 'activation'")
+    counts = hists.groupby(["layer", "hist"])["count"].apply(list)
+    assert counts["0", "linear"] == counts["0.act", "linear"]
+
+
+def test_a_tensor_changed_in_place_or_histogrammed_otherwise_is_read_again(monkeypatch):
+    calls = counting_snapshots(monkeypatch)
+    x = torch.randn(64, 8)
+    shifted = nn.Sequential(Block(nn.Tanh(), shift=1.0))
+    with fs.watch(shifted, modules=["0", "0.act"], kinds=["activation"]) as rec, torch.no_grad():
+        out = shifted(x)
+    assert len(calls) == 2  # the in-place add bumped the version: read again
+    assert row(rec.stats, "0", "activation")["mean"] == pytest.approx(out.mean().item(), rel=1e-6)
+    tanh_mean = row(rec.stats, "0.act", "activation")["mean"]
+    assert tanh_mean == pytest.approx(out.mean().item() - 1.0, rel=1e-5)
+    # ReLU's linear histogram leaves its zeros out (drop_zeros="auto"), the block's does not
+    relu = nn.Sequential(Block(nn.ReLU()))
+    with fs.watch(relu, modules=["0", "0.act"], kinds=["activation"]) as rec, torch.no_grad():
+        out = relu(x)
+    assert len(calls) == 4
+    lin = rec.hists.query("hist == 'linear'").groupby("layer")["count"].sum()
+    assert lin["0"] == out.numel() and lin["0.act"] == (out != 0).sum().item()
