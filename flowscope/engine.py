@@ -4,8 +4,8 @@ Layout of a run folder::
 
     spec.json            the resolved spec (and its fingerprint)
     configs/<id>/        one folder per finished config: snapshots.parquet (the raw
-                         snapshots, frames.Snapshots), probes.parquet, done.json (written
-                         last: its presence = finished)
+                         snapshots, frames.Snapshots) and done.json (status, probe values;
+                         written last: its presence = finished)
     stats.parquet        all configs merged, with config columns (config, axes..., seed)
     hists.parquet        likewise
     probes.parquet       config columns + probe, step, layer, value
@@ -40,6 +40,7 @@ from torch import nn
 
 from flowscope import frames
 from flowscope.claims import Verdict, evaluate
+from flowscope.columns import PROBE_COLUMNS
 from flowscope.data import make_data
 from flowscope.errors import FlowscopeError
 from flowscope.inits import INIT_TARGETS, apply_init
@@ -193,8 +194,6 @@ def run_config(
     if snaps is not None:
         status = "diverged" if snaps.raw[:, RAW["nonfinite"]].any() else status
         snaps.save(folder / frames.SNAPSHOTS_FILE, meta)
-    probes = pd.DataFrame(probe_rows, columns=["probe", "step", "layer", "value"])
-    frames.write_parquet(probes, folder / "probes.parquet", {"config": config.id})
     done = {
         "config": config.id,
         "axes": config.axes,
@@ -204,10 +203,11 @@ def run_config(
         "error": error,
         "seconds": round(time.time() - started, 3),
         "device": str(dev),
+        "probes": [list(r) for r in probe_rows],  # [probe, step, layer, value]: a few dozen
     }
-    done_json = json.dumps(done, indent=2, default=str)
-    frames.atomic_write_text(folder / "done.json", done_json)
-    return ConfigResult(json.loads(done_json), snaps, probes)  # done as merge would read it
+    done = json.loads(json.dumps(done, default=str))  # as merge would read it back
+    frames.atomic_write_text(folder / "done.json", json.dumps(done, indent=2))
+    return ConfigResult(done, snaps, _probes_of(done))
 
 
 def _measure(
@@ -386,7 +386,7 @@ def merge(
             snapshots.append((snaps, columns))
         probes.append((probe, columns))
     stats_df, hists_df = _frames(snapshots, ["config", *study.axis_columns, "seed"])
-    probes_df = _concat(probes, study, ["probe", "step", "layer", "value"])
+    probes_df = _concat(probes, study, PROBE_COLUMNS)
     verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
     meta = _meta(study, statuses, len(configs))
     frames.write_parquet(stats_df, out / "stats.parquet", meta)
@@ -399,7 +399,7 @@ def merge(
     return StudyResult(out, stats_df, hists_df, probes_df, statuses, verdicts, ran)
 
 
-DONE_KEYS = ("config", "status", "error", "seconds", "device")
+DONE_KEYS = ("config", "status", "error", "seconds", "device", "probes")
 
 
 def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Snapshots | None, pd.DataFrame]:
@@ -408,14 +408,12 @@ def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Snapshots | None,
         done = json.loads((folder / "done.json").read_text())
         if not isinstance(done, dict) or not all(k in done for k in DONE_KEYS):
             raise ValueError(f"done.json lacks {', '.join(DONE_KEYS)}")
-        needed = ["probes.parquet"] + [frames.SNAPSHOTS_FILE] * (done["status"] != "failed")
-        missing = [name for name in needed if not (folder / name).is_file()]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
+        probes = _probes_of(done)
         snaps = None
         if done["status"] != "failed":
+            if not (folder / frames.SNAPSHOTS_FILE).is_file():
+                raise ValueError(f"missing {frames.SNAPSHOTS_FILE}")
             snaps = frames.Snapshots.read(folder / frames.SNAPSHOTS_FILE)[0]
-        probes = pd.read_parquet(folder / "probes.parquet")
     except (OSError, ValueError) as err:  # pyarrow's errors are ValueErrors or OSErrors
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FlowscopeError(
@@ -423,6 +421,14 @@ def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Snapshots | None,
             " the config, or use --fresh"
         ) from err
     return done, snaps, probes
+
+
+def _probes_of(done: dict[str, Any]) -> pd.DataFrame:
+    """The probe rows of a config's done.json as a frame (probe, step, layer, value)."""
+    rows = done["probes"]
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 4 for r in rows):
+        raise ValueError("done.json: probes is not a list of [probe, step, layer, value]")
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
 def _frames(

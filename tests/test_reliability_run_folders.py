@@ -155,7 +155,6 @@ def test_config_folder_with_partial_files_and_no_done_json_is_redone(tmp_path, s
     folder = tmp_path / "configs" / first.configs[1]["config"]
     (folder / "done.json").unlink()
     (folder / "snapshots.parquet").write_bytes(b"PAR1 half")
-    (folder / "probes.parquet").unlink()
     again = engine.run_study(study, tmp_path)
     assert again.ran == 1
     pd.testing.assert_frame_equal(again.stats, first.stats)
@@ -186,7 +185,11 @@ def _truncate(path: Path) -> None:
 DAMAGE = {
     "done.json truncated": ("configs/{c}/done.json", _truncate, "damaged"),
     "done.json a list": ("configs/{c}/done.json", lambda p: p.write_text("[]"), "lacks"),
-    "probes.parquet garbage": ("configs/{c}/probes.parquet", _truncate, "damaged"),
+    "done.json probes garbage": (
+        "configs/{c}/done.json",
+        lambda p: p.write_text(p.read_text().replace('"probes": [', '"probes": [7, ')),
+        "probes is not a list",
+    ),
     "snapshots.parquet garbage": ("configs/{c}/snapshots.parquet", _truncate, "damaged"),
     "snapshots.parquet missing": ("configs/{c}/snapshots.parquet", Path.unlink, "missing snapshots"),
     "spec.json a list": ("spec.json", lambda p: p.write_text("[1, 2]"), "not a flowscope run"),
