@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,11 +388,17 @@ def merge(
         probes.append((probe, columns))
     stats_df, hists_df = _frames(snapshots, ["config", *study.axis_columns, "seed"])
     probes_df = _concat(probes, study, PROBE_COLUMNS)
-    verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
     meta = _meta(study, statuses, len(configs))
-    frames.write_parquet(stats_df, out / "stats.parquet", meta)
-    frames.write_parquet(hists_df, out / "hists.parquet", meta)
-    frames.write_parquet(probes_df, out / "probes.parquet", meta)
+    # Parquet encoding releases the GIL: the frames are written while the claims are checked
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        written = [
+            writer.submit(frames.write_parquet, frame, out / name, meta)
+            for frame, name in ((hists_df, "hists.parquet"), (stats_df, "stats.parquet"),
+                                (probes_df, "probes.parquet"))  # fmt: skip
+        ]
+        verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
+        for done in written:
+            done.result()  # a failed write raises here
     frames.atomic_write_text(out / "configs.json", json.dumps(statuses, indent=2, default=str))
     claims_json = json.dumps([v.to_dict() for v in verdicts], indent=2, default=str)
     frames.atomic_write_text(out / "claims.json", claims_json)
