@@ -150,10 +150,10 @@ class ClaimFrames:
 
     def __init__(self, stats: pd.DataFrame, probes: pd.DataFrame) -> None:
         call0 = stats[stats["call"] == 0]
-        groups = call0.groupby(["kind", "tensor"], sort=False, dropna=False)
-        self._stats = {key: _Slice(frame) for key, frame in groups}
-        groups = probes.groupby("probe", sort=False, dropna=False)
-        self._probes = {key: _Slice(frame) for key, frame in groups}
+        by_kind = call0.groupby(["kind", "tensor"], sort=False, dropna=False)
+        self._stats = {key: _Slice(frame) for key, frame in by_kind}
+        by_probe = probes.groupby("probe", sort=False, dropna=False)
+        self._probes = {key: _Slice(frame) for key, frame in by_probe}
         self._no_stats, self._no_probes = call0.iloc[:0], probes.iloc[:0]
         # what a series keeps besides its statistic: the config columns and where in the net
         self._front = [c for c in stats.columns if c not in RESERVED or c in SERIES_KEYS]
@@ -188,10 +188,9 @@ class ClaimFrames:
         rows = rows[np.lexsort((layer_idx[rows], part.configs()[rows]))]  # stable
         if source == "probe":
             return part.frame.iloc[rows].assign(layer_idx=layer_idx[rows])
-        columns = [*self._front, stat]
-        picked = part.frame.iloc[rows, [part.frame.columns.get_loc(c) for c in columns]]
-        picked.columns = [*self._front, "value"]
-        return picked
+        positions = part.frame.columns.get_indexer(pd.Index([*self._front, stat]))
+        picked = part.frame.iloc[rows, positions]  # one take (frame[cols].take: 40 -> 60 ms)
+        return picked.set_axis([*self._front, "value"], axis=1)
 
 
 class _Slice:

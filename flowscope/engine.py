@@ -381,7 +381,7 @@ def merge(
             done, snaps, probe = _load_config(folder)
         else:
             continue
-        statuses.append(done)
+        statuses.append({k: v for k, v in done.items() if k != "probes"})  # in probes_df
         columns = pd.DataFrame(index=range(1)).assign(**config.columns())  # one row
         if snaps is not None:
             snapshots.append((snaps, columns))
@@ -390,15 +390,15 @@ def merge(
     probes_df = _concat(probes, study, PROBE_COLUMNS)
     meta = _meta(study, statuses, len(configs))
     # Parquet encoding releases the GIL: the frames are written while the claims are checked
+    files = {"hists.parquet": hists_df, "stats.parquet": stats_df, "probes.parquet": probes_df}
     with ThreadPoolExecutor(max_workers=1) as writer:
         written = [
             writer.submit(frames.write_parquet, frame, out / name, meta)
-            for frame, name in ((hists_df, "hists.parquet"), (stats_df, "stats.parquet"),
-                                (probes_df, "probes.parquet"))  # fmt: skip
+            for name, frame in files.items()
         ]
         verdicts = evaluate(study.claims, stats_df, probes_df, study.axis_columns)
-        for done in written:
-            done.result()  # a failed write raises here
+        for future in written:
+            future.result()  # a failed write raises here
     frames.atomic_write_text(out / "configs.json", json.dumps(statuses, indent=2, default=str))
     claims_json = json.dumps([v.to_dict() for v in verdicts], indent=2, default=str)
     frames.atomic_write_text(out / "claims.json", claims_json)
@@ -456,7 +456,7 @@ def _frames(
         snaps = frames.Snapshots.concat([parts[i][0] for i in members])
         ones = pd.concat([parts[i][1] for i in members], ignore_index=True)[config_columns]
         owner = np.repeat(np.arange(len(members)), [len(parts[i][0]) for i in members])
-        built.append(frames.records_from(snaps, {}, ones.take(owner).reset_index(drop=True)))
+        built.append(frames.records_from(snaps, {}, ones.take(owner)))
     if len(built) == 1:
         return built[0].stats, built[0].hists
     return (

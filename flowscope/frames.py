@@ -267,6 +267,8 @@ def records_from(
         hists = pd.DataFrame(columns=[*head, *KEYS, *HIST_COLUMNS])
         return Records(pd.DataFrame(columns=[*head, *KEYS, *STATS, *EXTRA]), hists, meta)
     keys = pd.DataFrame(snaps.keys, columns=SNAP_KEYS)
+    if front is not None:
+        front = front.reset_index(drop=True)  # row i leads snapshot i, whatever its label
     key_columns = keys[KEYS] if front is None else pd.concat([front, keys[KEYS]], axis=1)
     raw = snaps.raw
     stats = pd.concat([key_columns, moments(raw), keys[["dtype", "device"]]], axis=1)

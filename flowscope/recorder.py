@@ -469,8 +469,8 @@ class Recorder:
             row.copy_(taken.row)
             row[RAW["saturated"]] = float("nan")
             return row
-        row = self._rows.take() if t.device.type == "cpu" else None
-        row = snapshot_row(t, self.hist, sat, drop, out=row)
+        out = self._rows.take() if t.device.type == "cpu" else None
+        row = snapshot_row(t, self.hist, sat, drop, out=out)
         if not inference:
             self._taken[id(t)] = _Taken(weakref.ref(t), t._version, sat, drop, row)
         return row

@@ -172,8 +172,8 @@ def test_front_columns_lead_both_frames_row_for_row(recorded):
     from flowscope.frames import records_from
 
     snaps = recorded.snapshots()
-    front = pd.DataFrame({"tag": [f"{s}/{layer}" for s, layer in
-                                  zip(snaps.keys["step"], snaps.keys["layer"], strict=True)]})  # fmt: skip
+    steps, layers = snaps.keys["step"], snaps.keys["layer"]
+    front = pd.DataFrame({"tag": [f"{s}/{n}" for s, n in zip(steps, layers, strict=True)]})
     rec = records_from(snaps, {}, front)
     for frame in (rec.stats, rec.hists):
         assert frame.columns[0] == "tag"

@@ -191,7 +191,11 @@ DAMAGE = {
         "probes is not a list",
     ),
     "snapshots.parquet garbage": ("configs/{c}/snapshots.parquet", _truncate, "damaged"),
-    "snapshots.parquet missing": ("configs/{c}/snapshots.parquet", Path.unlink, "missing snapshots"),
+    "snapshots.parquet missing": (
+        "configs/{c}/snapshots.parquet",
+        Path.unlink,
+        "missing snapshots",
+    ),
     "spec.json a list": ("spec.json", lambda p: p.write_text("[1, 2]"), "not a flowscope run"),
     "spec.json truncated": ("spec.json", _truncate, "not a flowscope run spec (unreadable"),
 }
