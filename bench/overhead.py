@@ -3,6 +3,7 @@
     python bench/overhead.py                 # the full table (a few minutes on 2 CPU cores)
     python bench/overhead.py --quick         # fewer repetitions, for a smoke run
     python bench/overhead.py --device cuda   # on a GPU: bench/results/overhead-cuda.{csv,md}
+    python bench/overhead.py --study-only    # the study engine's row only, printed
 
 Every mode gets its own copy of the model with its hooks attached; timing blocks of
 ``--steps`` training steps are interleaved across modes (bare, flowscope, ...), in an order
@@ -341,15 +342,16 @@ def sync_rows(cases: list[str], steps: int = 3) -> list[dict[str, Any]]:
 # -- the study engine --------------------------------------------------------------------------
 
 
-def study_rows() -> list[dict[str, Any]]:
-    """init-scales through the engine vs the same passes bare; plotting on its own."""
+def study_rows(reps: int = 9) -> list[dict[str, Any]]:
+    """init-scales through the engine vs the same passes bare, interleaved ``reps`` times (the
+    order alternating, each engine run into a fresh folder): the median of the paired ratios,
+    and the ratio of the fastest runs. Plotting (the report) is timed once, on its own."""
     from flowscope import engine, spec
     from flowscope.data import make_data
 
     study = spec.load("init-scales")
-    with tempfile.TemporaryDirectory() as tmp:
-        # the bare loop first: once timed after the engine in one process it ran slower
-        t0 = time.perf_counter()
+
+    def bare() -> None:
         for config in study.configs():
             gen = torch.Generator().manual_seed(engine.derive_seed(study, config))
             data = {k: v for k, v in config.data.items() if k != "name"}
@@ -358,25 +360,45 @@ def study_rows() -> list[dict[str, Any]]:
             model = build_net(config.net["name"], **net)
             engine.initialise(model, config.init, study.presets, gen)
             nn.functional.cross_entropy(model(batch.x), batch.y).backward()
-        t_bare = time.perf_counter() - t0
+
+    def timed(run: Callable[[], Any]) -> float:
         t0 = time.perf_counter()
-        engine.run_study(study, tmp)
-        t_engine = time.perf_counter() - t0
+        run()
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = iter(range(reps + 1))
+
+        def through_engine() -> None:
+            engine.run_study(study, Path(tmp) / f"run{next(folders)}")
+
+        through_engine()  # warm: numba kernels, imports, allocator
+        bare()
+        pairs = []
+        for rep in range(reps):
+            order = [bare, through_engine] if rep % 2 == 0 else [through_engine, bare]
+            times = {run: timed(run) for run in order}
+            pairs.append((times[bare], times[through_engine]))
+            print(f"study rep {rep}: bare {times[bare]:.2f} s", file=sys.stderr, end=", ")
+            print(f"engine {times[through_engine]:.2f} s", file=sys.stderr)
         t_plot = None
         try:
             from flowscope.report import report
 
-            t0 = time.perf_counter()
-            report(tmp)
-            t_plot = time.perf_counter() - t0
+            t_plot = timed(lambda: report(Path(tmp) / "run0"))
         except ImportError:
             pass
+    bare_s = [b for b, _ in pairs]
+    engine_s = [e for _, e in pairs]
+    ratios = sorted(e / b for b, e in pairs)
     return [
         {
-            "case": "init-scales (16 configs)",
-            "engine_s": round(t_engine, 2),
-            "bare_loop_s": round(t_bare, 2),
-            "ratio": round(t_engine / t_bare, 2),
+            "case": f"init-scales (16 configs), {reps} interleaved runs",
+            "engine_s": round(statistics.median(engine_s), 2),
+            "bare_loop_s": round(statistics.median(bare_s), 2),
+            "ratio": round(statistics.median(ratios), 2),
+            "ratio_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+            "fastest_ratio": round(min(engine_s) / min(bare_s), 2),
             "report_s": None if t_plot is None else round(t_plot, 2),
         }
     ]
@@ -446,8 +468,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 reps, no memory/study parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to measure on a GPU")
+    parser.add_argument(
+        "--study-only", action="store_true", help="time only the study engine; print, write nothing"
+    )
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.study_only:
+        print(markdown("Study engine vs a bare loop of the same passes", study_rows()))
+        return
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
