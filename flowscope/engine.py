@@ -413,6 +413,8 @@ def _load_config(folder: Path) -> tuple[dict[str, Any], frames.Snapshots | None,
     """A finished config's done.json, snapshots and probes; a clear error when it is damaged."""
     try:
         done = json.loads((folder / "done.json").read_text())
+        if isinstance(done, dict) and "probes" not in done and (folder / "stats.parquet").exists():
+            raise ValueError("written by an earlier flowscope, which kept frames per config")
         if not isinstance(done, dict) or not all(k in done for k in DONE_KEYS):
             raise ValueError(f"done.json lacks {', '.join(DONE_KEYS)}")
         probes = _probes_of(done)

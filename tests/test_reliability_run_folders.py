@@ -182,6 +182,14 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:10])
 
 
+def _earlier_flowscope(done: Path) -> None:
+    """A config folder as flowscope wrote it before snapshots.parquet: frames, no probes."""
+    record = json.loads(done.read_text())
+    del record["probes"]
+    done.write_text(json.dumps(record))
+    (done.parent / "snapshots.parquet").rename(done.parent / "stats.parquet")
+
+
 DAMAGE = {
     "done.json truncated": ("configs/{c}/done.json", _truncate, "damaged"),
     "done.json a list": ("configs/{c}/done.json", lambda p: p.write_text("[]"), "lacks"),
@@ -196,6 +204,7 @@ DAMAGE = {
         Path.unlink,
         "missing snapshots",
     ),
+    "an earlier flowscope's folder": ("configs/{c}/done.json", _earlier_flowscope, "earlier"),
     "spec.json a list": ("spec.json", lambda p: p.write_text("[1, 2]"), "not a flowscope run"),
     "spec.json truncated": ("spec.json", _truncate, "not a flowscope run spec (unreadable"),
 }
