@@ -111,15 +111,20 @@ def test_diverging_config_is_recorded_not_fatal(tmp_path):
     }
 
 
-def test_crashing_config_keeps_the_others(tmp_path, monkeypatch, capsys):
+def config_fails(monkeypatch, index: int, message: str) -> None:
+    """Make the config at ``index`` raise ``RuntimeError(message)`` while it measures."""
     real = engine._measure
 
     def broken(study, config, dev):
-        if config.index == 1:
-            raise RuntimeError("out of memory (simulated)")
+        if config.index == index:
+            raise RuntimeError(message)
         return real(study, config, dev)
 
     monkeypatch.setattr(engine, "_measure", broken)
+
+
+def test_crashing_config_keeps_the_others(tmp_path, monkeypatch, capsys):
+    config_fails(monkeypatch, 1, "out of memory (simulated)")
     result = engine.run_study(tiny(), tmp_path)
     assert [c["status"] for c in result.configs] == ["done", "failed", "done", "done"]
     assert "out of memory (simulated)" in result.failed[0]["error"]
@@ -202,14 +207,7 @@ def test_merge_uses_the_configs_run_now_and_reads_only_earlier_ones(tmp_path, mo
 
 
 def test_merge_from_memory_matches_disk_with_a_failed_config(tmp_path, monkeypatch):
-    real = engine._measure
-
-    def broken(study, config, dev):
-        if config.index == 2:
-            raise RuntimeError("simulated")
-        return real(study, config, dev)
-
-    monkeypatch.setattr(engine, "_measure", broken)
+    config_fails(monkeypatch, 2, "simulated")
     result = engine.run_study(tiny(), tmp_path)
     from_disk = engine.merge(tiny(), tmp_path)
     for name in ("stats", "hists", "probes"):
