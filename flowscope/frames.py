@@ -28,6 +28,10 @@ from flowscope.stats import RAW, HistSpec, LogEdges
 
 META_KEY = b"flowscope"
 FILES = ("stats.parquet", "hists.parquet", "meta.json")
+SNAPSHOTS_FILE = "snapshots.parquet"  # a study config's folder (see Snapshots)
+# the key columns of a snapshot: ``run``, then the fields of ``recorder.SnapKey``
+SNAP_KEYS = [*KEYS, "dtype", "device"]
+INT_KEYS = frozenset({"step", "layer_idx", "call"})
 
 
 @dataclass
@@ -55,7 +59,8 @@ class Records:
 
 
 def load(run_dir: str | os.PathLike[str]) -> Records:
-    """Read a folder written by ``Recorder.save`` / ``Records.save``.
+    """Read a folder written by ``Recorder.save`` / ``Records.save``, or one config's folder
+    of a study run (``configs/<id>``, its snapshots).
 
     Example:
         >>> rec = load("reports/my-model")  # doctest: +SKIP
@@ -66,6 +71,14 @@ def load(run_dir: str | os.PathLike[str]) -> Records:
     """
     folder = Path(run_dir)
     missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing and (folder / SNAPSHOTS_FILE).is_file():  # one config of a study run
+        try:
+            snaps, meta = Snapshots.read(folder / SNAPSHOTS_FILE)
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise FlowscopeError(
+                f"cannot read flowscope snapshots in {str(folder)!r}: {err}"
+            ) from err
+        return records_from(snaps, meta)
     if missing:
         raise FlowscopeError(
             f"{str(folder)!r} is not a flowscope records folder: missing {', '.join(missing)}"
@@ -156,12 +169,6 @@ class _atomic:
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.unlink(self.tmp)
-
-
-# the key columns of a snapshot: ``run``, then the fields of ``recorder.SnapKey``
-SNAP_KEYS = [*KEYS, "dtype", "device"]
-INT_KEYS = frozenset({"step", "layer_idx", "call"})
-SNAPSHOTS_FILE = "snapshots.parquet"
 
 
 @dataclass

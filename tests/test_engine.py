@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import flowscope as fs
 from flowscope import engine, spec
 from flowscope.errors import FlowscopeError
 
@@ -44,6 +45,9 @@ def tiny(**changes) -> spec.Study:
     return spec.validate(raw, "tiny.toml")
 
 
+study_axes = ["activation", "init"]  # tiny()'s sweep columns
+
+
 def test_run_folder_holds_every_file_and_config_columns(tmp_path):
     result = engine.run_study(tiny(), tmp_path / "run")
     out = tmp_path / "run"
@@ -58,6 +62,13 @@ def test_run_folder_holds_every_file_and_config_columns(tmp_path):
     assert set(hists.config) == set(stats.config)
     for frame in (stats, hists):  # config columns from the merge, run from each recording
         assert (frame["config"] == frame["run"]).all()
+    # one config's folder loads as Records: its rows of the merged frames, without the
+    # config columns (read from its own file here, merged from memory above)
+    config = stats["config"].iloc[-1]
+    alone = fs.load(out / "configs" / config)
+    for mine, merged in ((alone.stats, stats), (alone.hists, hists)):
+        rows = merged[merged["config"] == config].drop(columns=["config", *study_axes, "seed"])
+        pd.testing.assert_frame_equal(mine, rows.reset_index(drop=True), check_exact=True)
     assert [c["status"] for c in json.loads((out / "configs.json").read_text())] == ["done"] * 4
     claims = json.loads((out / "claims.json").read_text())
     assert claims[0]["id"] == "tanh-small-shrinks" and claims[0]["held"] is True

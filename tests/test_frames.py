@@ -84,6 +84,10 @@ def test_load_rejects_foreign_or_broken_folders(tmp_path, recorded):
     (tmp_path / "run" / "stats.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(FlowscopeError, match="cannot read flowscope records"):
         fs.load(tmp_path / "run")
+    (tmp_path / "config").mkdir()  # a study config's folder, its snapshots damaged
+    (tmp_path / "config" / "snapshots.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(FlowscopeError, match="cannot read flowscope snapshots"):
+        fs.load(tmp_path / "config")
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
