@@ -199,6 +199,7 @@ class _Slice:
     def __init__(self, frame: pd.DataFrame) -> None:
         self.frame = frame
         self._columns: dict[str, np.ndarray] = {}
+        self._ranks: np.ndarray | None = None
 
     def column(self, name: str) -> np.ndarray:
         if name not in self._columns:
@@ -207,9 +208,9 @@ class _Slice:
 
     def configs(self) -> np.ndarray:
         """Each row's config as its rank in sorted order (what sorting by config sorts by)."""
-        if "config#" not in self._columns:
-            self._columns["config#"] = pd.factorize(self.frame["config"], sort=True)[0]
-        return self._columns["config#"]
+        if self._ranks is None:
+            self._ranks = pd.factorize(self.frame["config"], sort=True)[0]
+        return self._ranks
 
     def at_step(self, claim: dict[str, Any]) -> np.ndarray:
         """Rows at the claim's step: its ``step`` key, else each config's last recorded step."""

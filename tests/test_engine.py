@@ -45,9 +45,6 @@ def tiny(**changes) -> spec.Study:
     return spec.validate(raw, "tiny.toml")
 
 
-study_axes = ["activation", "init"]  # tiny()'s sweep columns
-
-
 def test_run_folder_holds_every_file_and_config_columns(tmp_path):
     result = engine.run_study(tiny(), tmp_path / "run")
     out = tmp_path / "run"
@@ -67,7 +64,8 @@ def test_run_folder_holds_every_file_and_config_columns(tmp_path):
     config = stats["config"].iloc[-1]
     alone = fs.load(out / "configs" / config)
     for mine, merged in ((alone.stats, stats), (alone.hists, hists)):
-        rows = merged[merged["config"] == config].drop(columns=["config", *study_axes, "seed"])
+        config_columns = ["config", *tiny().axis_columns, "seed"]
+        rows = merged[merged["config"] == config].drop(columns=config_columns)
         pd.testing.assert_frame_equal(mine, rows.reset_index(drop=True), check_exact=True)
     assert [c["status"] for c in json.loads((out / "configs.json").read_text())] == ["done"] * 4
     claims = json.loads((out / "claims.json").read_text())

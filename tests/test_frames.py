@@ -172,12 +172,15 @@ def test_snapshots_file_round_trip_gives_the_same_frames(recorded, tmp_path):
 
 def test_front_columns_lead_both_frames_row_for_row(recorded):
     # the engine's config columns: one row per snapshot, and every histogram bin carries the
-    # row of its own snapshot (checked here against the snapshot's run-independent keys)
+    # row of its own snapshot (checked here against the snapshot's run-independent keys).
+    # Row i goes with snapshot i whatever the index says: the engine's front is a take with
+    # repeated labels, here reversed labels that would pair rows wrongly by label
     from flowscope.frames import records_from
 
     snaps = recorded.snapshots()
     steps, layers = snaps.keys["step"], snaps.keys["layer"]
-    front = pd.DataFrame({"tag": [f"{s}/{n}" for s, n in zip(steps, layers, strict=True)]})
+    tags = [f"{s}/{n}" for s, n in zip(steps, layers, strict=True)]
+    front = pd.DataFrame({"tag": tags}, index=np.arange(len(tags))[::-1])
     rec = records_from(snaps, {}, front)
     for frame in (rec.stats, rec.hists):
         assert frame.columns[0] == "tag"
