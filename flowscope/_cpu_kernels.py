@@ -138,6 +138,23 @@ def _careful_pass(
     return s, ss, mnk, mxk, nonzero, nan, bad - nan, sat
 
 
+@njit(cache=True)  # no fast-math: it would fold w * inv - c * inv into (w - c) * inv
+def _scaled_sums(
+    x: np.ndarray, bits: np.ndarray, exp: int, c: float, inv: float
+) -> tuple[float, float]:
+    """(sum, sumsq) of ``(x - c) * inv`` over the finite values, ``inv`` = 1 / a power of two:
+    float64 tensors near the limits of the type, read a second time (rare)."""
+    s = 0.0
+    ss = 0.0
+    ci = c * inv
+    for i in range(x.size):
+        if (bits[i] & exp) != exp:
+            d = np.float64(x[i]) * inv - ci
+            s += d
+            ss += d * d
+    return s, ss
+
+
 @njit(cache=True, fastmath=True)
 def _narrow_block(
     x: np.ndarray, bits: np.ndarray, c: Any, saturation: bool, klo: Any, khi: Any
@@ -246,7 +263,7 @@ def _chunk(
 @njit(cache=True, fastmath=True)
 def _hist_counts(
     x: np.ndarray, bits: np.ndarray, stride: int, start: int, stop: int, exp: Any,
-    magnitude: Any, mant: int, exp_bits: int, lo: float, scale: float, bins: int,
+    magnitude: Any, mant: int, exp_bits: int, pre: float, lo: float, scale: float, bins: int,
     drop_zeros: bool, base: np.ndarray, thresholds: np.ndarray, zero_index: int,
     lc: np.ndarray, gc: np.ndarray,
 ) -> None:  # fmt: skip
@@ -254,7 +271,12 @@ def _hist_counts(
     linear counts ``lc`` (4 x (bins + 1)) and of the log counts ``gc``: bin indices first,
     in loops that vectorise, then the scatter.
 
-    Linear: finite values (exact zeros too unless ``drop_zeros``) over [lo, lo + bins/scale].
+    Linear: finite values (exact zeros too unless ``drop_zeros``), bin ``(v * pre - lo) *
+    scale`` with ``lo`` = min * pre and ``scale`` = bins / ((max - min) * pre): ``pre`` is 1/2,
+    so that differences stay finite up to float64's limits, or a large power of two for a
+    range of float64 subnormals (where bins / range would overflow). Exact either way; ``lo``
+    is passed pre-multiplied because fast-math would fold ``v * pre - mn * pre`` back into
+    ``(v - mn) * pre``.
     Log: the exponent field of the bits picks the magnitude bin of the octave's lower end
     (``base``) and the few decade edges inside the octave (``thresholds``, padded with Inf)
     settle it exactly: no log10. Magnitude bin 0 is the underflow bin, the last |x| >= the
@@ -277,7 +299,7 @@ def _hist_counts(
         b = sb[i]
         fin = (b & exp) != exp
         v = np.float64(s[i]) if fin else 0.0  # finite: fast-math may assume so
-        pos = min(max(int((v - lo) * scale), 0), bins - 1)
+        pos = min(max(int((v * pre - lo) * scale), 0), bins - 1)
         lin_idx[i] = 0 if (not fin) or ((b & magnitude) == 0 and drop_zeros) else pos + 1
         e = (b >> mant) & exp_bits
         j = base[e] + (1 if abs(v) >= thresholds[e, 0] else 0)
@@ -342,7 +364,7 @@ def _team_share(
     """This thread's share of a task (a worker's body; see :func:`_run_on_team`)."""
     t = call_int(task[THREAD_NUM])
     size = call_int(task[NUM_THREADS])
-    floats = carray(float64_at(task[FLOATS]), 5)
+    floats = carray(float64_at(task[FLOATS]), 6)
     if task[JOB] == MOMENTS:
         n = x.size
         start = n * t // size
@@ -364,7 +386,7 @@ def _team_share(
     fields = task[FIELDS]
     _hist_counts(
         x, bits, task[STRIDE], m * t // size, m * (t + 1) // size, exp, magnitude, mant,
-        exp_bits, floats[3], floats[4], task[BINS], task[DROP_ZEROS] != 0,
+        exp_bits, floats[5], floats[3], floats[4], task[BINS], task[DROP_ZEROS] != 0,
         carray(int32_at(task[BASE]), fields),
         carray(float64_at(task[THRESHOLDS]), (fields, task[EDGES_PER_FIELD])),
         task[ZERO_INDEX], carray(int32_at(task[LIN_COUNTS] + 4 * wl * t), wl),
@@ -433,7 +455,7 @@ def _moments_on_team(
     task[KHI] = khi
     task[NARROW] = narrow
     task[SATURATION] = saturation
-    _run_on_team(team, task, np.array([c, lo, hi, 0.0, 0.0]))
+    _run_on_team(team, task, np.array([c, lo, hi, 0.0, 0.0, 0.0]))
     return (
         sums[0::2].sum(), sums[1::2].sum(), ints[0::6].min(), ints[1::6].max(),
         ints[2::6].sum(), ints[3::6].sum(), ints[4::6].sum(), ints[5::6].sum(),
@@ -443,9 +465,9 @@ def _moments_on_team(
 @njit(cache=True)
 def _histograms(
     x: np.ndarray, bits: np.ndarray, stride: int, exp: Any, magnitude: Any, mant: int,
-    exp_bits: int, lo: float, scale: float, bins: int, drop_zeros: bool, base: np.ndarray,
-    thresholds: np.ndarray, zero_index: int, team: np.ndarray, lin: np.ndarray,
-    log: np.ndarray,
+    exp_bits: int, pre: float, lo: float, scale: float, bins: int, drop_zeros: bool,
+    base: np.ndarray, thresholds: np.ndarray, zero_index: int, team: np.ndarray,
+    lin: np.ndarray, log: np.ndarray,
 ) -> None:  # fmt: skip
     """Both histograms of the sample ``x[::stride]`` into ``lin`` and ``log``: on the team
     when the sample is long enough to pay for it, each thread into its own counts."""
@@ -470,10 +492,10 @@ def _histograms(
         task[LOG_SIZE] = log.size
         task[LIN_COUNTS] = lc.ctypes.data
         task[LOG_COUNTS] = gc.ctypes.data
-        _run_on_team(team, task, np.array([0.0, 0.0, 0.0, lo, scale]))
+        _run_on_team(team, task, np.array([0.0, 0.0, 0.0, lo, scale, pre]))
     else:
         _hist_counts(
-            x, bits, stride, 0, m, exp, magnitude, mant, exp_bits, lo, scale, bins,
+            x, bits, stride, 0, m, exp, magnitude, mant, exp_bits, pre, lo, scale, bins,
             drop_zeros, base, thresholds, zero_index, lc, gc,
         )  # fmt: skip
     _fold(lc, lin)
@@ -511,25 +533,36 @@ def _snapshot(
         keys[j] = keys[j] ^ ((keys[j] >> shift) & magnitude)
     extremes = keys.view(x.dtype)
     finite = nan + inf < n  # else the moments are undefined, as in the eager path
-    mn = np.float64(extremes[0]) - c if finite else np.nan
-    mx = np.float64(extremes[1]) - c if finite else np.nan
+    mn = np.float64(extremes[0]) if finite else np.nan
+    mx = np.float64(extremes[1]) if finite else np.nan
+    scale = 1.0
+    big = max(abs(mn), abs(mx)) if finite else 0.0
+    if x.itemsize == 8 and (big > 2.0**480 or 0.0 < big < 2.0**-480):
+        # float64 near its limits: x - c or its square would overflow (or squares vanish);
+        # read again with the sums taken of (x - c) / 2**e, e the exponent of the abs-max
+        e = min(max(math.frexp(big)[1], -1000), 1023)
+        scale = math.ldexp(1.0, e)
+        s, ss = _scaled_sums(x, bits, exp, c, math.ldexp(1.0, -e))
     if c <= lo or c >= hi:  # every non-finite entry was counted as the stand-in c
         sat -= nan + inf
     row[0] = n
     row[1] = nan + inf
     row[2] = nan
     row[3] = c
-    row[4] = s
-    row[5] = ss
-    row[6] = mn
-    row[7] = mx
-    row[8] = nonzero
-    row[9] = sat if saturation else np.nan
-    row[10] = stride
-    width = mx - mn
-    scale = bins / width if width > 0 else 0.0
+    row[4] = scale
+    row[5] = s
+    row[6] = ss
+    row[7] = mn
+    row[8] = mx
+    row[9] = nonzero
+    row[10] = sat if saturation else np.nan
+    row[11] = stride
+    pre = 0.5 if not (0.0 < mx - mn < 1e-290) else 2.0**600  # see _hist_counts
+    hlo = mn * pre
+    width = mx * pre - hlo
+    hscale = bins / width if width > 0 else 0.0
     _histograms(
-        x, bits, stride, exp, magnitude, mant, exp_bits, c + mn, scale, bins, drop_zeros, base,
+        x, bits, stride, exp, magnitude, mant, exp_bits, pre, hlo, hscale, bins, drop_zeros, base,
         thresholds, zero_index, team, row[N_RAW : N_RAW + bins], row[N_RAW + bins :],
     )  # fmt: skip
 
@@ -544,8 +577,11 @@ def snapshot_into(
     row: np.ndarray,
 ) -> None:
     """Statistics and both histograms of the 1-d float32/float64 array ``x`` into ``row``."""
+    # the team's workers see the data as one contiguous run of ``x.size`` elements: a strided
+    # view (x[:, 0], a stride-0 expand) is read on the calling thread, through its strides
+    threads = team_size() if x.flags.c_contiguous else 1
     ints, *settings = _settings(
-        x.dtype.char, saturation, log_edges, team_size(), PARALLEL_FROM, HIST_TEAM_FROM
+        x.dtype.char, saturation, log_edges, threads, PARALLEL_FROM, HIST_TEAM_FROM
     )
     _snapshot(x, x.view(ints), stride, bins, drop_zeros, row, *settings)
 

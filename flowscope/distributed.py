@@ -263,15 +263,20 @@ def merge_raw(every: torch.Tensor) -> torch.Tensor:
     has = finite > 0
     first = has.to(torch.uint8).argmax(0, keepdim=True)  # the first rank with a finite value
     shift = col["shift"].gather(0, first)[0]
-    d = torch.where(has, col["shift"] - shift, 0.0)
-    s = torch.where(has, col["sum"], 0.0)
-    q = torch.where(has, col["sumsq"], 0.0)
+    # one common scale (the largest, a power of two): every part's sums are moved onto it
+    scale = torch.where(has, col["scale"], 0.0).amax(0)
+    scale = torch.where(scale > 0, scale, 1.0)
+    ratio = torch.where(has, col["scale"] / scale, 0.0)
+    d = torch.where(has, col["shift"] / scale - shift / scale, 0.0)
+    s = torch.where(has, col["sum"] * ratio, 0.0)
+    q = torch.where(has, col["sumsq"] * ratio * ratio, 0.0)
     merged = {
         "sum": (s + finite * d).sum(0),
         "sumsq": (q + 2 * d * s + finite * d * d).sum(0),
-        "min": torch.where(has, col["min"] + d, math.inf).amin(0),
-        "max": torch.where(has, col["max"] + d, -math.inf).amax(0),
+        "min": torch.where(has, col["min"], math.inf).amin(0),
+        "max": torch.where(has, col["max"], -math.inf).amax(0),
         "shift": shift,
+        "scale": scale,
     }
     any_finite = has.any(0)
     out = every[0].clone()  # no finite value anywhere: rank 0's (0 or NaN, as a snapshot has)
@@ -324,9 +329,10 @@ def rebin_linear(lin: torch.Tensor, own: torch.Tensor, merged: torch.Tensor) -> 
     bins = lin.shape[1]
     r = {name: own[:, i : i + 1] for name, i in RAW.items()}
     g = {name: merged[:, i : i + 1] for name, i in RAW.items()}
-    offset = (r["shift"] - g["shift"]) + r["min"] - g["min"]  # own lo - merged lo
-    width = (r["max"] - r["min"]) / bins
-    span = g["max"] - g["min"]
+    # in halves of the values: differences stay finite up to float64's limits
+    offset = r["min"] * 0.5 - g["min"] * 0.5  # own lo - merged lo
+    width = (r["max"] * 0.5 - r["min"] * 0.5) / bins
+    span = g["max"] * 0.5 - g["min"] * 0.5
     centre = offset + (torch.arange(bins, device=lin.device, dtype=own.dtype) + 0.5) * width
     scale = torch.where(span > 0, bins / span, torch.zeros_like(span))
     pos = torch.nan_to_num(centre * scale, 0.0, bins - 1.0, 0.0).floor().clamp(0, bins - 1)

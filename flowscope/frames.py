@@ -298,19 +298,19 @@ def moments(raw: np.ndarray) -> pd.DataFrame:
     col = {name: raw[:, i] for name, i in RAW.items()}
     n = col["numel"]
     finite = n - col["nonfinite"]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    scale = col["scale"]  # a power of two: the sums are of (x - shift) / scale
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         d_mean = col["sum"] / finite
-        var = np.maximum(col["sumsq"] / finite - d_mean**2, 0.0)
-        mean = col["shift"] + d_mean
-        lo = col["shift"] + col["min"]
-        hi = col["shift"] + col["max"]
+        var = np.maximum(col["sumsq"] / finite - d_mean**2, 0.0)  # of x / scale
+        mean = col["shift"] + scale * d_mean
+        lo, hi = col["min"], col["max"]
         out = {
             "count": n.astype(np.int64),
             "nan": col["nan"].astype(np.int64),
             "inf": (col["nonfinite"] - col["nan"]).astype(np.int64),
             "mean": mean,
-            "std": np.sqrt(var),
-            "rms": np.sqrt(var + mean**2),
+            "std": scale * np.sqrt(var),
+            "rms": scale * np.sqrt(var + (mean / scale) ** 2),
             "min": lo,
             "max": hi,
             "absmax": np.maximum(np.abs(lo), np.abs(hi)),
@@ -323,8 +323,8 @@ def moments(raw: np.ndarray) -> pd.DataFrame:
 def _linear_bin_columns(raw: np.ndarray, lin: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """(snapshot row of each linear bin, its bin / lo / hi / count columns)."""
     snaps, bins = lin.shape
-    lo = raw[:, RAW["shift"]] + raw[:, RAW["min"]]
-    width = (raw[:, RAW["max"]] - raw[:, RAW["min"]]) / bins
+    lo = raw[:, RAW["min"]]
+    width = raw[:, RAW["max"]] / bins - lo / bins  # finite up to float64's limits
     b = np.tile(np.arange(bins), snaps)
     rows = np.repeat(np.arange(snaps), bins)
     return rows, {

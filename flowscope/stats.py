@@ -14,11 +14,13 @@ sample of at most ``hist_sample`` elements (a prime stride, so a sample never lo
 feature column); ``stride`` is recorded so counts can be scaled back.
 
 Statistics are over the finite values: NaN and Inf are counted, and the rest of the layer's
-numbers stay meaningful. The trick that keeps this branch-free: the tensor is shifted by one
-of its own finite values ``c`` and non-finite entries are replaced by that value (shifted: 0).
-A value of the tensor lies inside its own range, so min and max are unaffected, and it adds
-exactly 0 to the shifted sums. The shift also makes the variance from sums of squares
-numerically safe when the mean is far from zero (sigmoid outputs, say).
+numbers stay meaningful. The trick that keeps this branch-free: non-finite entries are
+replaced by one of the tensor's own finite values ``c``, which lies inside its own range (the
+extremes are unaffected) and adds exactly 0 to sums taken about ``c``. The shift also makes
+the variance from sums of squares numerically safe when the mean is far from zero (sigmoid
+outputs, say). The sums are of ``(x - c) / s`` with ``s`` a power of two at least the largest
+finite ``|x|`` where needed, so neither ``x - c`` nor its square leaves the dtype's range
+(``[-2e38, 3e38]`` in float32, ``1e200`` in float64); dividing by a power of two is exact.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ RAW_FIELDS = (
     "nonfinite",  # NaN + Inf
     "nan",
     "shift",  # c, the finite value the sums are taken about
-    "sum",  # sum of (x - c) over finite x
-    "sumsq",  # sum of (x - c)^2 over finite x
-    "min",  # min(x - c) over finite x
-    "max",  # max(x - c) over finite x
+    "scale",  # s, a power of two: the sums are of (x - c) / s, so they stay in range
+    "sum",  # sum of (x - c) / s over finite x
+    "sumsq",  # sum of ((x - c) / s)^2 over finite x
+    "min",  # min of the finite x (NaN when there is none)
+    "max",  # max of the finite x (NaN when there is none)
     "nonzero",  # count of x != 0, NaN and Inf included
     "saturated",  # count of finite x outside the saturation interval (NaN if no interval)
     "stride",  # histogram sample stride (1 = every element)
@@ -150,17 +153,24 @@ def _count(idx: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
     return out.scatter_add_(0, idx, weights).to(torch.float64)
 
 
-def _shift(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first finite value of ``flat`` as a 1-element tensor (0 if none), found on device,
-    and the count of finite values (from the same mask).
+def _shift(flat: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """The first finite value of ``flat`` as a 1-element tensor (0 if none), found on device.
 
     It must be a value of the tensor: non-finite entries are replaced by it, which then
     cannot move the extremes.
     """
-    finite = torch.isfinite(flat)
     first = finite.to(torch.uint8).argmax().reshape(1)
-    c = torch.where(finite[first], flat.index_select(0, first), torch.zeros_like(flat[:1]))
-    return c, torch.count_nonzero(finite)
+    return torch.where(finite[first], flat.index_select(0, first), torch.zeros_like(flat[:1]))
+
+
+def _power_of_two_scale(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1/s, s)`` with ``s = 2**e >= absmax``: ``1/s`` in the dtype of ``absmax`` (exact,
+    subnormal at worst), ``s`` in float64. ``x / s`` then lies in [-1, 1]: no square or sum of
+    a shifted value overflows, and scaling by a power of two loses no digit."""
+    top = math.frexp(torch.finfo(absmax.dtype).max)[1]  # 128 for float32, 1024 for float64
+    e = torch.frexp(absmax).exponent.clamp(-(top - 8), top - 1)
+    e64 = e.to(torch.float64)
+    return torch.exp2(-e64).to(absmax.dtype), torch.exp2(e64)
 
 
 BACKENDS = ("auto", "eager", "numba")
@@ -278,10 +288,15 @@ def _snapshot_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch ops on the tensor's device (GPUs, and CPU with FLOWSCOPE_KERNELS=eager)."""
     n = flat.numel()
-    c, finite = _shift(flat)
-    y = torch.nan_to_num_(flat - c, 0.0, 0.0, 0.0)
-    lo_hi = torch.aminmax(y)
-    nonfinite = n - finite
+    finite = torch.isfinite(flat)
+    n_finite = torch.count_nonzero(finite)
+    c = _shift(flat, finite)
+    w = torch.where(finite, flat, c)  # non-finite -> c: extremes unmoved, adds 0 about c
+    lo_hi = torch.aminmax(w)
+    inv, scale = _power_of_two_scale(torch.maximum(lo_hi.min.abs(), lo_hi.max.abs()))
+    y = w.mul_(inv).sub_(c * inv)  # (x - c) / s with |x / s| <= 1: cannot overflow
+    sums = torch.stack([y.sum(), (y * y).sum()]).to(torch.float64)
+    nonfinite = n - n_finite
     nan = torch.count_nonzero(torch.isnan(flat))
     if saturation is None:
         sat = torch.full((), math.nan, dtype=torch.float64, device=flat.device)
@@ -290,29 +305,24 @@ def _snapshot_eager(
         outside = torch.count_nonzero((flat <= lo) | (flat >= hi))
         sat = outside - (nonfinite - nan)  # +-Inf compare as outside: take them back out
     stride = sample_stride(n, spec.sample)
-    # sums of the scaled values: squares stay <= 1, so 1e20-sized gradients cannot overflow
-    scale = torch.maximum(-lo_hi.min, lo_hi.max).clamp(min=torch.finfo(y.dtype).tiny)
-    z = y.div_(scale)
-    scale64 = scale.to(torch.float64)
-    sums = torch.stack([z.sum(), (z * z).sum()]).to(torch.float64) * torch.stack(
-        [scale64, scale64 * scale64]
-    )
-    floats = torch.stack([c[0], lo_hi.min, lo_hi.max]).to(torch.float64)
-    counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)])
+    extremes = torch.stack([lo_hi.min, lo_hi.max]).to(torch.float64)
+    extremes = torch.where(n_finite > 0, extremes, math.nan)  # no finite value: undefined
+    counts = torch.stack([nonfinite, nan, torch.count_nonzero(flat)]).to(torch.float64)
     raw = torch.cat(
         [
             torch.full((1,), float(n), dtype=torch.float64, device=flat.device),
-            counts[:2].to(torch.float64),
-            floats[:1],  # shift
-            sums,  # sum, sumsq about the shift
-            floats[1:],  # min, max about the shift
-            counts[2:].to(torch.float64),
+            counts[:2],  # nonfinite, nan
+            c.to(torch.float64),  # shift
+            scale.reshape(1),
+            sums,  # sum, sumsq of (x - c) / s
+            extremes,  # min, max
+            counts[2:],  # nonzero
             sat.to(torch.float64).reshape(1),
             torch.full((1,), float(stride), dtype=torch.float64, device=flat.device),
         ]
     )
     sample = flat[::stride]
-    lin = _linear_hist(sample, c + lo_hi.min, c + lo_hi.max, spec.bins, drop_zeros)
+    lin = _linear_hist(sample, lo_hi.min, lo_hi.max, spec.bins, drop_zeros)
     log = _log_hist(sample, spec.log)
     return raw, lin, log
 
@@ -327,7 +337,7 @@ def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Te
     raw = torch.full((len(RAW_FIELDS),), math.nan, dtype=torch.float64, device=device)
     for field in ("numel", "nonfinite", "nan", "nonzero"):
         raw[RAW[field]] = 0.0
-    raw[RAW["stride"]] = 1.0
+    raw[RAW["stride"]] = raw[RAW["scale"]] = 1.0
     zeros = torch.zeros(spec.bins, dtype=torch.float64, device=device)
     return raw, zeros, torch.zeros(spec.log.size, dtype=torch.float64, device=device)
 
@@ -339,20 +349,36 @@ def _linear_hist(
     keep = (s - s) == 0  # finite
     if drop_zeros:
         keep &= s != 0
-    width = hi - lo
+    # in float64 (a range of float32 subnormals still has a finite bins / width), and in
+    # halves of the values (hi - lo and s - lo stay finite up to float64's limits)
+    half_lo = lo.double() * 0.5
+    width = hi.double() * 0.5 - half_lo
     scale = torch.where(width > 0, bins / width, torch.zeros_like(width))  # constant: bin 0
-    pos = (torch.nan_to_num(s, 0.0, 0.0, 0.0) - lo) * scale
+    pos = (torch.nan_to_num(s.double(), 0.0, 0.0, 0.0) * 0.5 - half_lo) * scale
     idx = torch.nan_to_num_(pos, 0.0, bins - 1.0, 0.0).clamp_(0, bins - 1).long()
     return _count(idx, keep.to(s.dtype), bins)
 
 
 def _log_hist(s: torch.Tensor, edges: LogEdges) -> torch.Tensor:
-    """Counts of sample values (Inf included, NaN left out) on the fixed log-magnitude bins."""
-    mag = torch.log10(s.abs()).mul_(edges.per_decade).floor_()
-    lo_k, hi_k = edges.lo * edges.per_decade, edges.hi * edges.per_decade
-    # magnitude bin j: 0 underflow, 1.. decades, per_sign - 1 overflow
-    j = torch.nan_to_num_(mag, 0.0, float(hi_k), float(lo_k - 1)).clamp_(lo_k - 1, hi_k)
-    j = j - (lo_k - 1)
+    """Counts of sample values (Inf included, NaN left out) on the fixed log-magnitude bins.
+
+    The magnitude bin is the number of float64 edges <= |s| (a search, not ``log10``, which
+    can round a value next to an edge into its neighbour): the same bins as the CPU kernels.
+    """
+    j = torch.bucketize(s.double().abs(), _edges_on(edges, s.device), right=True)
     sign = torch.sign(torch.nan_to_num(s, 0.0))
     idx = (edges.zero_index + sign * (j + 1)).long()
     return _count(idx, (s == s).to(s.dtype), edges.size)
+
+
+_EDGE_TENSORS: dict[tuple[LogEdges, torch.device], torch.Tensor] = {}
+
+
+def _edges_on(edges: LogEdges, device: torch.device) -> torch.Tensor:
+    """The float64 log edges 10**(k / per_decade) on ``device``, made once per device."""
+    key = (edges, device)
+    if key not in _EDGE_TENSORS:
+        ks = range(edges.lo * edges.per_decade, edges.hi * edges.per_decade + 1)
+        values = [10.0 ** (k / edges.per_decade) for k in ks]  # Python's pow, as the kernels'
+        _EDGE_TENSORS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _EDGE_TENSORS[key]

@@ -137,8 +137,8 @@ def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
     keys = stats[KEYS].to_dict("records")
     linear, logs = [], []
     for i, key in enumerate(keys):
-        lo = raw[i, RAW["shift"]] + raw[i, RAW["min"]]
-        width = (raw[i, RAW["max"]] - raw[i, RAW["min"]]) / lin.shape[1]
+        lo = raw[i, RAW["min"]]  # absolute extremes; the width finite up to float64's limits
+        width = raw[i, RAW["max"]] / lin.shape[1] - lo / lin.shape[1]
         for b, count in enumerate(lin[i]):
             bounds = {"lo": lo + b * width, "hi": lo + (b + 1) * width}
             linear.append({**key, "hist": "linear", "bin": b, **bounds, "count": count})

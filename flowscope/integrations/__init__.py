@@ -121,11 +121,11 @@ def unscale_pending(
 
 
 def _divide_raw(raw: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The raw vector of x / s (s > 0): values and sums by s, the sum of squares by s²."""
+    """The raw vector of x / s (s > 0): the shift, the scale and the extremes divided by s;
+    the sums, of (x - shift) / scale, stay as they are."""
     out = raw.clone()
-    for name in ("shift", "sum", "min", "max"):
+    for name in ("shift", "scale", "min", "max"):
         out[RAW[name]] = raw[RAW[name]] / s
-    out[RAW["sumsq"]] = raw[RAW["sumsq"]] / (s * s)
     return out
 
 
