@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flowscope as fs
-from flowscope.nets import build_net
+from flowscope.models.nets import build_net
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cpu")  # --device; models and batches live there
@@ -346,8 +346,8 @@ def study_rows(reps: int = 9) -> list[dict[str, Any]]:
     """init-scales through the engine vs the same passes bare, interleaved ``reps`` times (the
     order alternating, each engine run into a fresh folder): the median of the paired ratios,
     and the ratio of the fastest runs. Plotting (the report) is timed once, on its own."""
-    from flowscope import engine, spec
-    from flowscope.data import make_data
+    from flowscope.study import engine, spec
+    from flowscope.study.data import make_data
 
     study = spec.load("init-scales")
 
@@ -383,7 +383,7 @@ def study_rows(reps: int = 9) -> list[dict[str, Any]]:
             print(f"engine {times[through_engine]:.2f} s", file=sys.stderr)
         t_plot = None
         try:
-            from flowscope.report import report
+            from flowscope.reporter.page import report
 
             t_plot = timed(lambda: report(Path(tmp) / "run0"))
         except ImportError:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import flowscope as fs
-from flowscope import distributed
+from flowscope.integrations import distributed
 
 
 def main(out_dir: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.export import to_csv, to_tensorboard
+from flowscope.reporter.export import to_csv, to_tensorboard
 
 
 def main(out_dir: str) -> None:

@@ -19,39 +19,52 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "watch": "flowscope.recorder",
-    "Recorder": "flowscope.recorder",
-    "KINDS": "flowscope.recorder",
-    "load": "flowscope.frames",
-    "Records": "flowscope.frames",
-    "FlowscopeError": "flowscope.errors",
-    "report": "flowscope.report",
+    "watch": "flowscope.record.recorder",
+    "Recorder": "flowscope.record.recorder",
+    "KINDS": "flowscope.record.recorder",
+    "load": "flowscope.record.frames",
+    "Records": "flowscope.record.frames",
+    "FlowscopeError": "flowscope.core.errors",
     "diagnose": "flowscope.doctor",
     "Diagnosis": "flowscope.doctor",
     "Thresholds": "flowscope.doctor",
     "examine": "flowscope.doctor",
     "compare": "flowscope.doctor",
-    "reinit": "flowscope.fixes",
-    "lsuv": "flowscope.fixes",
-    "to_tensorboard": "flowscope.export",
-    "to_csv": "flowscope.export",
+    "reinit": "flowscope.doctor",
+    "lsuv": "flowscope.doctor",
+    "run_study": "flowscope.study.engine",
+    "report": "flowscope.reporter.page",
+    "to_tensorboard": "flowscope.reporter.export",
+    "to_csv": "flowscope.reporter.export",
 }
+# subpackages reached as attributes of the package (``from flowscope import distributed``)
+_MODULES = {"distributed": "flowscope.integrations.distributed"}
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
-    from flowscope.doctor import Diagnosis, Thresholds, compare, diagnose, examine  # noqa: F401
-    from flowscope.errors import FlowscopeError  # noqa: F401
-    from flowscope.export import to_csv, to_tensorboard  # noqa: F401
-    from flowscope.fixes import lsuv, reinit  # noqa: F401
-    from flowscope.frames import Records, load  # noqa: F401
-    from flowscope.recorder import KINDS, Recorder, watch  # noqa: F401
-    from flowscope.report import report  # noqa: F401
+    from flowscope.core.errors import FlowscopeError  # noqa: F401
+    from flowscope.doctor import (  # noqa: F401
+        Diagnosis,
+        Thresholds,
+        compare,
+        diagnose,
+        examine,
+        lsuv,
+        reinit,
+    )
+    from flowscope.record.frames import Records, load  # noqa: F401
+    from flowscope.record.recorder import KINDS, Recorder, watch  # noqa: F401
+    from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401
+    from flowscope.reporter.page import report  # noqa: F401
+    from flowscope.study.engine import run_study  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
     raise AttributeError(f"module 'flowscope' has no attribute {name!r}")
 
 

@@ -1,5 +1,5 @@
 """``python -m flowscope ...`` is the same as ``flowscope ...``."""
 
-from flowscope.cli import run
+from flowscope.cli.main import run
 
 run()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.activations import ACTIVATIONS
-from flowscope.errors import FlowscopeError
+from flowscope.core.activations import ACTIVATIONS
+from flowscope.core.errors import FlowscopeError
 
 X = torch.linspace(-8, 8, 2001, dtype=torch.float64)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowscope.claims import ClaimFrames, evaluate_one, layer_series, reduce_series
+from flowscope.study.claims import ClaimFrames, evaluate_one, layer_series, reduce_series
 
 
 def frame(configs: dict[str, dict], layers: int = 4, stat: str = "std", kind: str = "activation"):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.nets import build_net
+from flowscope.models.nets import build_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

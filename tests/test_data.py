@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.data import DATA, Batch, make_data
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
+from flowscope.study.data import DATA, Batch, make_data
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SMALL = {"n": 32, "classes": 3}

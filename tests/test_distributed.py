@@ -21,9 +21,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import flowscope as fs
-from flowscope import distributed, engine, spec
-from flowscope.errors import FlowscopeError
-from flowscope.stats import HistSpec, snapshot
+from flowscope.core.errors import FlowscopeError
+from flowscope.integrations import distributed
+from flowscope.record.snapshot import HistSpec, snapshot
+from flowscope.study import engine, spec
 
 WORLD = 2
 BATCH = 24  # global batch; each rank gets BATCH // WORLD contiguous rows

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.doctor import (
+from flowscope.core.errors import FlowscopeError
+from flowscope.doctor.verdicts import (
     DeadUnits,
     Diagnosis,
     Thresholds,
@@ -23,9 +24,8 @@ from flowscope.doctor import (
     diagnose,
     examine,
 )
-from flowscope.errors import FlowscopeError
-from flowscope.inits import apply_init
-from flowscope.nets import build_net
+from flowscope.models.inits import apply_init
+from flowscope.models.nets import build_net
 
 
 @pytest.fixture(autouse=True, scope="module")

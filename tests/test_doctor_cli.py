@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import flowscope as fs
-from flowscope.doctor import diagnose
-from flowscope.doctor_cli import doctor_cmd
+from flowscope.cli.doctor_cmd import doctor_cmd
+from flowscope.doctor.verdicts import diagnose
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -261,6 +261,6 @@ def test_input_shape_and_input_are_exclusive(factories):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, flowscope.doctor_cli; print('torch' in sys.modules)"
+    code = "import sys, flowscope.cli.doctor_cmd; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

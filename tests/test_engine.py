@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope import engine, spec
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
+from flowscope.study import engine, spec
 
 TINY = {
     "name": "tiny",
@@ -305,7 +305,7 @@ def test_dead_units_with_training_steps_read_the_trained_model(monkeypatch):
 
 
 def test_dead_units_count_exact_zeros_only():
-    from flowscope.probes import ProbeContext, dead_units
+    from flowscope.study.probes import ProbeContext, dead_units
 
     x = torch.ones(4, 6)
     x[:, 0] = 0.0  # dead

@@ -38,7 +38,7 @@ def test_ddp_example_under_torchrun_writes_the_global_batch_and_the_report(tmp_p
     assert sorted(stats.step.unique()) == [0, 2]
     first = stats.query("kind == 'activation' and layer == '0'")
     assert (first["count"] == 2 * 32 * 256).all()  # both ranks' 32 samples
-    assert (out / "report.html").is_file()  # flowscope.report drew it on rank 0
+    assert (out / "report.html").is_file()  # flowscope.reporter.page drew it on rank 0
 
 
 def test_lightning_example(tmp_path):

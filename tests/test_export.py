@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.errors import FlowscopeError
-from flowscope.export import tag_of, to_csv, to_tensorboard
-from flowscope.frames import Records
+from flowscope.core.errors import FlowscopeError
+from flowscope.record.frames import Records
+from flowscope.reporter.export import tag_of, to_csv, to_tensorboard
 
 
 def accumulator_module() -> ModuleType:

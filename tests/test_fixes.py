@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.doctor import examine
-from flowscope.errors import FlowscopeError
-from flowscope.fixes import LSUV_COLUMNS, lsuv, reinit
-from flowscope.inits import apply_init
-from flowscope.nets import build_net
+from flowscope.core.errors import FlowscopeError
+from flowscope.doctor.fixes import LSUV_COLUMNS, lsuv, reinit
+from flowscope.doctor.verdicts import examine
+from flowscope.models.inits import apply_init
+from flowscope.models.nets import build_net
 
 
 @pytest.fixture(autouse=True, scope="module")

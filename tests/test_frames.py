@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.errors import FlowscopeError
-from flowscope.frames import KEYS, META_KEY, STATS, atomic_write_text
-from flowscope.stats import RAW
+from flowscope.core.errors import FlowscopeError
+from flowscope.record.frames import KEYS, META_KEY, STATS, atomic_write_text
+from flowscope.record.snapshot import RAW
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_written_files_follow_the_umask_not_mkstemp(recorded, tmp_path):
     import stat
 
-    from flowscope.frames import _UMASK
+    from flowscope.record.frames import _UMASK
 
     recorded.save(tmp_path)
     for name in ("stats.parquet", "hists.parquet", "meta.json"):
@@ -126,7 +126,7 @@ def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
     # the hists frame, built here bin by bin from the raw rows: per snapshot, its linear bins
     # over its own [min, max], then (after every snapshot's linear bins) its non-empty log bins
     # with the bounds LogEdges gives
-    from flowscope.frames import log_edges_of, moments
+    from flowscope.record.frames import log_edges_of, moments
 
     stats, hists = recorded.stats, recorded.hists  # flushed: the host buffers are complete
     host = recorded._host
@@ -157,7 +157,7 @@ def test_frames_are_the_snapshot_rows_then_their_linear_and_log_bins(recorded):
 def test_snapshots_file_round_trip_gives_the_same_frames(recorded, tmp_path):
     # what the study engine saves per config: read back, the frames are the recorder's own,
     # keys (str and int columns), raw rows, both histograms and the log edges intact
-    from flowscope.frames import Snapshots, records_from
+    from flowscope.record.frames import Snapshots, records_from
 
     snaps = recorded.snapshots()
     snaps.save(tmp_path / "snapshots.parquet", {**recorded.meta, "run": "demo"})
@@ -175,7 +175,7 @@ def test_front_columns_lead_both_frames_row_for_row(recorded):
     # row of its own snapshot (checked here against the snapshot's run-independent keys).
     # Row i goes with snapshot i whatever the index says: the engine's front is a take with
     # repeated labels, here reversed labels that would pair rows wrongly by label
-    from flowscope.frames import records_from
+    from flowscope.record.frames import records_from
 
     snaps = recorded.snapshots()
     steps, layers = snaps.keys["step"], snaps.keys["layer"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.errors import FlowscopeError
-from flowscope.inits import INITS, apply_init, fans, init_std
+from flowscope.core.errors import FlowscopeError
+from flowscope.models.inits import INITS, apply_init, fans, init_std
 
 # Parameters a scheme needs to run at all; every other entry runs with none.
 REQUIRED = {"normal": {"std": 0.05}}
@@ -67,7 +67,7 @@ def test_different_seed_gives_different_weights(name) -> None:
     assert not torch.equal(_filled(name, (50, 40), seed=3), _filled(name, (50, 40), seed=4))
 
 
-# The formulas, written again independently of flowscope.inits (n_in = n_out = 500).
+# The formulas, written again independently of flowscope.models.inits (n_in = n_out = 500).
 EXPECTED_STD_500 = {
     "small": 0.01,
     "large": 1.0,

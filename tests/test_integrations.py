@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
 from flowscope.integrations import Session, shift_log_hist, unscale_pending
-from flowscope.stats import LogEdges
+from flowscope.record.snapshot import LogEdges
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_grad_scaler_snapshots_divided_exactly_except_the_log_bins():
 def test_shift_log_hist_by_whole_decades_is_exact_and_keeps_zero_and_inf_bins():
     edges = LogEdges(lo=-4, hi=4)
     x = torch.tensor([0.0, 3e-3, -0.5, 20.0, 7e3, float("inf"), -2e-5])  # overflow: Inf only
-    from flowscope.stats import HistSpec, snapshot
+    from flowscope.record.snapshot import HistSpec, snapshot
 
     spec = HistSpec(log=edges)
     before = snapshot(x, spec)[2]
@@ -254,7 +254,7 @@ def test_session_validates_at_once(tmp_path):
 
 
 def test_session_writes_and_calls_the_reporter(tmp_path, monkeypatch):
-    report = require("flowscope.report", "report")
+    report = require("flowscope.reporter.page", "report")
     called = []
     monkeypatch.setattr(report, "report", lambda path: called.append(Path(path)))
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
@@ -291,8 +291,9 @@ def test_integration_without_its_package_says_how_to_install(module, blocked, mo
 
 def test_flowscope_and_its_integration_helpers_do_not_import_frameworks():
     code = (
-        "import flowscope, flowscope.integrations, flowscope.distributed, flowscope.export, "
-        "flowscope.notebook\nimport sys\nprint(' '.join(sys.modules))"
+        "import flowscope, flowscope.integrations, flowscope.integrations.distributed\n"
+        "import flowscope.reporter.export, flowscope.reporter.notebook\n"
+        "import sys\nprint(' '.join(sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
@@ -305,7 +306,7 @@ def test_flowscope_and_its_integration_helpers_do_not_import_frameworks():
 
 
 def test_recorder_html_before_and_after_recording_escapes_names():
-    from flowscope.notebook import recorder_html
+    from flowscope.reporter.notebook import recorder_html
 
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
     rec = fs.watch(model, modules=["0", "1"])
@@ -321,8 +322,8 @@ def test_recorder_html_before_and_after_recording_escapes_names():
 def test_records_html_flags_nonfinite_and_lists_runs():
     import pandas as pd
 
-    from flowscope.frames import Records
-    from flowscope.notebook import layer_table, records_html
+    from flowscope.record.frames import Records
+    from flowscope.reporter.notebook import layer_table, records_html
 
     parts = []
     for name, scale in (("a", 1.0), ("b<i>", float("inf"))):

@@ -27,15 +27,16 @@ def test_torch_core_does_not_load_pandas_plots_or_click():
         "import torch, flowscope as fs\n"
         "m = torch.nn.Linear(3, 3)\n"
         "with fs.watch(m) as rec:\n    m(torch.randn(2, 3)).sum().backward()\n"
-        "import flowscope.stats, flowscope.recorder, flowscope.registry\n"
-        "import flowscope.inits, flowscope.nets, flowscope.data, flowscope.activations"
+        "import flowscope.record.snapshot, flowscope.record.recorder, flowscope.core.registry\n"
+        "import flowscope.models.inits, flowscope.models.nets, flowscope.study.data\n"
+        "import flowscope.core.activations"
     )
     assert "torch" in mods
     assert not mods & {"pandas", "matplotlib", "seaborn", "click", "pyarrow"}
 
 
 def test_cli_help_does_not_import_torch():
-    assert "torch" not in loaded_after("import flowscope.cli")
+    assert "torch" not in loaded_after("import flowscope.cli.main")
 
 
 @pytest.mark.parametrize("argv", [["cli.py", "--help"], ["-m", "flowscope", "--help"]])

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowscope.activations import ACTIVATIONS
-from flowscope.errors import FlowscopeError
-from flowscope.nets import NETS, build_net
+from flowscope.core.activations import ACTIVATIONS
+from flowscope.core.errors import FlowscopeError
+from flowscope.models.nets import NETS, build_net
 
 
 def _leaves(model: nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from flowscope import spec
+from flowscope.study import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,6 @@ def test_wheel_ships_studies_and_templates(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for study in spec.builtin_names():
         assert f"flowscope/studies/{study}.toml" in names, study
-    assert "flowscope/templates/report.html.j2" in names
-    assert "flowscope/_cpu_kernels.py" in names
+    assert "flowscope/reporter/templates/report.html.j2" in names
+    assert "flowscope/record/_kernels.py" in names
     assert not any(n.startswith(("tests/", "reports/", "bench/")) for n in names)

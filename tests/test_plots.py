@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from test_report import record
 from torch import nn
 
-from flowscope import plots
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
+from flowscope.reporter import plots
 
 matplotlib.use("Agg")
 
@@ -201,7 +201,8 @@ def test_group_column_and_layer_selection():
 
 def test_plots_and_the_report_command_do_not_import_torch():
     # flowscope --help registers report_cmd, so importing it must stay light
-    code = "import flowscope.plots, flowscope.report_cli, sys; print('torch' in sys.modules)"
+    code = "import flowscope.reporter.plots, flowscope.cli.report_cmd, sys\n"
+    code += "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from flowscope import doctor_cli
-from flowscope.cli import main
+from flowscope.cli import doctor_cmd as doctor_cli
+from flowscope.cli.main import main
 
 STUDY = textwrap.dedent(
     """

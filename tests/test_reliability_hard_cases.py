@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import flowscope as fs
-from flowscope.columns import KEYS, STATS
-from flowscope.stats import RAW_FIELDS, LogEdges
+from flowscope.core.columns import KEYS, STATS
+from flowscope.record.snapshot import RAW_FIELDS, LogEdges
 
 
 def row(stats: pd.DataFrame, layer: str, kind: str, call: int = 0, tensor: str = "", step: int = 0):

@@ -18,9 +18,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import flowscope as fs
-from flowscope import engine, frames, spec
-from flowscope.cli import main
-from flowscope.errors import FlowscopeError
+from flowscope.cli.main import main
+from flowscope.core.errors import FlowscopeError
+from flowscope.record import frames
+from flowscope.study import engine, spec
 
 STUDY = textwrap.dedent(
     """
@@ -116,7 +117,8 @@ import sys, pytest
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_reliability_run_folders import half_written
-from flowscope import engine, spec
+from flowscope.study import engine
+from flowscope.study import spec
 mp = pytest.MonkeyPatch()
 real = engine.run_config
 def second_config_dies(study, config, folder, device=None):

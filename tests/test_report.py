@@ -27,9 +27,10 @@ from PIL import Image
 from torch import nn
 
 import flowscope as fs
-from flowscope.errors import FlowscopeError
-from flowscope.frames import Records, write_parquet
-from flowscope.report import (
+from flowscope.cli.report_cmd import report_cmd
+from flowscope.core.errors import FlowscopeError
+from flowscope.record.frames import Records, write_parquet
+from flowscope.reporter.page import (
     REPORT_FILE,
     Canvases,
     _palette_png,
@@ -39,7 +40,6 @@ from flowscope.report import (
     report,
     summary,
 )
-from flowscope.report_cli import report_cmd
 
 XSS = "<script>window.__xss = 1</script>"
 WIDTH = 16

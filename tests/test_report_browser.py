@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from test_report import CONFIGS, XSS, make_study
 
-from flowscope.report import report
+from flowscope.reporter.page import report
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [

@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowscope.frames import moments
-from flowscope.stats import HistSpec, LogEdges, sample_stride, snapshot
+from flowscope.record.frames import moments
+from flowscope.record.snapshot import HistSpec, LogEdges, sample_stride, snapshot
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "transposed", "sliced", "column", "expanded", "every_other"]
@@ -194,7 +194,7 @@ def backend(request):
 @pytest.fixture(params=[1, 2])
 def threads(request, monkeypatch):
     """1: the calling thread; 2: torch's team, which the kernels borrow from 1 element on."""
-    from flowscope import _cpu_kernels
+    from flowscope.record import _kernels as _cpu_kernels
 
     monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", 1)
     monkeypatch.setattr(_cpu_kernels, "HIST_TEAM_FROM", 1)

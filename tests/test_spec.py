@@ -7,8 +7,8 @@ import copy
 import pytest
 import tomllib
 
-from flowscope import spec
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
+from flowscope.study import spec
 
 MINIMAL = {
     "name": "tiny",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowscope.frames import moments
-from flowscope.stats import RAW, HistSpec, LogEdges, backend_for, sample_stride, snapshot
+from flowscope.record.frames import moments
+from flowscope.record.snapshot import RAW, HistSpec, LogEdges, backend_for, sample_stride, snapshot
 
 
 @pytest.fixture(params=["eager", "numba"], autouse=True)
@@ -115,7 +115,7 @@ def test_leading_non_finite_values_do_not_leak_into_the_extremes():
 def test_large_tensors_take_the_parallel_path_exactly(monkeypatch, threshold):
     # None: the real threshold (millions of elements); 1000: the same path on a small tensor,
     # with chunks that hold NaN/Inf next to finite-only chunks
-    from flowscope import _cpu_kernels
+    from flowscope.record import _kernels as _cpu_kernels
 
     if threshold is not None:
         monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", threshold)

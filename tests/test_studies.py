@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowscope import engine, spec
-from flowscope.cli import main
+from flowscope.cli.main import main
+from flowscope.study import engine, spec
 
 # Smaller nets and batches than the lectures', so the whole set runs in seconds.
 REDUCED = {

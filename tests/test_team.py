@@ -1,4 +1,4 @@
-"""The fused CPU kernels on torch's own OpenMP threads (flowscope._team)."""
+"""The fused CPU kernels on torch's own OpenMP threads (flowscope.record._team)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_stats import check, measured, reference
 
-from flowscope.stats import RAW
+from flowscope.record.snapshot import RAW
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def numba_kernels(monkeypatch):
 
 def _force_team(monkeypatch, on: bool) -> None:
     """Split every snapshot over torch's OpenMP team (on) or run it on this thread (off)."""
-    from flowscope import _cpu_kernels
+    from flowscope.record import _kernels as _cpu_kernels
 
     monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", 1 if on else 1 << 62)
     monkeypatch.setattr(_cpu_kernels, "HIST_TEAM_FROM", 1 if on else 1 << 62)
@@ -32,7 +32,7 @@ def _force_team(monkeypatch, on: bool) -> None:
 def test_torch_team_and_the_calling_thread_agree(monkeypatch, dtype):
     # the same snapshot split over torch's threads and on one: histograms and counts exactly,
     # sums to rounding; NaN/Inf in one thread's share only, zeros and saturated values
-    from flowscope import _team
+    from flowscope.record import _team
 
     if _team.torch_team() is None or torch.get_num_threads() < 2:
         pytest.skip("needs torch on a GNU OpenMP team of 2+ threads")
@@ -95,7 +95,7 @@ def test_a_forked_child_snapshots_on_its_own_thread():
 
     script = """
 import os, torch
-from flowscope.stats import snapshot, HistSpec
+from flowscope.record.snapshot import snapshot, HistSpec
 x = torch.randn(1_000_000)
 snapshot(x, HistSpec())  # the parent uses torch's team
 pid = os.fork()

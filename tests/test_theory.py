@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.errors import FlowscopeError
-from flowscope.inits import apply_init
-from flowscope.nets import build_net
-from flowscope.theory import (
+from flowscope.core.errors import FlowscopeError
+from flowscope.models.inits import apply_init
+from flowscope.models.nets import build_net
+from flowscope.theory.meanfield import (
     derivative_moment,
     expect,
     gradient_gain,
@@ -43,7 +43,7 @@ DENSITY = np.exp(-(Z**2) / 2) / math.sqrt(2 * math.pi)
 
 
 def brute(f, q: float) -> float:
-    """E[f(√q z)], z ~ N(0, 1), by brute force (independent of flowscope.theory)."""
+    """E[f(√q z)], z ~ N(0, 1), by brute force (independent of flowscope.theory.meanfield)."""
     with np.errstate(over="ignore"):
         return float(np.trapezoid(f(math.sqrt(q) * Z) * DENSITY, Z))
 
@@ -319,6 +319,6 @@ def test_unknown_init():
 
 
 def test_theory_is_torch_core_without_pandas():
-    code = "import sys, flowscope.theory; print(sorted({'pandas', 'click'} & set(sys.modules)))"
+    code = "import sys, flowscope.theory\nprint(sorted({'pandas', 'click'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import flowscope as fs
-from flowscope.errors import FlowscopeError
+from flowscope.core.errors import FlowscopeError
 
 
 def mlp(inplace: bool = False) -> nn.Sequential:
@@ -313,7 +313,7 @@ class Block(nn.Module):
 
 
 def counting_snapshots(monkeypatch) -> list[int]:
-    from flowscope import recorder
+    from flowscope.record import recorder
 
     calls, real = [], recorder.snapshot_row
     monkeypatch.setattr(

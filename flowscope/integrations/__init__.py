@@ -5,7 +5,7 @@ The callbacks live in :mod:`flowscope.integrations.lightning` and
 Both drive one :class:`Session`: watch the model when training starts, record every
 ``every``-th optimizer step (nothing in between: validation and evaluation passes are not
 recorded), merge the ranks under ``torch.distributed``, write the records (rank 0) and, when
-``flowscope.report`` is there, the HTML report.
+``flowscope.reporter.page`` is there, the HTML report.
 
 **Loss scaling (AMP with a GradScaler).** ``scaler.scale(loss).backward()`` multiplies every
 gradient by the scale ``S``, so the tensor hooks see ``S × dL/d(output)``, and the parameter
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowscope.distributed import merge_pending, rank_and_world, record_synced_grads
-from flowscope.errors import FlowscopeError
-from flowscope.recorder import Recorder, watch
-from flowscope.stats import RAW, LogEdges, split_row
+from flowscope.core.errors import FlowscopeError
+from flowscope.integrations.distributed import merge_pending, rank_and_world, record_synced_grads
+from flowscope.record.recorder import Recorder, watch
+from flowscope.record.snapshot import RAW, LogEdges, split_row
 
 __all__ = ["Session", "loss_scale", "unscale_pending"]
 
@@ -273,7 +273,7 @@ class Session:
         rec.save(str(self.dirpath))
         self.written = self.dirpath
         if self.report:
-            from flowscope.report import report
+            from flowscope.reporter.page import report
 
             report(self.dirpath)
         return self.written

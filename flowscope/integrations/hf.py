@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from flowscope.integrations import Session
-from flowscope.recorder import Recorder
+from flowscope.record.recorder import Recorder
 
 try:
     from transformers import TrainerCallback

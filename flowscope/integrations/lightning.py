@@ -20,7 +20,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from flowscope.integrations import Session
-from flowscope.recorder import Recorder
+from flowscope.record.recorder import Recorder
 
 
 def _callback_base() -> type:

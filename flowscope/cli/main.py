@@ -1,0 +1,159 @@
+"""The ``flowscope`` command line (click). Heavy imports happen inside commands only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from flowscope import __version__
+from flowscope.cli.errors import clean_errors
+from flowscope.core.errors import FlowscopeError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flowscope")
+def main() -> None:
+    """flowscope: see how signal and gradients flow through a PyTorch network."""
+
+
+@main.group()
+def study() -> None:
+    """List, show and run studies (built-in names or your own TOML files)."""
+
+
+@study.command("list")
+@clean_errors
+def study_list() -> None:
+    """The built-in studies, with the source each reproduces."""
+    import tomllib
+
+    from flowscope.study import spec
+
+    for name in spec.builtin_names():
+        raw = tomllib.loads((spec.builtin_dir() / f"{name}.toml").read_text())
+        source = raw.get("source", {})
+        click.echo(
+            f"{name:<14} {raw.get('title', '')}  [{source.get('file', '')}"
+            f" lines {source.get('lines', '')}]"
+        )
+
+
+@study.command("show")
+@click.argument("name_or_file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field.")
+@clean_errors
+def study_show(name_or_file: str, overrides: tuple[str, ...]) -> None:
+    """Print a study's resolved spec, its grid size and its claims."""
+    import json
+
+    from flowscope.study import spec
+
+    loaded = spec.load(name_or_file, overrides)
+    click.echo(json.dumps(loaded.to_dict(), indent=2, default=str))
+    click.echo(f"# {len(loaded.configs())} configs; {len(loaded.claims)} claims", err=True)
+
+
+@study.command("run")
+@click.argument("name_or_file")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Where tensors live (default: the study's run.device, cpu).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: reports/<study name>).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field, e.g. --set net.depth=5 --set run.steps=10.",
+)
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--fresh", is_flag=True, help="Discard finished configs in --out first.")
+@click.option("--no-report", is_flag=True, help="Skip report.html.")
+@clean_errors
+def study_run(
+    name_or_file: str,
+    device: str | None,
+    out_dir: str | None,
+    overrides: tuple[str, ...],
+    seeds: str | None,
+    fresh: bool,
+    no_report: bool,
+) -> None:
+    """Run a study; finished configs in --out are kept, so a rerun resumes."""
+    from tqdm import tqdm
+
+    from flowscope.study import spec
+    from flowscope.study.engine import run_study
+
+    extra = list(overrides)
+    if seeds is not None:
+        try:
+            extra.append(f"run.seeds=[{','.join(str(int(s)) for s in seeds.split(','))}]")
+        except ValueError:
+            raise FlowscopeError(f"--seeds takes integers like 0,1,2; got {seeds!r}") from None
+    loaded = spec.load(name_or_file, extra)
+    out = Path(out_dir or Path("reports") / loaded.name)
+    with tqdm(
+        total=len(loaded.configs()), desc=loaded.name, unit="config", file=sys.stderr, disable=None
+    ) as bar:
+
+        def progress(done: int, total: int, config_id: str) -> None:
+            bar.set_postfix_str(config_id[:40])
+            bar.update(done - bar.n)
+
+        result = run_study(loaded, out, device=device, fresh=fresh, progress=progress)
+    _print_claims(result.claims)
+    if not no_report:
+        _write_report(out)
+    click.echo(
+        f"run folder: {out}  ({result.ran} configs run now, "
+        f"{len(result.configs) - result.ran} resumed)"
+    )
+    if result.failed:
+        raise click.ClickException(
+            f"{len(result.failed)} config(s) failed: "
+            + "; ".join(f"{c['config']}: {c['error']}" for c in result.failed[:3])
+        )
+
+
+def _print_claims(claims: list) -> None:
+    marks = {True: "held", False: "NOT held", None: "not measured"}
+    for verdict in claims:
+        click.echo(f"[{marks[verdict.held]:>12}] {verdict.id}: {verdict.detail}")
+
+
+def _write_report(out: Path) -> None:
+    from flowscope.reporter.page import report
+
+    click.echo(f"report: {report(out)}")
+
+
+def _register() -> None:
+    from flowscope.cli.doctor_cmd import doctor_cmd
+    from flowscope.cli.report_cmd import report_cmd
+
+    main.add_command(report_cmd)
+    main.add_command(doctor_cmd)
+
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main(prog_name="flowscope")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,675 @@
+"""Hooks on any PyTorch model: ``fs.watch(model)`` records per-layer distributions.
+
+The recorder attaches forward hooks to the selected modules (every leaf by default), captures
+dL/d(output) with ``output.register_hook`` set from inside the forward hook (full backward
+hooks reject in-place ops such as ``ReLU(inplace=True)``), and reads parameters and their
+gradients with post-accumulate-grad hooks. Every snapshot is reduced on the tensor's device by
+:func:`flowscope.record.snapshot.snapshot`; nothing is copied to the host until a flush.
+
+Hard cases: activation checkpointing re-runs forwards inside backward; such a recompute adds
+no call and no second activation (``use_reentrant=False``: the first forward's hooks give the
+gradients; ``use_reentrant=True``: the recomputed outputs' gradients are recorded under the
+call they re-run, with a RuntimeWarning where that is ambiguous). Under ``torch.compile`` the
+hooks run eagerly (dynamo breaks the graph around them). Only dense floating tensors are
+recorded: float8 is counted in float32, sparse gradients densified; int, bool, complex and
+meta tensors are skipped.
+
+This module imports torch only; frames are built lazily by :mod:`flowscope.record.frames`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import mmap
+import time
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.record.snapshot import (
+    RAW,
+    RAW_FIELDS,
+    HistSpec,
+    LogEdges,
+    row_width,
+    snapshot_row,
+    split_row,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flowscope.record.frames import Records, Snapshots
+
+KINDS = ("activation", "gradient", "weight", "weight_grad")
+ROOT = "<root>"
+
+# Saturation intervals by module type: finite outputs at or beyond (lo, hi) count as saturated.
+DEFAULT_SATURATION: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Tanh: (-0.99, 0.99),
+    nn.Sigmoid: (0.01, 0.99),
+    nn.Softsign: (-0.99, 0.99),
+    nn.Hardsigmoid: (0.0, 1.0),
+}
+# Modules whose outputs are exactly zero on a set of positive measure: with drop_zeros="auto"
+# their linear histograms leave the zeros out and the zero share is stated instead.
+ZERO_OUTPUT: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
+)
+
+ModuleSelector = type[nn.Module] | str
+SaturationMap = Mapping[type[nn.Module] | str, tuple[float, float] | None]
+
+
+class SnapKey(NamedTuple):
+    """Where a snapshot came from: one row of the stats frame (a named tuple: made ~100 times
+    per recorded step, in a few hundred nanoseconds each)."""
+
+    step: int
+    layer_idx: int
+    layer: str
+    module_type: str
+    kind: str
+    call: int
+    tensor: str
+    dtype: str
+    device: str
+
+
+class _Taken(NamedTuple):
+    """A snapshot taken this step, kept to recognise the same tensor asked for again."""
+
+    tensor: weakref.ref[torch.Tensor]
+    version: int  # torch bumps it on every in-place change
+    saturation: tuple[float, float] | None
+    drop_zeros: bool
+    row: torch.Tensor
+
+
+@dataclass
+class _Buffers:
+    """Snapshots not yet flushed: their keys and their results on the tensors' devices, one
+    row each (raw | linear counts | log counts, see :func:`flowscope.record.snapshot.split_row`)."""
+
+    keys: list[SnapKey] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+
+class _RowBlocks:
+    """Rows for CPU snapshots, carved from anonymous-mmap blocks of ``ROWS`` rows.
+
+    A recorded step leaves ~100 small results alive until the flush. Allocated one by one
+    they sit in the malloc heap between the step's large activation buffers and keep it from
+    shrinking: RSS grew by ~64 MB per recorded step (lecture MLP, batch 1000). mmap'd blocks
+    live outside that heap.
+    """
+
+    ROWS = 512
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.block: torch.Tensor | None = None
+        self.used = self.ROWS
+
+    def take(self) -> torch.Tensor:
+        if self.used == self.ROWS:
+            buf = mmap.mmap(-1, self.ROWS * self.width * 8)
+            cells = np.frombuffer(buf, dtype=np.float64).reshape(self.ROWS, self.width)
+            self.block, self.used = torch.from_numpy(cells), 0
+        assert self.block is not None
+        self.used += 1
+        return self.block[self.used - 1]
+
+
+def watch(
+    model: nn.Module,
+    *,
+    modules: ModuleSelector | Sequence[ModuleSelector] | None = None,
+    kinds: Sequence[str] = KINDS,
+    every: int = 1,
+    bins: int = 64,
+    hist_sample: int = 16384,
+    log_bins_per_decade: int = 1,
+    saturation: SaturationMap | None = None,
+    drop_zeros: bool | Literal["auto"] = "auto",
+    name: str = "",
+) -> Recorder:
+    """Attach flowscope to ``model`` and return the recorder (also a context manager).
+
+    Example:
+        >>> import torch, flowscope as fs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+        >>> with fs.watch(model) as rec:
+        ...     model(torch.randn(8, 4)).sum().backward()
+        >>> sorted(rec.stats.kind.unique())
+        ['activation', 'gradient', 'weight', 'weight_grad']
+
+        In a training loop: ``rec = fs.watch(model, every=50)``, ``rec.step()`` after each
+        optimizer step, ``rec.close()`` at the end.
+
+    Args:
+        model: any ``nn.Module``.
+        modules: which modules to watch: a module type, a glob on qualified names
+            (``"encoder.*.mlp"``), or a list of them. Default: every leaf module and every
+            module that owns parameters directly.
+        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``.
+        every: record on steps 0, every, 2*every, ...; ``rec.step()`` advances the step.
+        bins: bins of the linear histogram (over each snapshot's own range).
+        hist_sample: histograms count a strided sample of at most this many elements;
+            the statistics are always exact.
+        log_bins_per_decade: resolution of the fixed log-magnitude histogram (1e-30..1e30).
+        saturation: per module type (class or class name) the (lo, hi) interval outside which
+            an output is saturated, or None to switch it off; merged into the defaults
+            (tanh/softsign +-0.99, sigmoid 0.01/0.99, hardtanh at its clamp values).
+        drop_zeros: leave exact zeros out of the linear histograms; "auto" does it for
+            ReLU-like modules' activations.
+        name: the ``run`` column of the frames.
+
+    Returns:
+        The attached :class:`Recorder`.
+
+    Raises:
+        FlowscopeError: for an unknown kind, a selector that matches no module, or a
+            setting out of range.
+    """
+    return Recorder(
+        model,
+        modules=modules,
+        kinds=kinds,
+        every=every,
+        hist=hist_spec(bins, hist_sample, log_bins_per_decade),
+        saturation=saturation,
+        drop_zeros=drop_zeros,
+        name=name,
+    )
+
+
+def hist_spec(bins: int, sample: int, per_decade: int, prefix: str = "") -> HistSpec:
+    """Validated histogram settings (``prefix`` names them as the caller does: ``run.``)."""
+    for label, value, low in (
+        ("bins", bins, 1),
+        ("hist_sample", sample, 16),
+        ("log_bins_per_decade", per_decade, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise FlowscopeError(f"{prefix}{label} must be an integer >= {low}, got {value!r}")
+    return HistSpec(bins=bins, sample=sample, log=LogEdges(per_decade=per_decade))
+
+
+class Recorder:
+    """Hooks on a model and the snapshots they took. Build it with :func:`watch`.
+
+    ``stats`` and ``hists`` are pandas frames (built on first access after new snapshots);
+    ``records()`` bundles them with ``meta`` for saving. ``close()`` removes every hook and is
+    safe to call twice.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: ModuleSelector | Sequence[ModuleSelector] | None,
+        kinds: Sequence[str],
+        every: int,
+        hist: HistSpec,
+        saturation: SaturationMap | None,
+        drop_zeros: bool | Literal["auto"],
+        name: str,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise FlowscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        self.kinds = check_kinds(kinds)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise FlowscopeError(f"every must be an integer >= 1, got {every!r}")
+        if drop_zeros not in (True, False, "auto"):
+            raise FlowscopeError(f"drop_zeros must be True, False or 'auto', got {drop_zeros!r}")
+        self.model = model
+        self.every = every
+        self.hist = hist
+        self.name = name
+        self._drop_zeros = drop_zeros
+        self._saturation = _saturation_table(saturation)
+        self.targets = select_modules(model, modules)
+        self.step_index = 0
+        self._closed = False
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+        self._calls: dict[str, int] = {}
+        self._layer_idx: dict[str, int] = {}
+        # calls of this step whose outputs had no gradient to hook (a reentrant checkpoint's
+        # first forward runs under no_grad), matched by recomputes; see _recompute
+        self._awaiting: list[tuple[str, int]] = []
+        self._matched: set[int] = set()
+        self._cursor: int | None = None
+        self._pending = _Buffers()
+        self._rows = _RowBlocks(row_width(self.hist))
+        self._taken: dict[int, _Taken] = {}  # id(tensor) -> its snapshot, until step/flush
+        self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
+        self._frames: Records | None = None
+        self.started = time.time()
+        self._attach()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (module, tensor and parameter hooks). Idempotent."""
+        self._closed = True
+        for handle in self._handles + self._tensor_handles:
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def active(self) -> bool:
+        """True when the current step is recorded."""
+        return not self._closed and self.step_index % self.every == 0
+
+    def step(self) -> None:
+        """Advance to the next training step (call once per optimizer step)."""
+        self.step_index += 1
+        self._calls.clear()
+        self._awaiting.clear()
+        self._matched.clear()
+        self._cursor = None
+        self._taken.clear()
+        for handle in self._tensor_handles:  # tensors of finished steps: hooks no longer needed
+            handle.remove()
+        self._tensor_handles.clear()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        seen: set[int] = set()
+        try:
+            for qualname, module in self.targets:
+                hook = self._forward_hook(qualname, module)
+                self._handles.append(module.register_forward_hook(hook))
+                if "weight_grad" not in self.kinds:
+                    continue
+                for pname, param in module.named_parameters(recurse=False):
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        phook = self._param_hook(qualname, module, pname, param)
+                        self._handles.append(param.register_post_accumulate_grad_hook(phook))
+        except BaseException:  # no recorder is returned: leave no hook behind (Ctrl-C too)
+            self.close()
+            raise
+
+    def _forward_hook(self, qualname: str, target: nn.Module) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if module is not target or not self.active:  # a deepcopy carries hooks along
+                return
+            if _in_backward():  # activation checkpointing re-runs the forward in backward
+                self._recompute(qualname, module, output)
+                return
+            call = self._calls.get(qualname, -1) + 1
+            self._calls[qualname] = call
+            self._layer_idx.setdefault(qualname, len(self._layer_idx))
+            if call == 0 and "weight" in self.kinds:
+                for pname, param in module.named_parameters(recurse=False):
+                    self._record(param, self._key(qualname, module, "weight", 0, pname, param))
+            no_grad = False
+            for path, tensor in _float_tensors(output):
+                key = self._key(qualname, module, "activation", call, path, tensor)
+                if "activation" in self.kinds:
+                    self._record(tensor, key, module)
+                if "gradient" in self.kinds and tensor.requires_grad:
+                    gkey = key._replace(kind="gradient")
+                    self._tensor_handles.append(tensor.register_hook(self._grad_hook(gkey, module)))
+                no_grad |= not tensor.requires_grad
+            if no_grad and "gradient" in self.kinds:
+                self._awaiting.append((qualname, call))
+
+        return _eager(hook)
+
+    def _recompute(self, qualname: str, module: nn.Module, output: Any) -> None:
+        """A forward re-run by activation checkpointing: no new call, no second activation.
+
+        Non-reentrant checkpointing keeps the first forward's outputs in the graph, so their
+        hooks already give the gradient. The reentrant kind runs the first forward under
+        no_grad and the backward through the recomputed outputs: their gradient is recorded
+        under the call they recompute (see :meth:`_match_recompute`).
+        """
+        pos = self._match_recompute(qualname) if "gradient" in self.kinds else None
+        if pos is None:
+            return
+        call = self._awaiting[pos][1]
+        for path, tensor in _float_tensors(output):
+            if tensor.requires_grad:
+                key = self._key(qualname, module, "gradient", call, path, tensor)
+                self._tensor_handles.append(tensor.register_hook(self._grad_hook(key, module)))
+
+    def _match_recompute(self, qualname: str) -> int | None:
+        """Index in ``_awaiting`` of the call a recompute of ``qualname`` re-runs.
+
+        A checkpointed segment re-runs its modules in forward order, and segments re-run last
+        first: the entry right after the previous match continues a segment; otherwise the
+        latest unmatched call of the module starts one. Only a segment that starts with a
+        module run several times without gradient is ambiguous; a warning says so.
+        """
+        nxt = -1 if self._cursor is None else self._cursor + 1
+        ahead = self._awaiting[nxt][0] if 0 <= nxt < len(self._awaiting) else None
+        if ahead == qualname and nxt not in self._matched:
+            self._matched.add(nxt)
+            self._cursor = nxt
+            return nxt
+        free = [
+            i for i, (q, _) in enumerate(self._awaiting) if q == qualname and i not in self._matched
+        ]
+        if not free:
+            return None
+        if len(free) > 1:
+            warnings.warn(
+                f"flowscope: checkpoint recompute of {qualname!r}, which ran {len(free)} times"
+                " without gradient this step: its gradient is recorded under the latest of"
+                " those calls",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._matched.add(free[-1])
+        self._cursor = free[-1]
+        return free[-1]
+
+    def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if not self._closed:
+                self._record(grad, key, module)
+
+        return _eager(hook)
+
+    def _param_hook(
+        self, qualname: str, module: nn.Module, pname: str, target: torch.Tensor
+    ) -> Any:
+        def hook(param: torch.Tensor) -> None:
+            if param is target and self.active and param.grad is not None:
+                self._layer_idx.setdefault(qualname, len(self._layer_idx))
+                self._record(
+                    param.grad, self._key(qualname, module, "weight_grad", 0, pname, param)
+                )
+
+        return _eager(hook)
+
+    def _key(
+        self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
+    ) -> SnapKey:
+        return SnapKey(
+            step=self.step_index,
+            layer_idx=self._layer_idx.get(qualname, -1),
+            layer=qualname,
+            module_type=type(module).__name__,
+            kind=kind,
+            call=call,
+            tensor=path,
+            dtype=str(t.dtype).removeprefix("torch."),
+            device=str(t.device),
+        )
+
+    def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
+        """Reduce one tensor on its device and keep the result (no host transfer)."""
+        if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
+            return
+        if t.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True))
+            t = t.to_dense()
+        if t.dtype.itemsize == 1:  # float8: snapshots count it in float32, as fp16/bf16
+            t = t.float()
+        is_act = key.kind == "activation"
+        sat = self._saturation_for(module) if is_act and module is not None else None
+        drop = self._drop_zeros is True or (
+            self._drop_zeros == "auto" and is_act and isinstance(module, ZERO_OUTPUT)
+        )
+        self._pending.rows.append(self._row(t, sat, drop))
+        self._pending.keys.append(key)
+        self._frames = None
+
+    def _row(self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool) -> torch.Tensor:
+        """The snapshot row of ``t``; read once when the same tensor, unchanged, comes again.
+
+        A container's output is often its last child's output, the same tensor (and so is its
+        gradient): the child's row serves for the container when the linear histogram is taken
+        alike (``drop``) and the saturation interval is the same or absent (then the count is
+        NaN, what no interval gives). Same = the same live tensor object at the same version
+        (inference tensors keep no version: they are read every time).
+        """
+        taken = self._taken.get(id(t))
+        inference = t.is_inference()
+        if (
+            taken is not None
+            and not inference
+            and taken.tensor() is t
+            and taken.version == t._version
+            and taken.drop_zeros == drop
+            and (taken.saturation == sat or sat is None)
+        ):
+            if taken.saturation == sat:
+                return taken.row
+            row = self._rows.take() if t.device.type == "cpu" else torch.empty_like(taken.row)
+            row.copy_(taken.row)
+            row[RAW["saturated"]] = float("nan")
+            return row
+        out = self._rows.take() if t.device.type == "cpu" else None
+        row = snapshot_row(t, self.hist, sat, drop, out=out)
+        if not inference:
+            self._taken[id(t)] = _Taken(weakref.ref(t), t._version, sat, drop, row)
+        return row
+
+    def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
+        for cls in type(module).__mro__:
+            if cls in self._saturation:
+                return self._saturation[cls]
+        if isinstance(module, nn.Hardtanh):  # also ReLU6: saturated at its clamp values
+            return (float(module.min_val), float(module.max_val))
+        return None
+
+    # -- results -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Move pending snapshots to the host: one transfer per device and buffer."""
+        pending, self._pending = self._pending, _Buffers()
+        self._rows = _RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
+        self._taken.clear()
+        if not pending.keys:
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for i, row in enumerate(pending.rows):
+            by_device.setdefault(row.device, []).append(i)
+        for rows in by_device.values():
+            host = torch.stack([pending.rows[i] for i in rows]).cpu()  # the one transfer
+            raw, lin, log = (part.numpy() for part in split_row(host, self.hist))
+            self._host.append(([pending.keys[i] for i in rows], raw, lin, log))
+
+    def records(self) -> Records:
+        """All snapshots so far as frames plus metadata (``frames.Records``)."""
+        from flowscope.record import frames
+
+        if self._frames is None:
+            meta = {**self.meta, "run": self.name}
+            self._frames = frames.records_from(self.snapshots(), meta)
+        return self._frames
+
+    def snapshots(self) -> Snapshots:
+        """All snapshots so far on the host, before they become frames (what the study engine
+        saves per config; :class:`flowscope.record.frames.Snapshots`)."""
+        from flowscope.record import frames
+
+        self.flush()
+        return frames.Snapshots.of(self._host, self.hist, self.name)
+
+    @property
+    def stats(self) -> pd.DataFrame:
+        """One row per (step, layer, kind, call, tensor); one column per statistic."""
+        return self.records().stats
+
+    @property
+    def hists(self) -> pd.DataFrame:
+        """One row per histogram bin (linear: every bin; log: non-empty bins)."""
+        return self.records().hists
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Versions, devices, dtypes, settings and times of this recording."""
+        devices = sorted({str(p.device) for p in self.model.parameters()}) or ["cpu"]
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()})
+        return {
+            "flowscope": _version(),
+            "torch": torch.__version__,
+            "model": type(self.model).__name__,
+            "devices": devices,
+            "dtypes": dtypes,
+            "kinds": list(self.kinds),
+            "every": self.every,
+            "bins": self.hist.bins,
+            "hist_sample": self.hist.sample,
+            "log_edges": [self.hist.log.lo, self.hist.log.hi, self.hist.log.per_decade],
+            "steps": self.step_index + 1,
+            "started": self.started,
+            "written": time.time(),
+            "raw_fields": list(RAW_FIELDS),
+        }
+
+    def _repr_html_(self) -> str:
+        """Jupyter: state and per-layer table (see :mod:`flowscope.reporter.notebook`)."""
+        from flowscope.reporter.notebook import recorder_html
+
+        return recorder_html(self)
+
+    def save(self, out_dir: str) -> None:
+        """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``."""
+        self.records().save(out_dir)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self.step_index}"
+        return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
+
+
+def _version() -> str:
+    from flowscope import __version__
+
+    return __version__
+
+
+def check_kinds(kinds: Sequence[str], name: str = "kinds", entry: str = "kind") -> tuple[str, ...]:
+    """Validated kinds, in canonical order (``name``/``entry`` label them as the caller does)."""
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise unknown(entry, kind, KINDS)
+    if not kinds:
+        raise FlowscopeError(f"{name} is empty; choose from {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def _saturation_table(overrides: SaturationMap | None) -> dict[type, tuple[float, float] | None]:
+    """Default saturation intervals updated with the user's (by class or class name)."""
+    table: dict[type, tuple[float, float] | None] = dict(DEFAULT_SATURATION)
+    by_name = {cls.__name__: cls for cls in vars(nn).values() if isinstance(cls, type)}
+    for target, interval in (overrides or {}).items():
+        cls = by_name.get(target) if isinstance(target, str) else target
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise unknown(
+                "module type in saturation",
+                target,
+                [n for n, c in by_name.items() if issubclass(c, nn.Module)],
+            )
+        if interval is not None:
+            ok = isinstance(interval, tuple | list) and len(interval) == 2
+            if not ok or not float(interval[0]) < float(interval[1]):
+                raise FlowscopeError(
+                    f"saturation for {cls.__name__} must be (lo, hi) with lo < hi, or None;"
+                    f" got {interval!r}"
+                )
+            interval = (float(interval[0]), float(interval[1]))
+        table[cls] = interval
+    return table
+
+
+def select_modules(
+    model: nn.Module, modules: ModuleSelector | Sequence[ModuleSelector] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs ``watch`` hooks, in ``named_modules`` order.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> [n for n, _ in select_modules(net, torch.nn.Linear)]
+        ['0']
+    """
+    named = [(n or ROOT, m) for n, m in model.named_modules()]
+    if modules is None:
+        return [
+            (n, m)
+            for n, m in named
+            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
+        ]
+    selectors = [modules] if isinstance(modules, str | type) else list(modules)
+    chosen: set[str] = set()
+    for sel in selectors:
+        if isinstance(sel, str):
+            hits = {n for n, _ in named if fnmatch.fnmatchcase(n, sel)}
+        elif isinstance(sel, type) and issubclass(sel, nn.Module):
+            hits = {n for n, m in named if isinstance(m, sel)}
+        else:
+            raise FlowscopeError(
+                f"modules entries are module types or name patterns (str), got {sel!r}"
+            )
+        if not hits:
+            shown = ", ".join(n for n, _ in named[:12]) + (", ..." if len(named) > 12 else "")
+            raise FlowscopeError(f"modules selector {sel!r} matches no module; names: {shown}")
+        chosen |= hits
+    return [(n, m) for n, m in named if n in chosen]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (a checkpoint recompute)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def _eager(hook: Any) -> Any:
+    """The hook, run eagerly under ``torch.compile``: dynamo graph-breaks around it instead of
+    tracing its bookkeeping (Python dicts, the numba kernels) into a compiled graph.
+
+    A partial of one function disabled once: ``torch.compiler.disable`` on every new closure
+    costs ~4 us, and a gradient hook is made per activation per recorded step."""
+    return functools.partial(_run_eagerly, hook)
+
+
+@torch.compiler.disable
+def _run_eagerly(hook: Any, *args: Any) -> Any:
+    return hook(*args)
+
+
+def _float_tensors(
+    output: Any, path: str = "", depth: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Floating-point tensors in a module output, with their path ("" for a bare tensor)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point() and output.layout == torch.strided:  # not sparse
+            yield path, output
+    elif depth < 4 and isinstance(output, Mapping):
+        for k, v in output.items():
+            yield from _float_tensors(v, f"{path}.{k}" if path else str(k), depth + 1)
+    elif depth < 4 and isinstance(output, tuple | list):
+        for i, v in enumerate(output):
+            yield from _float_tensors(v, f"{path}.{i}" if path else str(i), depth + 1)

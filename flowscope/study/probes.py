@@ -1,0 +1,162 @@
+"""Probes: measurements a study needs beyond the per-layer distributions.
+
+Each probe is a registry entry with a ``when`` (``backward``: right after the first recorded
+backward, gradients in place; ``step``: after every optimizer step and once before the first;
+``end``: after the run) and a function returning ``{layer: 0-d tensor}`` on the model's device.
+The engine stacks every probe value of a run and moves them to the host in one transfer.
+
+An ``end`` probe that only reads one forward pass of ``x`` also names its forward ``hooks``
+(``hooks(model, into)`` attaches them, each writing its layer's value into ``into``, and
+returns their handles); its ``fn`` runs that pass itself (:func:`read_pass`). When a run has
+no training step the end state is the state of the recorded pass, so the engine attaches the
+hooks to that pass instead of running another one: the same hooks on the same forward give
+the same numbers. Torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from flowscope.core.registry import Registry
+
+Hooks = Callable[[nn.Module, dict[str, torch.Tensor]], list[RemovableHandle]]
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What a probe may look at."""
+
+    model: nn.Module
+    x: torch.Tensor
+    initial: dict[str, torch.Tensor]  # parameter values before training (detached clones;
+    # the parameters themselves, detached, when the run has no training step to change them)
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    when: str  # backward | step | end
+    summary: str
+    fn: Callable[[ProbeContext], dict[str, torch.Tensor]]
+    hooks: Hooks | None = None  # end probes reading one forward pass of x: that pass's hooks
+
+
+PROBES: Registry[Probe] = Registry("probe")
+
+
+def _probe(
+    name: str, when: str, summary: str, hooks: Hooks | None = None
+) -> Callable[[Callable], Callable]:
+    def add(fn: Callable[[ProbeContext], dict[str, torch.Tensor]]) -> Callable:
+        PROBES.register(name)(Probe(name, when, summary, fn, hooks))
+        return fn
+
+    return add
+
+
+@contextmanager
+def attached(hooks: Hooks, model: nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``hooks`` on ``model``, filling ``into``, for the ``with`` block only."""
+    handles = hooks(model, into)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def read_pass(hooks: Hooks, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ``hooks`` capture during one no-grad forward pass of ``x``."""
+    captured: dict[str, torch.Tensor] = {}
+    with attached(hooks, model, captured), torch.no_grad():
+        model(x)
+    return captured
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@_probe("param_change", "step", "max |p - p_initial| per parameter (0 = never changed)")
+def param_change(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            name: (p.detach() - ctx.initial[name]).abs().max()
+            for name, p in ctx.model.named_parameters()
+        }
+
+
+@_probe("distinct_units", "end", "number of distinct units (rows of [W | b]) of each Linear")
+def distinct_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for name, lin in _linears(ctx.model):
+            rows = lin.weight.detach()
+            if lin.bias is not None:
+                rows = torch.cat([rows, lin.bias.detach()[:, None]], dim=1)
+            out[name] = count_distinct_rows(rows)
+    return out
+
+
+def count_distinct_rows(rows: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
+    """Rows equal within ``rel_tol`` x the largest entry count as one unit (float sums of
+    identical updates may differ in the last bits between rows)."""
+    diff = (rows[:, None, :] - rows[None, :, :]).abs().amax(dim=2)
+    tol = rel_tol * rows.abs().max().clamp(min=1e-30)
+    same_as_earlier = torch.triu(diff <= tol, diagonal=1).any(dim=0)
+    return (~same_as_earlier).sum().to(torch.float64)
+
+
+@_probe(
+    "same_sign_rows",
+    "backward",
+    "share of rows of each Linear weight gradient whose non-zero entries all have one sign",
+)
+def same_sign_rows(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, lin in _linears(ctx.model):
+        g = lin.weight.grad
+        if g is None:
+            continue
+        pos, neg = (g > 0).any(dim=1), (g < 0).any(dim=1)
+        live = pos | neg
+        out[name] = ((live & ~(pos & neg)).sum() / live.sum().clamp(min=1)).to(torch.float64)
+    return out
+
+
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _dead_unit_hooks(model: nn.Module, into: dict[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Forward hooks on every activation module: the share of its units zero for the batch."""
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            # dead: 0 for every sample, i.e. max |output| over the batch is 0 (a NaN stays
+            # NaN, not dead); the same units as (output == 0).all(dim=0), 2-4x faster on CPU
+            peak = output.detach().reshape(output.shape[0], -1).abs().amax(dim=0)
+            into[name] = (peak == 0).double().mean()
+
+        return hook
+
+    return [
+        m.register_forward_hook(keep(n))
+        for n, m in model.named_modules()
+        if isinstance(m, ACTIVATION_TYPES)
+    ]
+
+
+@_probe(
+    "dead_units",
+    "end",
+    "share of units of each activation module zero for the whole batch",
+    hooks=_dead_unit_hooks,
+)
+def dead_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return read_pass(_dead_unit_hooks, ctx.model, ctx.x)

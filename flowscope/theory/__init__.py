@@ -1,0 +1,30 @@
+"""Mean-field theory of signal propagation: variance maps, gradient gains, predictions for
+a model's Linear -> [norm] -> activation chains (see :mod:`flowscope.theory.meanfield`)."""
+
+from flowscope.theory.meanfield import (
+    Link,
+    derivative_moment,
+    expect,
+    gradient_gain,
+    measure_mlp,
+    mlp_chains,
+    predict_chain,
+    predict_mlp,
+    second_moment,
+    sigma_w2_of,
+    variance_map,
+)
+
+__all__ = [
+    "Link",
+    "derivative_moment",
+    "expect",
+    "gradient_gain",
+    "measure_mlp",
+    "mlp_chains",
+    "predict_chain",
+    "predict_mlp",
+    "second_moment",
+    "sigma_w2_of",
+    "variance_map",
+]
