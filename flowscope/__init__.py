@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from flowscope.record import display as _display
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -58,6 +60,11 @@ if TYPE_CHECKING:
     from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401
     from flowscope.reporter.page import report  # noqa: F401
     from flowscope.study.engine import run_study  # noqa: F401
+
+
+# notebook views of the record layer's objects, drawn by the reporter (loaded when shown)
+_display.register("recorder", "flowscope.reporter.notebook:recorder_html")
+_display.register("records", "flowscope.reporter.notebook:records_html")
 
 
 def __getattr__(name: str) -> Any:

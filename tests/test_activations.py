@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowscope.core.activations import ACTIVATIONS
+from flowscope.core.activations import ACTIVATIONS, activation_type, alive_units, saturation_of
 from flowscope.core.errors import FlowscopeError
 
 X = torch.linspace(-8, 8, 2001, dtype=torch.float64)
@@ -73,7 +73,41 @@ def test_saturation_interval_splits_flat_tails_from_the_middle(name) -> None:
 
 def test_entries_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ACTIVATIONS.get("relu").zero_output = False  # type: ignore[misc]
+        ACTIVATIONS.get("relu").fn = torch.tanh  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS.names())
+def test_every_study_activation_is_in_the_module_catalogue(name) -> None:
+    # one table: the registry's properties are those of its module type
+    act = ACTIVATIONS.get(name)
+    known = activation_type(act.module())
+    assert known is not None and (known.zero_output, known.saturation) == (
+        act.zero_output,
+        act.saturation,
+    )
+
+
+def test_catalogue_families_and_other_libraries_names() -> None:
+    assert activation_type("Softsign").xavier_like and activation_type("LogSigmoid").xavier_like
+    assert activation_type("SELU").family == activation_type("QuickGELUActivation").family
+    assert activation_type("MySwish").family == "relu"  # another library's, by its name
+    assert activation_type("MyTanhAct").family == "tanh"
+    assert activation_type("Linear") is None and activation_type("LayerNorm") is None
+    assert saturation_of(torch.nn.ReLU6()) == (0.0, 6.0)
+
+    class Scaled(torch.nn.Tanh):  # a subclass saturates as its base
+        pass
+
+    assert saturation_of(Scaled()) == (-0.99, 0.99)
+
+
+def test_dead_units_are_all_zero_over_batch_and_positions() -> None:
+    # one definition for the recorder's probes and the doctor: channels of conv maps
+    x = torch.zeros(4, 3, 5, 5)
+    x[2, 1, 4, 4] = 0.5  # channel 1 alive at one position of one sample
+    x[0, 2] = float("nan")  # NaN is broken, not dead
+    assert (~alive_units(x)).tolist() == [True, False, False]
+    assert (~alive_units(torch.tensor([[0.0, -1.0], [0.0, 0.0]]))).tolist() == [True, False]
 
 
 def test_unknown_activation() -> None:

@@ -107,7 +107,12 @@ NETWORK_MODULES = {"socket", "urllib.request", "http.client", "requests", "httpx
                    "urllib3", "ftplib", "smtplib", "huggingface_hub"}  # fmt: skip
 UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
 # lazy exports; the user's MODULE:FACTORY; Lightning under either of its two package names
-IMPORTS_BY_NAME = {"__init__.py", "cli/doctor_cmd.py", "integrations/lightning.py"}
+IMPORTS_BY_NAME = {
+    "__init__.py",
+    "cli/doctor_cmd.py",
+    "integrations/lightning.py",
+    "record/display.py",  # the views the facade registers
+}
 
 
 def calls(tree: ast.AST):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import INIT_TARGETS, INITS, apply_init
+from flowscope.record.hooks import forward_hooks
 from flowscope.record.recorder import ROOT, ModuleSelector, select_modules
 
 __all__ = ["LSUV_COLUMNS", "lsuv", "reinit"]
@@ -117,7 +118,7 @@ class _Probe:
         self.std: dict[str, float] = {}
         self.order: list[str] = []
         self.stop_at: str | None = None
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in targets]
+        self.hooks = forward_hooks(targets, self._hook)
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -138,8 +139,7 @@ class _Probe:
         return self.std
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.hooks.remove()
 
 
 def lsuv(

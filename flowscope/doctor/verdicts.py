@@ -46,10 +46,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from flowscope.core.activations import activation_type, alive_units
 from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import INIT_TARGETS
 from flowscope.record.frames import KEYS, records_of
-from flowscope.record.recorder import KINDS, ZERO_OUTPUT, Recorder, watch
+from flowscope.record.hooks import forward_hooks
+from flowscope.record.recorder import KINDS, ROOT, Recorder, watch
 
 __all__ = [
     "VERDICTS",
@@ -64,16 +66,8 @@ __all__ = [
 
 VERDICTS = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
 PRE_ACTIVATION = re.compile(r"Linear|Conv")
-ZERO_TYPES = frozenset(cls.__name__ for cls in ZERO_OUTPUT)
-# Activation module types by the init that suits them (for the prescription).
-TANH_LIKE = frozenset({"Tanh", "Softsign", "Hardtanh", "Tanhshrink"})
-SIGMOID_LIKE = frozenset({"Sigmoid", "Hardsigmoid", "LogSigmoid"})
-RELU_LIKE = frozenset(
-    {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU"}
-    | {"Mish", "Softplus", "Hardswish", "NewGELUActivation", "GELUActivation"}
-    | {"FastGELUActivation", "QuickGELUActivation", "SiLUActivation", "GELUTanh"}
-)
-ACTIVATION_TYPES = TANH_LIKE | SIGMOID_LIKE | RELU_LIKE
+# activation families an init prescription is written for (the catalogue's)
+PRESCRIBED = ("tanh", "sigmoid", "relu")
 REINIT_TYPES = frozenset(t.__name__ for t in INIT_TARGETS)  # what fs.reinit touches
 LAYER_COLUMNS = ["layer_idx", "layer", "module_type", "check", "verdict", "value", "threshold"]
 RUN_COLUMNS = [
@@ -521,13 +515,14 @@ def _share_rows(layer: pd.Series, th: Thresholds) -> list[dict[str, Any]]:
     sat = float(layer.get("sat", np.nan))
     if mtype == "ReLU6":  # its lower clamp is ReLU's zero floor: zeros are not saturation
         sat = max(sat - float(layer.get("zero", 0.0)), 0.0)
-    if np.isfinite(sat) and (sat > 0 or mtype in TANH_LIKE | SIGMOID_LIKE):
+    kind = activation_type(mtype)
+    if np.isfinite(sat) and (sat > 0 or (kind is not None and kind.xavier_like)):
         bad = sat > th.saturated
         rows.append(
             _row(layer, "saturated", "saturated" if bad else "healthy", sat, th.saturated,
                  f"{sat:.1%} of outputs beyond the saturation interval (limit {th.saturated:.0%})")
         )  # fmt: skip
-    if mtype not in ZERO_TYPES:
+    if kind is None or not kind.zero_output:
         return rows
     units = float(layer.get("units", np.nan))
     dead = float(layer.get("dead", np.nan))
@@ -703,11 +698,12 @@ def _family(table: pd.DataFrame) -> tuple[str, str]:
     The label is the most common activation module type: 'tanh', 'relu', 'NewGELUActivation'.
     """
     types = table["module_type"].astype(str)
-    found = types[types.isin(ACTIVATION_TYPES)]
+    families = {t: _family_of(t) for t in types.unique()}
+    found = types[types.map(families).isin(PRESCRIBED)]
     if found.empty:
         return "linear", "linear layers"
     top = str(found.value_counts().index[0])
-    family = "tanh" if top in TANH_LIKE else "sigmoid" if top in SIGMOID_LIKE else "relu"
+    family = str(families[top])  # one of PRESCRIBED
     return family, top.lower() if top in ("Tanh", "ReLU", "Sigmoid") else top
 
 
@@ -730,7 +726,7 @@ def _fan_in(table: pd.DataFrame, layers: list[str], model: nn.Module | None) -> 
     order = table.reset_index(drop=True)
     for i in order.index[1:]:
         row, prev = order.loc[i], order.loc[i - 1]
-        if row["layer"] not in layers or str(prev["module_type"]) not in ACTIVATION_TYPES:
+        if row["layer"] not in layers or _family_of(str(prev["module_type"])) not in PRESCRIBED:
             continue
         if pd.notna(row.get("weight_std")) and row["weight_std"] > 0 and prev["act_rms"] > 0:
             est.append((row["act_rms"] / (prev["act_rms"] * row["weight_std"])) ** 2)
@@ -1000,9 +996,14 @@ def compare(before: Diagnosis, after: Diagnosis) -> pd.DataFrame:
 # -- measuring a model --------------------------------------------------------------------------
 
 
-def _unit_dim(t: Tensor) -> int:
-    """The unit (channel/feature) axis: 1 for (N, C, H, W[, D]) maps, else the last."""
-    return 1 if t.dim() in (4, 5) else t.dim() - 1
+def _family_of(module_type: str) -> str | None:
+    known = activation_type(module_type)
+    return None if known is None else known.family
+
+
+def _can_die(module: nn.Module) -> bool:
+    known = activation_type(module)
+    return known is not None and known.zero_output
 
 
 class DeadUnits:
@@ -1017,33 +1018,32 @@ class DeadUnits:
         >>> dead.frame()[["layer", "units", "dead", "samples"]].values.tolist()
         [['1', 6, 2, 32]]
 
-    A unit is a feature of the last axis, or a channel of a (N, C, H, W) / (N, C, D, H, W)
-    map (zero over the batch and every position). Hooks watch ReLU-like modules
-    (``recorder.ZERO_OUTPUT``) unless ``modules`` names others; state stays on the
-    tensor's device until ``frame()``. Hooks are removed on exit, also when the body raises.
+    A unit and its death are the catalogue's (:func:`flowscope.core.activations.alive_units`:
+    a feature of the last axis or a channel of a conv map, zero over the batch and every
+    position), accumulated over every call. Hooks watch the modules whose output can be
+    exactly zero (ReLU-like) unless ``modules`` names others; state stays on the tensor's
+    device until ``frame()``. Hooks are removed on exit, also when the body raises.
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[type[nn.Module]] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise FlowscopeError(f"DeadUnits needs a torch.nn.Module, got {type(model).__name__}")
-        types = tuple(modules) if modules is not None else ZERO_OUTPUT
         self._alive: dict[str, Tensor] = {}
         self._samples: dict[str, int] = {}
         self._types: dict[str, str] = {}
-        self._handles = [
-            m.register_forward_hook(self._hook(name or "<root>"))
+        watched = [
+            (name or ROOT, m)
             for name, m in model.named_modules()
-            if isinstance(m, types)
+            if (isinstance(m, tuple(modules)) if modules is not None else _can_die(m))
         ]
+        self._hooks = forward_hooks(watched, self._hook)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not isinstance(output, Tensor) or output.dim() < 2:
                 return
             with torch.no_grad():
-                axis = _unit_dim(output)
-                units = output.shape[axis]
-                alive = output.detach().movedim(axis, -1).reshape(-1, units).ne(0).any(0)
+                alive = alive_units(output)
                 seen = self._alive.get(name)
                 if seen is None:
                     self._alive[name] = alive
@@ -1052,7 +1052,7 @@ class DeadUnits:
                     seen.logical_or_(alive)
                 else:
                     return
-                self._samples[name] = self._samples.get(name, 0) + output.numel() // units
+                self._samples[name] = self._samples.get(name, 0) + output.numel() // alive.numel()
 
         return hook
 
@@ -1064,9 +1064,7 @@ class DeadUnits:
 
     def close(self) -> None:
         """Remove the hooks (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def frame(self) -> pd.DataFrame:
         """One row per watched layer: ``layer, module_type, units, dead, samples`` (per unit)."""

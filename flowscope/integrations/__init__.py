@@ -106,17 +106,17 @@ def unscale_pending(
     if isinstance(scale, float | int) and not (math.isfinite(scale) and scale > 0):
         raise FlowscopeError(f"the loss scale must be a finite number > 0, got {scale!r}")
     step = rec.step_index if step is None else step
-    pending = rec._pending
+    pending = rec.pending()
     edges = rec.hist.log
     done = 0
-    for i, key in enumerate(pending.keys):
+    for i, (key, row) in enumerate(pending):
         if key.step == step and key.kind in kinds:
-            raw, lin, log = split_row(pending.rows[i], rec.hist)
+            raw, lin, log = split_row(row, rec.hist)
             s = torch.as_tensor(scale, dtype=torch.float64, device=raw.device)
-            pending.rows[i] = torch.cat([_divide_raw(raw, s), lin, shift_log_hist(log, s, edges)])
+            pending[i] = key, torch.cat([_divide_raw(raw, s), lin, shift_log_hist(log, s, edges)])
             done += 1
     if done:
-        rec._frames = None
+        rec.set_pending(pending)
     return done
 
 
@@ -223,13 +223,13 @@ class Session:
     def pause(self) -> None:
         """Stop recording until :meth:`resume` (evaluation passes between batches)."""
         if self.recorder is not None and not self.recorder.closed:
-            self.recorder._closed = True  # the hooks' own off switch; close() would remove them
+            self.recorder.pause()  # the hooks stay; close() would remove them
             self._paused = True
 
     def resume(self) -> None:
         """Record again (a training batch starts)."""
         if self.recorder is not None and self._paused:
-            self.recorder._closed = False
+            self.recorder.resume()
             self._paused = False
 
     def after_backward(self, scaler: Any = None, *, grads_unscaled: bool = False) -> None:

@@ -143,15 +143,15 @@ def merge_pending(
     bad = [k for k in replicated if k not in KINDS]
     if bad:
         raise FlowscopeError(f"replicated kinds must be among {', '.join(KINDS)}, got {bad}")
-    pending = rec._pending
-    count = len(pending.keys)
+    pending = rec.pending()
+    count = len(pending)
     world = rank_and_world(group)[1]
     if world > 1:
-        order = sorted(range(count), key=lambda i: _match_key(pending.keys[i]))
-        _check_same_keys([_match_key(pending.keys[i]) for i in order], group, world)
+        order = sorted(range(count), key=lambda i: _match_key(pending[i][0]))
+        _check_same_keys([_match_key(pending[i][0]) for i in order], group, world)
         if order:
-            _merge_rows(rec, order, group, world, tuple(replicated))
-    rec._frames = None
+            _merge_rows(rec, pending, order, group, world, tuple(replicated))
+            rec.set_pending(pending)
     rec.flush()
     return count
 
@@ -200,22 +200,27 @@ def _describe(key: tuple[Any, ...]) -> str:
 
 
 def _merge_rows(
-    rec: Recorder, order: list[int], group: Any, world: int, replicated: tuple[str, ...]
+    rec: Recorder,
+    pending: list[tuple[SnapKey, torch.Tensor]],
+    order: list[int],
+    group: Any,
+    world: int,
+    replicated: tuple[str, ...],
 ) -> None:
-    """Replace the pending snapshots ``order`` (sorted alike on every rank) by merged ones."""
-    pending = rec._pending
-    device = pending.rows[order[0]].device
-    stacked = torch.stack([pending.rows[i].to(device) for i in order])
+    """Replace the snapshots ``order`` of ``pending`` (sorted alike on every rank) by merged
+    ones, in place."""
+    device = pending[order[0]][1].device
+    stacked = torch.stack([pending[i][1].to(device) for i in order])
     raw, lins, logs = split_row(stacked, rec.hist)
     gathered = [torch.empty_like(raw) for _ in range(world)]
     dist.all_gather(gathered, raw, group=group)
     every = torch.stack(gathered)  # (rank, snapshot, field)
-    kinds = [pending.keys[i].kind for i in order]
+    kinds = [pending[i][0].kind for i in order]
     keep = _agreeing(every, kinds, replicated)
     rows = [s for s, k in enumerate(keep) if not k]
     if not rows:
         return
-    _warn_disagreeing([pending.keys[order[s]] for s in rows], replicated)
+    _warn_disagreeing([pending[order[s]][0] for s in rows], replicated)
     sub = every[:, rows]
     merged = merge_raw(sub)
     weight = _stride_weights(sub)[dist.get_rank(group)]
@@ -223,7 +228,7 @@ def _merge_rows(
     hists = torch.cat([lin, logs[rows]], dim=1) * weight[:, None]
     dist.all_reduce(hists, group=group)  # one SUM for every histogram of every snapshot
     for j, s in enumerate(rows):
-        pending.rows[order[s]] = torch.cat([merged[j], hists[j]])
+        pending[order[s]] = pending[order[s]][0], torch.cat([merged[j], hists[j]])
 
 
 def _agreeing(every: torch.Tensor, kinds: list[str], replicated: tuple[str, ...]) -> list[bool]:
@@ -365,20 +370,20 @@ def record_synced_grads(rec: Recorder) -> int:
     """
     if not rec.active:
         return 0
-    pending = rec._pending
+    pending = rec.pending()
     done = 0
-    for i, key in enumerate(list(pending.keys)):
+    for i, (key, _) in enumerate(pending):
         if key.kind != "weight_grad" or key.step != rec.step_index:
             continue
         param = _parameter(rec, key)
         if param is None or param.grad is None:
             continue
-        count = len(pending.keys)
-        rec._record(param.grad, key)  # the recorder's own path (dtype, layout, settings)
-        if len(pending.keys) > count:  # it appended the new snapshot: move it into place
-            pending.keys.pop()
-            pending.rows[i] = pending.rows.pop()
+        row = rec.snapshot_row(param.grad, key)  # the recorder's own path and settings
+        if row is not None:
+            pending[i] = key, row
             done += 1
+    if done:
+        rec.set_pending(pending)
     return done
 
 
@@ -466,7 +471,7 @@ def run_study_sharded(
     error = None
     if rank == 0:
         try:
-            engine._prepare_folder(study, out, fresh)
+            engine.prepare_folder(study, out, fresh)
         except FlowscopeError as err:
             error = str(err)
     _raise_any(error, group, world, "preparing the run folder")

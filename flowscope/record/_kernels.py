@@ -48,7 +48,7 @@ from flowscope.record._team import (
     team_size,
     torch_team,
 )
-from flowscope.record.snapshot import RAW_FIELDS, LogEdges, outward
+from flowscope.record.fields import RAW_FIELDS, LogEdges, outward
 
 PARALLEL_FROM = 1 << 17  # from here the moments pass is split over torch's threads
 HIST_TEAM_FROM = 1 << 12  # ... and the histograms, from this many sampled values

@@ -43,10 +43,10 @@ class Records:
     meta: dict[str, Any]
 
     def _repr_html_(self) -> str:
-        """Jupyter: per-layer table at the last step (see :mod:`flowscope.reporter.notebook`)."""
-        from flowscope.reporter.notebook import records_html
+        """Jupyter: the view registered for records (:mod:`flowscope.record.display`)."""
+        from flowscope.record import display
 
-        return records_html(self)
+        return display.html("records", self)
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write the three files into ``out_dir`` atomically (temporary file, then rename)."""

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from flowscope.core.activations import activation_type, saturation_of
 from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.record.hooks import Hooks
 from flowscope.record.snapshot import (
     RAW,
     RAW_FIELDS,
@@ -52,23 +53,6 @@ if TYPE_CHECKING:
 
 KINDS = ("activation", "gradient", "weight", "weight_grad")
 ROOT = "<root>"
-
-# Saturation intervals by module type: finite outputs at or beyond (lo, hi) count as saturated.
-DEFAULT_SATURATION: dict[type[nn.Module], tuple[float, float]] = {
-    nn.Tanh: (-0.99, 0.99),
-    nn.Sigmoid: (0.01, 0.99),
-    nn.Softsign: (-0.99, 0.99),
-    nn.Hardsigmoid: (0.0, 1.0),
-}
-# Modules whose outputs are exactly zero on a set of positive measure: with drop_zeros="auto"
-# their linear histograms leave the zeros out and the zero share is stated instead.
-ZERO_OUTPUT: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Threshold,
-    nn.Hardshrink,
-    nn.Softshrink,
-)
 
 ModuleSelector = type[nn.Module] | str
 SaturationMap = Mapping[type[nn.Module] | str, tuple[float, float] | None]
@@ -245,8 +229,9 @@ class Recorder:
         self.targets = select_modules(model, modules)
         self.step_index = 0
         self._closed = False
-        self._handles: list[RemovableHandle] = []
-        self._tensor_handles: list[RemovableHandle] = []
+        self._paused = False
+        self._hooks = Hooks()  # on modules and parameters: until close()
+        self._tensor_hooks = Hooks()  # on this step's outputs (their gradients): until step()
         self._calls: dict[str, int] = {}
         self._layer_idx: dict[str, int] = {}
         # calls of this step whose outputs had no gradient to hook (a reentrant checkpoint's
@@ -273,10 +258,8 @@ class Recorder:
     def close(self) -> None:
         """Remove every hook (module, tensor and parameter hooks). Idempotent."""
         self._closed = True
-        for handle in self._handles + self._tensor_handles:
-            handle.remove()
-        self._handles.clear()
-        self._tensor_handles.clear()
+        self._hooks.remove()
+        self._tensor_hooks.remove()
 
     @property
     def closed(self) -> bool:
@@ -285,7 +268,20 @@ class Recorder:
     @property
     def active(self) -> bool:
         """True when the current step is recorded."""
-        return not self._closed and self.step_index % self.every == 0
+        return not (self._closed or self._paused) and self.step_index % self.every == 0
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Record nothing until :meth:`resume`, hooks left in place (evaluation passes between
+        a training loop's batches; :meth:`close` would take the hooks off)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Record again after :meth:`pause`."""
+        self._paused = False
 
     def step(self) -> None:
         """Advance to the next training step (call once per optimizer step)."""
@@ -295,9 +291,7 @@ class Recorder:
         self._matched.clear()
         self._cursor = None
         self._taken.clear()
-        for handle in self._tensor_handles:  # tensors of finished steps: hooks no longer needed
-            handle.remove()
-        self._tensor_handles.clear()
+        self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -305,15 +299,14 @@ class Recorder:
         seen: set[int] = set()
         try:
             for qualname, module in self.targets:
-                hook = self._forward_hook(qualname, module)
-                self._handles.append(module.register_forward_hook(hook))
+                self._hooks.forward(module, self._forward_hook(qualname, module))
                 if "weight_grad" not in self.kinds:
                     continue
                 for pname, param in module.named_parameters(recurse=False):
                     if param.requires_grad and id(param) not in seen:
                         seen.add(id(param))
                         phook = self._param_hook(qualname, module, pname, param)
-                        self._handles.append(param.register_post_accumulate_grad_hook(phook))
+                        self._hooks.post_accumulate_grad(param, phook)
         except BaseException:  # no recorder is returned: leave no hook behind (Ctrl-C too)
             self.close()
             raise
@@ -338,7 +331,7 @@ class Recorder:
                     self._record(tensor, key, module)
                 if "gradient" in self.kinds and tensor.requires_grad:
                     gkey = key._replace(kind="gradient")
-                    self._tensor_handles.append(tensor.register_hook(self._grad_hook(gkey, module)))
+                    self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))
                 no_grad |= not tensor.requires_grad
             if no_grad and "gradient" in self.kinds:
                 self._awaiting.append((qualname, call))
@@ -360,7 +353,7 @@ class Recorder:
         for path, tensor in _float_tensors(output):
             if tensor.requires_grad:
                 key = self._key(qualname, module, "gradient", call, path, tensor)
-                self._tensor_handles.append(tensor.register_hook(self._grad_hook(key, module)))
+                self._tensor_hooks.tensor(tensor, self._grad_hook(key, module))
 
     def _match_recompute(self, qualname: str) -> int | None:
         """Index in ``_awaiting`` of the call a recompute of ``qualname`` re-runs.
@@ -395,7 +388,7 @@ class Recorder:
 
     def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            if not self._closed:
+            if not (self._closed or self._paused):
                 self._record(grad, key, module)
 
         return _eager(hook)
@@ -429,8 +422,20 @@ class Recorder:
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
         """Reduce one tensor on its device and keep the result (no host transfer)."""
+        row = self.snapshot_row(t, key, module)
+        if row is not None:
+            self._pending.rows.append(row)
+            self._pending.keys.append(key)
+            self._frames = None
+
+    def snapshot_row(
+        self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None
+    ) -> torch.Tensor | None:
+        """The snapshot row of ``t`` taken as this recorder's hooks take it for ``key`` (the
+        histogram settings, the saturation interval and zero rule of ``module``), on ``t``'s
+        device and not kept; None for a tensor with no float values (meta, int, bool)."""
         if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
-            return
+            return None
         if t.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True))
             t = t.to_dense()
         if t.dtype.itemsize == 1:  # float8: snapshots count it in float32, as fp16/bf16
@@ -438,11 +443,28 @@ class Recorder:
         is_act = key.kind == "activation"
         sat = self._saturation_for(module) if is_act and module is not None else None
         drop = self._drop_zeros is True or (
-            self._drop_zeros == "auto" and is_act and isinstance(module, ZERO_OUTPUT)
+            self._drop_zeros == "auto" and is_act and module is not None and _zero_output(module)
         )
-        self._pending.rows.append(self._row(t, sat, drop))
-        self._pending.keys.append(key)
+        return self._row(t, sat, drop)
+
+    # -- what is waiting for the flush: merges across ranks, loss-scale corrections ----------
+
+    def pending(self) -> list[tuple[SnapKey, torch.Tensor]]:
+        """The snapshots taken and not yet flushed, oldest first: (key, row on the device of
+        the tensor it was taken of; see :func:`flowscope.record.snapshot.split_row`)."""
+        return list(zip(self._pending.keys, self._pending.rows, strict=True))
+
+    def set_pending(self, snapshots: Sequence[tuple[SnapKey, torch.Tensor]]) -> None:
+        """Replace the snapshots waiting for the flush (merged across ranks, rescaled);
+        frames asked for later are built from these."""
+        self._pending = _Buffers([k for k, _ in snapshots], [r for _, r in snapshots])
+        self._taken.clear()
         self._frames = None
+
+    @property
+    def recorded(self) -> int:
+        """Snapshots taken so far, flushed or not."""
+        return len(self._pending.keys) + sum(len(keys) for keys, *_ in self._host)
 
     def _row(self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool) -> torch.Tensor:
         """The snapshot row of ``t``; read once when the same tensor, unchanged, comes again.
@@ -476,12 +498,10 @@ class Recorder:
         return row
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
-        for cls in type(module).__mro__:
+        for cls in type(module).__mro__:  # the user's intervals first, then the catalogue's
             if cls in self._saturation:
                 return self._saturation[cls]
-        if isinstance(module, nn.Hardtanh):  # also ReLU6: saturated at its clamp values
-            return (float(module.min_val), float(module.max_val))
-        return None
+        return saturation_of(module)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -550,10 +570,10 @@ class Recorder:
         }
 
     def _repr_html_(self) -> str:
-        """Jupyter: state and per-layer table (see :mod:`flowscope.reporter.notebook`)."""
-        from flowscope.reporter.notebook import recorder_html
+        """Jupyter: the view registered for recorders (:mod:`flowscope.record.display`)."""
+        from flowscope.record import display
 
-        return recorder_html(self)
+        return display.html("recorder", self)
 
     def save(self, out_dir: str) -> None:
         """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``."""
@@ -582,9 +602,16 @@ def check_kinds(kinds: Sequence[str], name: str = "kinds", entry: str = "kind") 
     return tuple(k for k in KINDS if k in kinds)
 
 
+def _zero_output(module: nn.Module) -> bool:
+    """Whether a module's output is exactly 0 on a set of positive measure (ReLU-like)."""
+    known = activation_type(module)
+    return known is not None and known.zero_output
+
+
 def _saturation_table(overrides: SaturationMap | None) -> dict[type, tuple[float, float] | None]:
-    """Default saturation intervals updated with the user's (by class or class name)."""
-    table: dict[type, tuple[float, float] | None] = dict(DEFAULT_SATURATION)
+    """The user's saturation intervals by class (given by class or class name); the others
+    come from the activation catalogue (:func:`flowscope.core.activations.saturation_of`)."""
+    table: dict[type, tuple[float, float] | None] = {}
     by_name = {cls.__name__: cls for cls in vars(nn).values() if isinstance(cls, type)}
     for target, interval in (overrides or {}).items():
         cls = by_name.get(target) if isinstance(target, str) else target

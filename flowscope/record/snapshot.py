@@ -25,124 +25,37 @@ finite ``|x|`` where needed, so neither ``x - c`` nor its square leaves the dtyp
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# The raw per-snapshot vector; frames.py turns it into count/mean/std/rms/... per row.
-RAW_FIELDS = (
-    "numel",  # all elements
-    "nonfinite",  # NaN + Inf
-    "nan",
-    "shift",  # c, the finite value the sums are taken about
-    "scale",  # s, a power of two: the sums are of (x - c) / s, so they stay in range
-    "sum",  # sum of (x - c) / s over finite x
-    "sumsq",  # sum of ((x - c) / s)^2 over finite x
-    "min",  # min of the finite x (NaN when there is none)
-    "max",  # max of the finite x (NaN when there is none)
-    "nonzero",  # count of x != 0, NaN and Inf included
-    "saturated",  # count of finite x outside the saturation interval (NaN if no interval)
-    "stride",  # histogram sample stride (1 = every element)
+from flowscope.record.fields import (
+    RAW,
+    RAW_FIELDS,
+    HistSpec,
+    LogEdges,
+    outward,
+    row_width,
+    sample_stride,
+    split_row,
 )
-RAW = {name: i for i, name in enumerate(RAW_FIELDS)}
 
-
-@dataclass(frozen=True)
-class LogEdges:
-    """Fixed log-magnitude bins: ``per_decade`` bins per decade from 1e``lo`` to 1e``hi``.
-
-    Layout of the ``2 * per_sign + 1`` counts: negative values from the most negative
-    (index 0) towards zero, then the exact-zero bin, then positive values upwards. Per sign:
-    an underflow bin (0 < |x| < 1e``lo``), the decades, an overflow bin (|x| >= 1e``hi``,
-    Inf included).
-
-    Example:
-        >>> e = LogEdges()
-        >>> e.size, e.zero_index
-        (125, 62)
-    """
-
-    lo: int = -30
-    hi: int = 30
-    per_decade: int = 1
-
-    @property
-    def per_sign(self) -> int:
-        return (self.hi - self.lo) * self.per_decade + 2
-
-    @property
-    def size(self) -> int:
-        return 2 * self.per_sign + 1
-
-    @property
-    def zero_index(self) -> int:
-        return self.per_sign
-
-    def magnitude_bounds(self, j: int) -> tuple[float, float]:
-        """(lower, upper) |x| bounds of magnitude bin j (0 = underflow, per_sign-1 = overflow)."""
-        if j == 0:
-            return 0.0, 10.0**self.lo
-        if j == self.per_sign - 1:
-            return 10.0**self.hi, math.inf
-        k = self.lo * self.per_decade + (j - 1)
-        return 10.0 ** (k / self.per_decade), 10.0 ** ((k + 1) / self.per_decade)
-
-    def bounds(self, index: int) -> tuple[float, float]:
-        """(lo, hi) signed value bounds of bin ``index`` in the full layout."""
-        z = self.zero_index
-        if index == z:
-            return 0.0, 0.0
-        if index > z:
-            return self.magnitude_bounds(index - z - 1)
-        a, b = self.magnitude_bounds(z - 1 - index)
-        return -b, -a
-
-
-@dataclass(frozen=True)
-class HistSpec:
-    """How histograms are taken: linear bin count, sample cap, log edges."""
-
-    bins: int = 64
-    sample: int = 16384
-    log: LogEdges = LogEdges()
-
-
-def _next_prime(n: int) -> int:
-    """Smallest prime >= n (n is small: numel / sample)."""
-    n = max(n, 2)
-    while any(n % p == 0 for p in range(2, math.isqrt(n) + 1)):
-        n += 1
-    return n
-
-
-@functools.lru_cache(maxsize=256)
-def outward(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
-    """The largest ``dtype`` value <= lo and the smallest >= hi (as floats).
-
-    Compared in ``dtype`` (as torch compares a tensor with a Python number), these split
-    the values exactly where ``lo`` and ``hi`` themselves do: ``x <= 0.1`` on float32 would
-    otherwise take 0.1 rounded to float32 (0.10000000149), a value above the bound.
-
-    Example:
-        >>> outward(0.1, 0.7, torch.float32)
-        (0.09999999403953552, 0.7000000476837158)
-    """
-    bounds = torch.tensor([lo, hi], dtype=torch.float64)
-    near = bounds.to(dtype)  # beyond the dtype's range: +-Inf, still in order
-    inf = near.new_tensor(math.inf)
-    down = torch.where(near.double() > bounds, torch.nextafter(near, -inf), near)
-    up = torch.where(near.double() < bounds, torch.nextafter(near, inf), near)
-    return float(down[0]), float(up[1])
-
-
-@functools.lru_cache(maxsize=4096)
-def sample_stride(numel: int, cap: int) -> int:
-    """Stride of the histogram sample: 1 when the tensor fits, else a prime >= numel / cap."""
-    return 1 if numel <= cap else _next_prime(-(-numel // cap))
+__all__ = [
+    "BACKENDS",
+    "RAW",
+    "RAW_FIELDS",
+    "HistSpec",
+    "LogEdges",
+    "backend_for",
+    "outward",
+    "row_width",
+    "sample_stride",
+    "snapshot",
+    "snapshot_row",
+    "split_row",
+]
 
 
 def _count(idx: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
@@ -276,13 +189,6 @@ def snapshot_row(
     return full if out is None else out.copy_(full)
 
 
-def split_row(row: torch.Tensor, spec: HistSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(raw, linear counts, log counts)``: views of a snapshot row (or of rows, on the last
-    axis)."""
-    n_raw, bins = len(RAW_FIELDS), spec.bins
-    return row[..., :n_raw], row[..., n_raw : n_raw + bins], row[..., n_raw + bins :]
-
-
 def _snapshot_eager(
     flat: torch.Tensor, spec: HistSpec, saturation: tuple[float, float] | None, drop_zeros: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,11 +231,6 @@ def _snapshot_eager(
     lin = _linear_hist(sample, lo_hi.min, lo_hi.max, spec.bins, drop_zeros)
     log = _log_hist(sample, spec.log)
     return raw, lin, log
-
-
-def row_width(spec: HistSpec) -> int:
-    """Length of one snapshot laid out as raw | linear counts | log counts."""
-    return len(RAW_FIELDS) + spec.bins + spec.log.size
 
 
 def _empty(spec: HistSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

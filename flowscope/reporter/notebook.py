@@ -58,14 +58,14 @@ def recorder_html(rec: Recorder, *, max_rows: int = 40) -> str:
         >>> "waiting" in recorder_html(rec)
         True
     """
-    pending = len(rec._pending.keys)
+    pending = len(rec.pending())
     state = "closed" if rec.closed else "recording" if rec.active else "not recording this step"
     head = (
         f"<b>flowscope.Recorder</b> on <code>{_e(type(rec.model).__name__)}</code>: "
         f"{len(rec.targets)} modules, step {rec.step_index} (every {rec.every}), {state}; "
         f"kinds {_e(', '.join(rec.kinds))}; {pending} snapshot(s) waiting on the device"
     )
-    if not pending and not rec._host:
+    if not rec.recorded:
         return f'<div class="flowscope">{STYLE}{head}. Nothing recorded yet.</div>'
     return f'<div class="flowscope">{STYLE}{head}.{_body(rec.records(), max_rows)}</div>'
 

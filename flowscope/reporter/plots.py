@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from flowscope.core.catalogue import activation_type
 from flowscope.core.errors import FlowscopeError
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "ACTIVATION_TYPES",
     "activation_hists",
     "clear_panel",
     "flow_layers",
@@ -61,17 +60,6 @@ __all__ = [
     "scale_plot",
 ]
 
-# Module types whose outputs are "the activations of a layer" in the lecture's sense.
-ACTIVATION_TYPES = frozenset(
-    {
-        "Tanh", "ReLU", "ReLU6", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "GELU",
-        "SiLU", "Mish", "Softplus", "Softsign", "Hardtanh", "Hardsigmoid", "Hardswish",
-        "PReLU", "RReLU", "LogSigmoid", "Tanhshrink", "Threshold", "Hardshrink",
-        "Softshrink", "Identity",
-    }
-)  # fmt: skip
-# ...and those of other libraries (HF transformers' NewGELUActivation, timm's GELUTanh, ...)
-ACTIVATION_NAME = re.compile(r"ReLU|GELU|SiLU|Swish|Tanh|Sigmoid|Softplus|Mish|ELU|Activation$")
 ZERO_SHARE = 0.01  # nonzero="auto" leaves exact zeros out of a panel above this share
 KIND_LABEL = {
     "activation": "activations",
@@ -110,7 +98,7 @@ def is_activation_type(module_type: str) -> bool:
         >>> is_activation_type("Linear"), is_activation_type("LayerNorm")
         (False, False)
     """
-    return module_type in ACTIVATION_TYPES or bool(ACTIVATION_NAME.search(module_type))
+    return activation_type(module_type) is not None  # the catalogue's, other libraries' too
 
 
 def flow_layers(frame: pd.DataFrame, layers: Sequence[str] | None = None) -> list[str]:

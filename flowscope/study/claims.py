@@ -28,16 +28,10 @@ import numpy as np
 import pandas as pd
 
 from flowscope.core.columns import RESERVED
-from flowscope.core.errors import FlowscopeError, unknown
-from flowscope.study.spec import matches
+from flowscope.core.errors import unknown
+from flowscope.study.spec import REDUCERS, matches
 
-REDUCERS = (
-    "first", "last", "mean", "min", "max", "last/first", "first/last", "gain", "gain_to_input",
-    "spread",
-)  # fmt: skip
 SERIES_KEYS = ("config", "seed", "step", "layer_idx", "layer")
-EXPECTS = ("increasing", "decreasing", "same", "differ", "power")
-STAT_KINDS = ("activation", "gradient", "weight", "weight_grad")
 
 
 @dataclass
@@ -54,45 +48,6 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def check_claim_spec(claim: dict[str, Any], where: str) -> None:
-    """Validate one claim table (called while loading the study)."""
-    source, _, stat = claim["of"].partition(".")
-    if source == "probe":
-        from flowscope.study.probes import PROBES
-
-        PROBES.get(stat, where)
-    elif source not in STAT_KINDS:
-        raise unknown("claim 'of' kind", source, [*STAT_KINDS, "probe"], where)
-    elif stat not in STAT_COLUMNS:
-        raise unknown("claim 'of' statistic", stat, STAT_COLUMNS, where)
-    if "reduce" in claim and claim["reduce"] not in REDUCERS:
-        raise unknown("reduce", claim["reduce"], REDUCERS, where)
-    tests = [k for k in ("below", "above", "between", "expect") if k in claim]
-    if len(tests) != 1:
-        raise FlowscopeError(
-            f"{where}: a claim needs exactly one of below, above, between, expect; got {tests}"
-        )
-    if "expect" in claim:
-        if claim["expect"] not in EXPECTS:
-            raise unknown("expect", claim["expect"], EXPECTS, where)
-        if "across" not in claim:
-            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs across = AXIS")
-        if claim["expect"] in ("increasing", "decreasing", "power") and "reduce" not in claim:
-            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs a reduce")
-        if claim["expect"] == "power" and "power" not in claim:
-            raise FlowscopeError(f"{where}: expect='power' needs power = EXPONENT")
-    elif "reduce" not in claim:
-        raise FlowscopeError(f"{where}: below/above/between need a reduce")
-    between = claim.get("between")
-    if between is not None and not (isinstance(between, list) and len(between) == 2):
-        raise FlowscopeError(f"{where}: between must be [low, high], got {between!r}")
-
-
-STAT_COLUMNS = (
-    "mean", "std", "rms", "min", "max", "absmax", "frac_zero", "frac_saturated", "nan", "inf",
-)  # fmt: skip
 
 
 def evaluate(

@@ -48,7 +48,7 @@ from flowscope.record.recorder import watch
 from flowscope.record.snapshot import RAW, HistSpec
 from flowscope.study.claims import Verdict, evaluate
 from flowscope.study.data import make_data
-from flowscope.study.probes import PROBES, Hooks, ProbeContext, attached
+from flowscope.study.probes import PROBES, ProbeContext, ProbeHooks, attached
 from flowscope.study.spec import Config, Study, matches
 
 
@@ -121,7 +121,7 @@ def run_study(
         FlowscopeError: the folder holds a run of a different spec, or CUDA is missing.
     """
     out = Path(out_dir)
-    _prepare_folder(study, out, fresh)
+    prepare_folder(study, out, fresh)
     configs = study.configs()
     ran = 0
     finished: dict[str, ConfigResult] = {}
@@ -135,7 +135,10 @@ def run_study(
     return merge(study, out, ran, finished)
 
 
-def _prepare_folder(study: Study, out: Path, fresh: bool) -> None:
+def prepare_folder(study: Study, out: Path, fresh: bool) -> None:
+    """Make ``out`` ready for ``study``: new, or holding the same spec (a resume); with
+    ``fresh``, an earlier flowscope run folder is emptied first. Any other folder is refused
+    (FlowscopeError)."""
     spec_file = out / "spec.json"
     if spec_file.is_file():
         old = _recorded_fingerprint(spec_file)
@@ -268,7 +271,7 @@ def _measure(
 
 
 def _forward(
-    model: nn.Module, x: torch.Tensor, hooks: list[tuple[Hooks, dict[str, torch.Tensor]]]
+    model: nn.Module, x: torch.Tensor, hooks: list[tuple[ProbeHooks, dict[str, torch.Tensor]]]
 ) -> torch.Tensor:
     """``model(x)`` with probe hooks attached for this pass only: (``Probe.hooks``, the dict
     they fill)."""

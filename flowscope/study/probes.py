@@ -7,7 +7,8 @@ The engine stacks every probe value of a run and moves them to the host in one t
 
 An ``end`` probe that only reads one forward pass of ``x`` also names its forward ``hooks``
 (``hooks(model, into)`` attaches them, each writing its layer's value into ``into``, and
-returns their handles); its ``fn`` runs that pass itself (:func:`read_pass`). When a run has
+returns them as a :class:`flowscope.record.hooks.Hooks`); its ``fn`` runs that pass itself
+(:func:`read_pass`). When a run has
 no training step the end state is the state of the recorded pass, so the engine attaches the
 hooks to that pass instead of running another one: the same hooks on the same forward give
 the same numbers. Torch only.
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from flowscope.core.activations import activation_type, alive_units
 from flowscope.core.registry import Registry
+from flowscope.record.hooks import Hooks, forward_hooks
 
-Hooks = Callable[[nn.Module, dict[str, torch.Tensor]], list[RemovableHandle]]
+ProbeHooks = Callable[[nn.Module, dict[str, torch.Tensor]], Hooks]
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,14 @@ class Probe:
     when: str  # backward | step | end
     summary: str
     fn: Callable[[ProbeContext], dict[str, torch.Tensor]]
-    hooks: Hooks | None = None  # end probes reading one forward pass of x: that pass's hooks
+    hooks: ProbeHooks | None = None  # end probes reading one forward pass of x: its hooks
 
 
 PROBES: Registry[Probe] = Registry("probe")
 
 
 def _probe(
-    name: str, when: str, summary: str, hooks: Hooks | None = None
+    name: str, when: str, summary: str, hooks: ProbeHooks | None = None
 ) -> Callable[[Callable], Callable]:
     def add(fn: Callable[[ProbeContext], dict[str, torch.Tensor]]) -> Callable:
         PROBES.register(name)(Probe(name, when, summary, fn, hooks))
@@ -61,17 +63,13 @@ def _probe(
 
 
 @contextmanager
-def attached(hooks: Hooks, model: nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
+def attached(hooks: ProbeHooks, model: nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
     """``hooks`` on ``model``, filling ``into``, for the ``with`` block only."""
-    handles = hooks(model, into)
-    try:
+    with hooks(model, into):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def read_pass(hooks: Hooks, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def read_pass(hooks: ProbeHooks, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """What ``hooks`` capture during one no-grad forward pass of ``x``."""
     captured: dict[str, torch.Tensor] = {}
     with attached(hooks, model, captured), torch.no_grad():
@@ -130,26 +128,18 @@ def same_sign_rows(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return out
 
 
-ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)
-
-
-def _dead_unit_hooks(model: nn.Module, into: dict[str, torch.Tensor]) -> list[RemovableHandle]:
-    """Forward hooks on every activation module: the share of its units zero for the batch."""
+def _dead_unit_hooks(model: nn.Module, into: dict[str, torch.Tensor]) -> Hooks:
+    """Forward hooks on every activation module of the catalogue: the share of its units
+    dead for the batch (:func:`flowscope.core.activations.alive_units`)."""
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            # dead: 0 for every sample, i.e. max |output| over the batch is 0 (a NaN stays
-            # NaN, not dead); the same units as (output == 0).all(dim=0), 2-4x faster on CPU
-            peak = output.detach().reshape(output.shape[0], -1).abs().amax(dim=0)
-            into[name] = (peak == 0).double().mean()
+            into[name] = (~alive_units(output)).double().mean()
 
         return hook
 
-    return [
-        m.register_forward_hook(keep(n))
-        for n, m in model.named_modules()
-        if isinstance(m, ACTIVATION_TYPES)
-    ]
+    acts = [(n, m) for n, m in model.named_modules() if activation_type(m) is not None]
+    return forward_hooks(acts, keep)
 
 
 @_probe(
