@@ -14,7 +14,7 @@ from torch import nn
 from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import apply_init
 from flowscope.models.nets import build_net
-from flowscope.theory.meanfield import (
+from flowscope.theory import (
     derivative_moment,
     expect,
     gradient_gain,

@@ -19,28 +19,36 @@ This module imports torch only; frames are built lazily by :mod:`flowscope.recor
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import mmap
 import time
-import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from flowscope.core.activations import activation_type, saturation_of
-from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.core.activations import saturation_of
+from flowscope.core.errors import FlowscopeError
+from flowscope.record.checkpoint import Recomputes
 from flowscope.record.hooks import Hooks
+from flowscope.record.pending import Pending, RowBlocks, SnapKey, Taken
+from flowscope.record.selection import (
+    KINDS,
+    ROOT,
+    ModuleSelector,
+    SaturationMap,
+    check_kinds,
+    float_tensors,
+    hist_spec,
+    saturation_table,
+    select_modules,
+    zero_output,
+)
 from flowscope.record.snapshot import (
     RAW,
     RAW_FIELDS,
     HistSpec,
-    LogEdges,
     row_width,
     snapshot_row,
     split_row,
@@ -51,71 +59,8 @@ if TYPE_CHECKING:
 
     from flowscope.record.frames import Records, Snapshots
 
-KINDS = ("activation", "gradient", "weight", "weight_grad")
-ROOT = "<root>"
-
-ModuleSelector = type[nn.Module] | str
-SaturationMap = Mapping[type[nn.Module] | str, tuple[float, float] | None]
-
-
-class SnapKey(NamedTuple):
-    """Where a snapshot came from: one row of the stats frame (a named tuple: made ~100 times
-    per recorded step, in a few hundred nanoseconds each)."""
-
-    step: int
-    layer_idx: int
-    layer: str
-    module_type: str
-    kind: str
-    call: int
-    tensor: str
-    dtype: str
-    device: str
-
-
-class _Taken(NamedTuple):
-    """A snapshot taken this step, kept to recognise the same tensor asked for again."""
-
-    tensor: weakref.ref[torch.Tensor]
-    version: int  # torch bumps it on every in-place change
-    saturation: tuple[float, float] | None
-    drop_zeros: bool
-    row: torch.Tensor
-
-
-@dataclass
-class _Buffers:
-    """Snapshots not yet flushed: their keys and their results on the tensors' devices, one
-    row each (raw | linear counts | log counts, see :func:`flowscope.record.snapshot.split_row`)."""
-
-    keys: list[SnapKey] = field(default_factory=list)
-    rows: list[torch.Tensor] = field(default_factory=list)
-
-
-class _RowBlocks:
-    """Rows for CPU snapshots, carved from anonymous-mmap blocks of ``ROWS`` rows.
-
-    A recorded step leaves ~100 small results alive until the flush. Allocated one by one
-    they sit in the malloc heap between the step's large activation buffers and keep it from
-    shrinking: RSS grew by ~64 MB per recorded step (lecture MLP, batch 1000). mmap'd blocks
-    live outside that heap.
-    """
-
-    ROWS = 512
-
-    def __init__(self, width: int) -> None:
-        self.width = width
-        self.block: torch.Tensor | None = None
-        self.used = self.ROWS
-
-    def take(self) -> torch.Tensor:
-        if self.used == self.ROWS:
-            buf = mmap.mmap(-1, self.ROWS * self.width * 8)
-            cells = np.frombuffer(buf, dtype=np.float64).reshape(self.ROWS, self.width)
-            self.block, self.used = torch.from_numpy(cells), 0
-        assert self.block is not None
-        self.used += 1
-        return self.block[self.used - 1]
+# the selection vocabulary is re-exported: callers of watch() import it from here
+__all__ = ["KINDS", "ROOT", "ModuleSelector", "Recorder", "SnapKey", "select_modules", "watch"]
 
 
 def watch(
@@ -181,18 +126,6 @@ def watch(
     )
 
 
-def hist_spec(bins: int, sample: int, per_decade: int, prefix: str = "") -> HistSpec:
-    """Validated histogram settings (``prefix`` names them as the caller does: ``run.``)."""
-    for label, value, low in (
-        ("bins", bins, 1),
-        ("hist_sample", sample, 16),
-        ("log_bins_per_decade", per_decade, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise FlowscopeError(f"{prefix}{label} must be an integer >= {low}, got {value!r}")
-    return HistSpec(bins=bins, sample=sample, log=LogEdges(per_decade=per_decade))
-
-
 class Recorder:
     """Hooks on a model and the snapshots they took. Build it with :func:`watch`.
 
@@ -225,7 +158,7 @@ class Recorder:
         self.hist = hist
         self.name = name
         self._drop_zeros = drop_zeros
-        self._saturation = _saturation_table(saturation)
+        self._saturation = saturation_table(saturation)
         self.targets = select_modules(model, modules)
         self.step_index = 0
         self._closed = False
@@ -236,12 +169,10 @@ class Recorder:
         self._layer_idx: dict[str, int] = {}
         # calls of this step whose outputs had no gradient to hook (a reentrant checkpoint's
         # first forward runs under no_grad), matched by recomputes; see _recompute
-        self._awaiting: list[tuple[str, int]] = []
-        self._matched: set[int] = set()
-        self._cursor: int | None = None
-        self._pending = _Buffers()
-        self._rows = _RowBlocks(row_width(self.hist))
-        self._taken: dict[int, _Taken] = {}  # id(tensor) -> its snapshot, until step/flush
+        self._recomputes = Recomputes()
+        self._pending = Pending()
+        self._rows = RowBlocks(row_width(self.hist))
+        self._taken: dict[int, Taken] = {}  # id(tensor) -> its snapshot, until step/flush
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
@@ -287,9 +218,7 @@ class Recorder:
         """Advance to the next training step (call once per optimizer step)."""
         self.step_index += 1
         self._calls.clear()
-        self._awaiting.clear()
-        self._matched.clear()
-        self._cursor = None
+        self._recomputes.clear()
         self._taken.clear()
         self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
 
@@ -325,7 +254,7 @@ class Recorder:
                 for pname, param in module.named_parameters(recurse=False):
                     self._record(param, self._key(qualname, module, "weight", 0, pname, param))
             no_grad = False
-            for path, tensor in _float_tensors(output):
+            for path, tensor in float_tensors(output):
                 key = self._key(qualname, module, "activation", call, path, tensor)
                 if "activation" in self.kinds:
                     self._record(tensor, key, module)
@@ -334,7 +263,7 @@ class Recorder:
                     self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))
                 no_grad |= not tensor.requires_grad
             if no_grad and "gradient" in self.kinds:
-                self._awaiting.append((qualname, call))
+                self._recomputes.awaiting(qualname, call)
 
         return _eager(hook)
 
@@ -344,47 +273,15 @@ class Recorder:
         Non-reentrant checkpointing keeps the first forward's outputs in the graph, so their
         hooks already give the gradient. The reentrant kind runs the first forward under
         no_grad and the backward through the recomputed outputs: their gradient is recorded
-        under the call they recompute (see :meth:`_match_recompute`).
+        under the call they recompute (see :class:`~flowscope.record.checkpoint.Recomputes`).
         """
-        pos = self._match_recompute(qualname) if "gradient" in self.kinds else None
-        if pos is None:
+        call = self._recomputes.match(qualname) if "gradient" in self.kinds else None
+        if call is None:
             return
-        call = self._awaiting[pos][1]
-        for path, tensor in _float_tensors(output):
+        for path, tensor in float_tensors(output):
             if tensor.requires_grad:
                 key = self._key(qualname, module, "gradient", call, path, tensor)
                 self._tensor_hooks.tensor(tensor, self._grad_hook(key, module))
-
-    def _match_recompute(self, qualname: str) -> int | None:
-        """Index in ``_awaiting`` of the call a recompute of ``qualname`` re-runs.
-
-        A checkpointed segment re-runs its modules in forward order, and segments re-run last
-        first: the entry right after the previous match continues a segment; otherwise the
-        latest unmatched call of the module starts one. Only a segment that starts with a
-        module run several times without gradient is ambiguous; a warning says so.
-        """
-        nxt = -1 if self._cursor is None else self._cursor + 1
-        ahead = self._awaiting[nxt][0] if 0 <= nxt < len(self._awaiting) else None
-        if ahead == qualname and nxt not in self._matched:
-            self._matched.add(nxt)
-            self._cursor = nxt
-            return nxt
-        free = [
-            i for i, (q, _) in enumerate(self._awaiting) if q == qualname and i not in self._matched
-        ]
-        if not free:
-            return None
-        if len(free) > 1:
-            warnings.warn(
-                f"flowscope: checkpoint recompute of {qualname!r}, which ran {len(free)} times"
-                " without gradient this step: its gradient is recorded under the latest of"
-                " those calls",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._matched.add(free[-1])
-        self._cursor = free[-1]
-        return free[-1]
 
     def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
         def hook(grad: torch.Tensor) -> None:
@@ -443,7 +340,7 @@ class Recorder:
         is_act = key.kind == "activation"
         sat = self._saturation_for(module) if is_act and module is not None else None
         drop = self._drop_zeros is True or (
-            self._drop_zeros == "auto" and is_act and module is not None and _zero_output(module)
+            self._drop_zeros == "auto" and is_act and module is not None and zero_output(module)
         )
         return self._row(t, sat, drop)
 
@@ -457,7 +354,7 @@ class Recorder:
     def set_pending(self, snapshots: Sequence[tuple[SnapKey, torch.Tensor]]) -> None:
         """Replace the snapshots waiting for the flush (merged across ranks, rescaled);
         frames asked for later are built from these."""
-        self._pending = _Buffers([k for k, _ in snapshots], [r for _, r in snapshots])
+        self._pending = Pending([k for k, _ in snapshots], [r for _, r in snapshots])
         self._taken.clear()
         self._frames = None
 
@@ -494,7 +391,7 @@ class Recorder:
         out = self._rows.take() if t.device.type == "cpu" else None
         row = snapshot_row(t, self.hist, sat, drop, out=out)
         if not inference:
-            self._taken[id(t)] = _Taken(weakref.ref(t), t._version, sat, drop, row)
+            self._taken[id(t)] = Taken(weakref.ref(t), t._version, sat, drop, row)
         return row
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
@@ -507,8 +404,8 @@ class Recorder:
 
     def flush(self) -> None:
         """Move pending snapshots to the host: one transfer per device and buffer."""
-        pending, self._pending = self._pending, _Buffers()
-        self._rows = _RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
+        pending, self._pending = self._pending, Pending()
+        self._rows = RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
         self._taken.clear()
         if not pending.keys:
             return
@@ -590,84 +487,6 @@ def _version() -> str:
     return __version__
 
 
-def check_kinds(kinds: Sequence[str], name: str = "kinds", entry: str = "kind") -> tuple[str, ...]:
-    """Validated kinds, in canonical order (``name``/``entry`` label them as the caller does)."""
-    if isinstance(kinds, str):
-        kinds = [kinds]
-    for kind in kinds:
-        if kind not in KINDS:
-            raise unknown(entry, kind, KINDS)
-    if not kinds:
-        raise FlowscopeError(f"{name} is empty; choose from {', '.join(KINDS)}")
-    return tuple(k for k in KINDS if k in kinds)
-
-
-def _zero_output(module: nn.Module) -> bool:
-    """Whether a module's output is exactly 0 on a set of positive measure (ReLU-like)."""
-    known = activation_type(module)
-    return known is not None and known.zero_output
-
-
-def _saturation_table(overrides: SaturationMap | None) -> dict[type, tuple[float, float] | None]:
-    """The user's saturation intervals by class (given by class or class name); the others
-    come from the activation catalogue (:func:`flowscope.core.activations.saturation_of`)."""
-    table: dict[type, tuple[float, float] | None] = {}
-    by_name = {cls.__name__: cls for cls in vars(nn).values() if isinstance(cls, type)}
-    for target, interval in (overrides or {}).items():
-        cls = by_name.get(target) if isinstance(target, str) else target
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise unknown(
-                "module type in saturation",
-                target,
-                [n for n, c in by_name.items() if issubclass(c, nn.Module)],
-            )
-        if interval is not None:
-            ok = isinstance(interval, tuple | list) and len(interval) == 2
-            if not ok or not float(interval[0]) < float(interval[1]):
-                raise FlowscopeError(
-                    f"saturation for {cls.__name__} must be (lo, hi) with lo < hi, or None;"
-                    f" got {interval!r}"
-                )
-            interval = (float(interval[0]), float(interval[1]))
-        table[cls] = interval
-    return table
-
-
-def select_modules(
-    model: nn.Module, modules: ModuleSelector | Sequence[ModuleSelector] | None = None
-) -> list[tuple[str, nn.Module]]:
-    """The (qualified name, module) pairs ``watch`` hooks, in ``named_modules`` order.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
-        >>> [n for n, _ in select_modules(net, torch.nn.Linear)]
-        ['0']
-    """
-    named = [(n or ROOT, m) for n, m in model.named_modules()]
-    if modules is None:
-        return [
-            (n, m)
-            for n, m in named
-            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
-        ]
-    selectors = [modules] if isinstance(modules, str | type) else list(modules)
-    chosen: set[str] = set()
-    for sel in selectors:
-        if isinstance(sel, str):
-            hits = {n for n, _ in named if fnmatch.fnmatchcase(n, sel)}
-        elif isinstance(sel, type) and issubclass(sel, nn.Module):
-            hits = {n for n, m in named if isinstance(m, sel)}
-        else:
-            raise FlowscopeError(
-                f"modules entries are module types or name patterns (str), got {sel!r}"
-            )
-        if not hits:
-            shown = ", ".join(n for n, _ in named[:12]) + (", ..." if len(named) > 12 else "")
-            raise FlowscopeError(f"modules selector {sel!r} matches no module; names: {shown}")
-        chosen |= hits
-    return [(n, m) for n, m in named if n in chosen]
-
-
 def _in_backward() -> bool:
     """True while autograd runs a backward pass on this thread (a checkpoint recompute)."""
     return bool(torch._C._current_graph_task_id() != -1)
@@ -685,18 +504,3 @@ def _eager(hook: Any) -> Any:
 @torch.compiler.disable
 def _run_eagerly(hook: Any, *args: Any) -> Any:
     return hook(*args)
-
-
-def _float_tensors(
-    output: Any, path: str = "", depth: int = 0
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Floating-point tensors in a module output, with their path ("" for a bare tensor)."""
-    if isinstance(output, torch.Tensor):
-        if output.is_floating_point() and output.layout == torch.strided:  # not sparse
-            yield path, output
-    elif depth < 4 and isinstance(output, Mapping):
-        for k, v in output.items():
-            yield from _float_tensors(v, f"{path}.{k}" if path else str(k), depth + 1)
-    elif depth < 4 and isinstance(output, tuple | list):
-        for i, v in enumerate(output):
-            yield from _float_tensors(v, f"{path}.{i}" if path else str(i), depth + 1)

@@ -1,19 +1,17 @@
 """Mean-field theory of signal propagation: variance maps, gradient gains, predictions for
 a model's Linear -> [norm] -> activation chains (see :mod:`flowscope.theory.meanfield`)."""
 
+from flowscope.theory.chains import Link, mlp_chains, predict_chain
 from flowscope.theory.meanfield import (
-    Link,
     derivative_moment,
     expect,
     gradient_gain,
-    measure_mlp,
-    mlp_chains,
-    predict_chain,
     predict_mlp,
     second_moment,
     sigma_w2_of,
     variance_map,
 )
+from flowscope.theory.measure import measure_mlp
 
 __all__ = [
     "Link",

@@ -33,10 +33,8 @@ This module imports torch and numpy only.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -44,20 +42,17 @@ import numpy as np
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 from numpy.polynomial.legendre import leggauss
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowscope.core.activations import ACTIVATIONS
 from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import INITS
 
 __all__ = [
-    "Link",
+    "check_q",
     "derivative_moment",
     "expect",
     "gradient_gain",
-    "measure_mlp",
-    "mlp_chains",
-    "predict_chain",
     "predict_mlp",
     "second_moment",
     "sigma_w2_of",
@@ -148,7 +143,7 @@ def _values(fn: Callable[[Tensor], Tensor], u: np.ndarray) -> tuple[np.ndarray, 
     return y.numpy(), ((up - down) / (2 * h)).numpy()
 
 
-def _check_q(q: float, what: str = "q") -> float:
+def check_q(q: float, what: str = "q") -> float:
     """A finite variance >= 0."""
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)):
         raise FlowscopeError(f"{what} must be a number >= 0, got {q!r}")
@@ -176,7 +171,7 @@ def expect(activation: ActivationLike, q: float) -> dict[str, float]:
         FlowscopeError: an unknown activation name or a bad ``q``.
     """
     fn = activation_fn(activation)
-    scale = math.sqrt(_check_q(q))
+    scale = math.sqrt(check_q(q))
     m = None
     if scale <= GH_MAX_SCALE:
         m = _moments(fn, scale, _gauss_hermite())
@@ -233,8 +228,8 @@ def variance_map(
     Raises:
         FlowscopeError: an unknown activation, a negative or non-finite variance, a bad depth.
     """
-    sigma_w2, sigma_b2 = _check_q(sigma_w2, "sigma_w2"), _check_q(sigma_b2, "sigma_b2")
-    q = _check_q(q0, "q0")
+    sigma_w2, sigma_b2 = check_q(sigma_w2, "sigma_w2"), check_q(sigma_b2, "sigma_b2")
+    q = check_q(q0, "q0")
     depth = _check_depth(depth, low=0)
     out = [q]
     for _ in range(depth):
@@ -266,7 +261,7 @@ def gradient_gain(activation: ActivationLike, sigma_w2: float, q: Any) -> Any:
     Raises:
         FlowscopeError: an unknown activation or a bad variance.
     """
-    sigma_w2 = _check_q(sigma_w2, "sigma_w2")
+    sigma_w2 = check_q(sigma_w2, "sigma_w2")
     if np.ndim(q) == 0:
         return sigma_w2 * derivative_moment(activation, float(q))
     return np.array([sigma_w2 * derivative_moment(activation, float(v)) for v in np.ravel(q)])
@@ -363,8 +358,8 @@ def predict_mlp(
         raise FlowscopeError(f"fan_in must be an integer >= 1, got {fan_in!r}")
     activation_fn(activation)
     sw2 = sigma_w2_of(init, fan_in, fan_in, **init_params)
-    sb2 = _check_q(sigma_b2, "sigma_b2")
-    q0 = sw2 * _check_q(input_var, "input_var") + sb2
+    sb2 = check_q(sigma_b2, "sigma_b2")
+    q0 = sw2 * check_q(input_var, "input_var") + sb2
     q = variance_map(activation, sw2, sb2, q0, depth - 1)
     moments = [expect(activation, float(v)) if math.isfinite(v) else None for v in q]
     nan = math.nan
@@ -388,268 +383,3 @@ def predict_mlp(
         "grad_gain": gain,
         "grad_std": grad_std,
     }
-
-
-# Elementwise activation modules mean-field theory can follow (by class).
-ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Tanhshrink,
-    nn.Identity,
-)
-_NORMS = (nn.BatchNorm1d, nn.LayerNorm)
-
-
-@dataclass(frozen=True)
-class Link:
-    """One Linear → [norm] → activation step of a model, with what the theory needs.
-
-    Attributes:
-        name: qualified name of the Linear (the recorder's ``layer``).
-        fan_in: its in_features.
-        sigma_w2: fan_in × mean(W²) (forward); ``back_w2``: out_features × mean(W²), the
-            σ_w² the backward pass through this weight sees.
-        sigma_b2: mean(b²) (0 without bias).
-        weight_std: the std of W's entries.
-        norm: None, or the mean square the norm leaves (mean γ² + mean β²; 1 at init);
-            ``gamma2``: mean γ², the norm's factor on the backward signal (times 1/q).
-        activation: the activation as an elementwise callable (in-place switched off).
-        act_type: the activation's class name.
-    """
-
-    name: str
-    fan_in: int
-    sigma_w2: float
-    back_w2: float
-    sigma_b2: float
-    weight_std: float
-    norm: float | None
-    gamma2: float
-    activation: Callable[[Tensor], Tensor]
-    act_type: str
-
-
-def _link(name: str, linear: nn.Linear, norm: nn.Module | None, act: nn.Module) -> Link:
-    """Read one link's numbers off its modules."""
-    with torch.no_grad():
-        w = linear.weight.detach().double()
-        mean_sq = float(w.pow(2).mean())
-        bias = linear.bias
-        sb2 = float(bias.detach().double().pow(2).mean()) if isinstance(bias, Tensor) else 0.0
-        after_norm, g2 = None, 1.0
-        if norm is not None:
-            gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)
-            g2 = float(gamma.detach().double().pow(2).mean()) if isinstance(gamma, Tensor) else 1.0
-            b2 = float(beta.detach().double().pow(2).mean()) if isinstance(beta, Tensor) else 0.0
-            after_norm = g2 + b2
-    fn = copy.copy(act)
-    if hasattr(fn, "inplace"):
-        fn.inplace = False  # type: ignore[assignment]
-    return Link(
-        name=name,
-        fan_in=linear.in_features,
-        sigma_w2=linear.in_features * mean_sq,
-        back_w2=linear.out_features * mean_sq,
-        sigma_b2=sb2,
-        weight_std=float(w.std(unbiased=False)),
-        norm=after_norm,
-        gamma2=g2,
-        activation=fn,
-        act_type=type(act).__name__,
-    )
-
-
-def mlp_chains(model: nn.Module) -> list[list[Link]]:
-    """The Linear → [BatchNorm1d | LayerNorm] → activation chains of a model, in order.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-        ...                     nn.Linear(8, 2))
-        >>> [[link.name for link in chain] for chain in mlp_chains(net)]
-        [['0', '2']]
-
-    A chain is a run of at least two links where each Linear's ``in_features`` equals the
-    previous one's ``out_features`` and the modules follow each other in definition order
-    (``named_modules``), as in ``nn.Sequential`` stacks and the study nets. A Linear
-    without an elementwise activation after it (a head) ends the chain.
-    """
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-    chains: list[list[Link]] = []
-    current: list[Link] = []
-    last_out: int | None = None
-    i = 0
-    while i < len(leaves):
-        name, module = leaves[i]
-        found = _match_link(leaves, i)
-        if found is None:
-            if isinstance(module, nn.Linear) or not isinstance(module, ELEMENTWISE + _NORMS):
-                chains.append(current)
-                current, last_out = [], None
-            i += 1
-            continue
-        linear, norm, act, i = found
-        if last_out is not None and linear.in_features != last_out:
-            chains.append(current)
-            current = []
-        current.append(_link(name, linear, norm, act))
-        last_out = linear.out_features
-    chains.append(current)
-    return [c for c in chains if len(c) >= 2]
-
-
-def _match_link(
-    leaves: list[tuple[str, nn.Module]], i: int
-) -> tuple[nn.Linear, nn.Module | None, nn.Module, int] | None:
-    """(linear, norm, activation, next index) when a link starts at leaves[i], else None."""
-    linear = leaves[i][1]
-    if not isinstance(linear, nn.Linear):
-        return None
-    j, norm = i + 1, None
-    if j < len(leaves) and isinstance(leaves[j][1], _NORMS):
-        norm, j = leaves[j][1], j + 1
-    if j < len(leaves) and isinstance(leaves[j][1], ELEMENTWISE):
-        return linear, norm, leaves[j][1], j + 1
-    return None
-
-
-def predict_chain(chain: list[Link], q0: float) -> dict[str, np.ndarray]:
-    """Mean-field prediction along a chain, anchored at the first Linear's output variance.
-
-    Example:
-        >>> net = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(50, 50), nn.ReLU())])
-        >>> for m in net[::2]:
-        ...     _ = nn.init.normal_(m.weight, std=(2 / 50) ** 0.5), nn.init.zeros_(m.bias)
-        >>> p = predict_chain(mlp_chains(net)[0], q0=1.0)
-        >>> (p["q"] / p["q"][0]).round(1).tolist()    # He: the variance stays (up to sampling)
-        [1.0, 1.0, 1.0]
-
-    Args:
-        chain: links as ``mlp_chains`` returns them.
-        q0: the mean square of the first Linear's output (measured).
-
-    Returns:
-        Arrays over the links: ``q`` (mean square of each Linear's output), ``pre_std``
-        (√q), ``act_gain`` (pre_std[l] / pre_std[l-1], first NaN), ``grad_gain`` (rms of
-        dL/d(Linear output) at link l over that at link l+1; last NaN). A norm resets the
-        activation's input variance to its ``norm`` value and divides the backward signal
-        by √q.
-    """
-    n = len(chain)
-    q = np.full(n, math.nan)
-    gain = np.full(n, math.nan)
-    q[0] = _check_q(q0, "q0")
-    for k in range(n):
-        link = chain[k]
-        v = q[k] if link.norm is None else link.norm
-        if not math.isfinite(v):
-            break
-        m = expect(link.activation, v)
-        if k + 1 < n:
-            nxt = chain[k + 1]
-            q[k + 1] = nxt.sigma_w2 * m["phi2"] + nxt.sigma_b2
-            scale = 1.0 if link.norm is None or q[k] <= 0 else link.gamma2 / q[k]
-            gain[k] = math.sqrt(nxt.back_w2 * m["dphi2"] * scale)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pre_std = np.sqrt(q)
-        act_gain = np.concatenate([[math.nan], pre_std[1:] / pre_std[:-1]])
-    return {"q": q, "pre_std": pre_std, "act_gain": act_gain, "grad_gain": gain}
-
-
-def measure_mlp(
-    activation: str,
-    init: str,
-    *,
-    fan_in: int = 500,
-    depth: int = 10,
-    batch: int = 1000,
-    seed: int = 0,
-    **init_params: object,
-) -> dict[str, np.ndarray]:
-    """Measure, on a real ``nets.mlp``, what :func:`predict_mlp` predicts.
-
-    Example:
-        >>> got = measure_mlp("tanh", "xavier", fan_in=64, depth=3, batch=256)
-        >>> sorted(got)
-        ['act_std', 'grad_gain', 'pre_std']
-
-    Inputs are N(0, 1); weights from ``init`` with zero biases (``inits.apply_init``); the
-    loss is ⟨output, r⟩ with r ~ N(0, 1) drawn independently, so dL/d(output) does not depend
-    on the forward weights (the gradient-independence assumption of the theory; a loss such
-    as mean(output²) correlates them and inflates the top layers' gradient gain by up to √2).
-
-    Returns:
-        ``pre_std`` and ``act_std`` per layer (std over batch × units of the Linear output and
-        of the activation output) and ``grad_gain`` (length depth − 1: rms of dL/d(Linear
-        output) at layer l over that at l + 1).
-    """
-    from flowscope.models.inits import apply_init
-    from flowscope.models.nets import build_net
-
-    net = build_net("mlp", activation=activation, in_dim=fan_in, width=fan_in, depth=depth)
-    params: dict[str, Any] = dict(init_params)
-    apply_init(net, init, generator=torch.Generator().manual_seed(seed), **params)
-    x = torch.randn(batch, fan_in, generator=torch.Generator().manual_seed(10_000 + seed))
-    pre, post, h = [], [], x
-    for block in net.layers:  # type: ignore[union-attr]
-        s = block.linear(h)
-        s.retain_grad()
-        h = block.act(s)
-        pre.append(s)
-        post.append(h)
-    r = torch.randn(h.shape, generator=torch.Generator().manual_seed(20_000 + seed))
-    (h * r).sum().backward()
-    grad = np.array([float(s.grad.double().pow(2).mean().sqrt()) for s in pre])
-    return {
-        "pre_std": np.array([float(s.detach().double().std(unbiased=False)) for s in pre]),
-        "act_std": np.array([float(a.detach().double().std(unbiased=False)) for a in post]),
-        "grad_gain": grad[:-1] / grad[1:],
-    }
-
-
-def _lecture_table(seeds: int = 1) -> str:
-    """Theory against measurement on the DD2424 lecture-4 nets, as text."""
-    lines = [
-        "10 layers x 500 units, N(0,1) inputs, batch 1000; max |measured/predicted - 1| "
-        f"over layers (and {seeds} seed(s))",
-        f"{'config':<14} {'pre-act std':>11} {'act std':>9} {'layer gain':>10} "
-        f"{'dL/dh gain':>10}   predicted: last pre-act std, dL/dh gain per layer",
-    ]
-    for act in ("tanh", "relu"):
-        for init in ("small", "large", "xavier", "he"):
-            pred = predict_mlp(act, init, fan_in=500, depth=10)
-            worst = np.zeros(4)
-            for seed in range(seeds):
-                got = measure_mlp(act, init, seed=seed)
-                gains = got["pre_std"][1:] / got["pre_std"][:-1]
-                devs = [
-                    got["pre_std"] / pred["pre_std"],
-                    got["act_std"] / pred["act_std"],
-                    gains / pred["act_gain"][1:],
-                    got["grad_gain"] / pred["grad_gain"][:-1],
-                ]
-                worst = np.maximum(worst, [np.abs(d - 1).max() for d in devs])
-            lines.append(
-                f"{act + ' ' + init:<14} {worst[0]:>11.1%} {worst[1]:>9.1%} {worst[2]:>10.1%} "
-                f"{worst[3]:>10.1%}   {pred['pre_std'][-1]:.3g}, {pred['grad_gain'][-2]:.4g}"
-            )
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m flowscope.theory.meanfield [seeds]
-    import sys
-
-    print(_lecture_table(int(sys.argv[1]) if len(sys.argv) > 1 else 1))
