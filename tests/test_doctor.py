@@ -15,7 +15,7 @@ from torch import nn
 
 import flowscope as fs
 from flowscope.core.errors import FlowscopeError
-from flowscope.doctor.verdicts import (
+from flowscope.doctor import (
     DeadUnits,
     Diagnosis,
     Thresholds,

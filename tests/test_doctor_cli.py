@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import flowscope as fs
 from flowscope.cli.doctor_cmd import doctor_cmd
-from flowscope.doctor.verdicts import diagnose
+from flowscope.doctor import diagnose
 
 
 @pytest.fixture(autouse=True, scope="module")

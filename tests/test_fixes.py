@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from flowscope.core.errors import FlowscopeError
+from flowscope.doctor import examine
 from flowscope.doctor.fixes import LSUV_COLUMNS, lsuv, reinit
-from flowscope.doctor.verdicts import examine
 from flowscope.models.inits import apply_init
 from flowscope.models.nets import build_net
 

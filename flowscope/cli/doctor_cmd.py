@@ -33,7 +33,7 @@ from flowscope.core.errors import FlowscopeError, unknown
 if TYPE_CHECKING:
     from torch import nn
 
-    from flowscope.doctor.verdicts import Diagnosis, Thresholds
+    from flowscope.doctor import Diagnosis, Thresholds
 
 __all__ = ["doctor_cmd", "load_factory", "parse_shape"]
 
@@ -176,7 +176,7 @@ def _describe(inputs: Any) -> str:
 
 def _thresholds(pairs: tuple[str, ...]) -> Thresholds:
     """Thresholds from ``KEY=VALUE`` options."""
-    from flowscope.doctor.verdicts import Thresholds
+    from flowscope.doctor import Thresholds
 
     names = [f.name for f in fields(Thresholds)]
     values: dict[str, Any] = {}
@@ -195,7 +195,7 @@ def _thresholds(pairs: tuple[str, ...]) -> Thresholds:
 
 def _examine(model: nn.Module, inputs: Any, target: str, th: Thresholds, name: str) -> Any:
     """examine(), with the model's own complaint turned into one clean line."""
-    from flowscope.doctor.verdicts import examine
+    from flowscope.doctor import examine
 
     try:
         return examine(model, inputs, thresholds=th, name=name)
@@ -285,7 +285,7 @@ def doctor_cmd(
 
     import torch
 
-    from flowscope.doctor.verdicts import compare
+    from flowscope.doctor import compare
 
     torch.manual_seed(seed)
     model = _build(factory, target).to(device)

@@ -106,7 +106,7 @@ def _check_args(model: object, tol: object, max_iter: object) -> None:
 
 def _call(model: nn.Module, batch: Any) -> Any:
     """Run the model on a tensor, a tuple/list of inputs, or a mapping of keyword inputs."""
-    from flowscope.doctor.verdicts import call_model
+    from flowscope.doctor.measure import call_model
 
     return call_model(model, batch)
 

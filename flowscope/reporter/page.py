@@ -36,7 +36,7 @@ import pandas as pd
 
 from flowscope import __version__
 from flowscope.core.errors import FlowscopeError
-from flowscope.doctor.verdicts import RUN_COLUMNS
+from flowscope.doctor import RUN_COLUMNS
 from flowscope.record.frames import Records, atomic_write_text, load, records_of
 from flowscope.reporter import plots
 
@@ -136,7 +136,7 @@ def summary(
     """One row per config (studies) or run (``fs.watch``): axes, status, verdict, numbers.
 
     Example:
-        >>> from flowscope.doctor.verdicts import diagnose  # doctest: +SKIP
+        >>> from flowscope.doctor import diagnose  # doctest: +SKIP
         >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
         >>> summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))  # doctest: +SKIP
 
@@ -200,7 +200,7 @@ def _diagnose(stats: pd.DataFrame, by: str, source: Any = None) -> tuple[Any, st
     """
     if stats.empty:
         return None, "no statistics were recorded"
-    from flowscope.doctor.verdicts import diagnose
+    from flowscope.doctor import diagnose
 
     try:
         return diagnose(source if source is not None else stats, by=[by]), ""

@@ -1,0 +1,133 @@
+"""The per-layer table the checks read: one row per layer of one group at one step.
+
+:func:`layer_table` pools a group's stats rows per layer (rms of activations and of dL/dh
+over the finite values, zero and saturation shares, NaN/Inf count, weight std) and marks
+the *pre-activation* layers (module types containing ``Linear`` or ``Conv``) and each
+layer's *role*: its module type and its name with every number replaced by ``#``.
+:func:`scale_pool` picks the layers whose scales are compared, :func:`main_role` the role
+whose scales drift most, which gives a run its per-layer gains.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["PRE_ACTIVATION", "layer_table", "main_role", "scale_pool"]
+
+PRE_ACTIVATION = re.compile(r"Linear|Conv")
+
+
+def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
+    """One row per layer: rms of activation and dL/dh, shares, non-finite count, weight std.
+
+    Args:
+        group: the stats rows of one group at one step.
+        dead: that group's per-unit dead counts (``layer, units, dead, samples``), or empty.
+
+    Returns:
+        In execution order: ``layer, layer_idx, module_type, nonfinite, act_nonfinite,
+        act_rms, grad_rms`` (rms over the finite values), ``zero, sat`` (activation shares),
+        ``weight_std, weight_count, units, dead, samples`` (NaN where not recorded), ``pre``
+        (a pre-activation layer) and ``role``.
+    """
+    g = group.copy()
+    g["finite"] = (g["count"] - g["nan"] - g["inf"]).clip(lower=0)
+    g["sq"] = g["finite"] * g["rms"].astype(float) ** 2
+    g["nonfinite"] = g["nan"] + g["inf"]
+    base = g.groupby("layer", sort=False).agg(
+        layer_idx=("layer_idx", "min"),
+        module_type=("module_type", "first"),
+        nonfinite=("nonfinite", "sum"),
+    )
+    acts = g[g["kind"] == "activation"]
+    base["act_nonfinite"] = acts.groupby("layer", sort=False)["nonfinite"].sum()
+    base["act_nonfinite"] = base["act_nonfinite"].fillna(0)
+    for kind, prefix in (("activation", "act"), ("gradient", "grad")):
+        rows = g[g["kind"] == kind]
+        weighted = rows.assign(
+            zw=rows["frac_zero"] * rows["finite"], sw=rows["frac_saturated"] * rows["finite"]
+        )
+        agg = weighted.groupby("layer", sort=False)[["finite", "sq", "zw", "sw"]].sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            base[f"{prefix}_rms"] = np.sqrt(agg["sq"] / agg["finite"])
+            if kind == "activation":
+                base["zero"] = agg["zw"] / agg["finite"]
+                base["sat"] = agg["sw"] / agg["finite"]
+    weights = g[(g["kind"] == "weight") & (g.get("tensor", "weight") == "weight")]
+    base["weight_std"] = weights.groupby("layer", sort=False)["std"].first()
+    base["weight_count"] = weights.groupby("layer", sort=False)["count"].first()
+    table = base.reset_index().sort_values("layer_idx", kind="stable").reset_index(drop=True)
+    if not dead.empty:
+        table = table.merge(dead, on="layer", how="left")
+    else:
+        table["units"] = np.nan
+        table["dead"] = np.nan
+        table["samples"] = np.nan
+    table["pre"] = table["module_type"].astype(str).str.contains(PRE_ACTIVATION)
+    table["role"] = table["module_type"].astype(str) + ":" + _roles(table["layer"])
+    return table
+
+
+def _roles(layers: pd.Series) -> pd.Series:
+    """The layer name with every number replaced by '#': layers of the same kind share it."""
+    return layers.astype(str).str.replace(r"\d+", "#", regex=True)
+
+
+def scale_pool(table: pd.DataFrame) -> pd.DataFrame:
+    """The layers whose scales are compared: pre-activation layers, else all recorded ones.
+
+    When no two of them share a role, they form one role (one stack, execution order).
+    """
+    recorded = table["act_rms"].notna() | table["grad_rms"].notna()
+    pre = table[table["pre"] & recorded]
+    pool = pre if len(pre) else table[recorded]
+    if len(pool) >= 2 and pool["role"].value_counts().max() < 2:
+        pool = pool.assign(role="*")
+    return pool
+
+
+def main_role(table: pd.DataFrame) -> dict[str, Any]:
+    """Gains of the role (layers of one kind, >= 2) whose first/last scales differ most.
+
+    Returns ``act_gain, grad_gain`` (per layer), ``act_ratio`` (last/first), ``grad_ratio``
+    (first/last), ``layers`` (the role's layers) and ``score``; NaN gains and no layers when
+    no role has two members.
+    """
+    best: dict[str, Any] = {
+        "act_gain": math.nan,
+        "grad_gain": math.nan,
+        "grad_ratio": math.nan,
+        "act_ratio": math.nan,
+        "layers": [],
+        "score": -1.0,
+    }
+    pool = scale_pool(table)
+    for _, members in pool.groupby("role", sort=False):
+        k = len(members)
+        if k < 2:
+            continue
+        act = members["act_rms"].to_numpy(float)
+        grad = members["grad_rms"].to_numpy(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            act_ratio = act[-1] / act[0]
+            grad_ratio = grad[0] / grad[-1]
+        # how far from 1 (|ln ratio|); 0 or inf (overflow) count as infinitely far
+        ratios = [r for r in (act_ratio, grad_ratio) if not np.isnan(r)]
+        far = [abs(math.log(r)) if 0 < r < math.inf else math.inf for r in ratios]
+        score = max(far, default=0.0) + 1e-9 * k  # ties: the role with more layers
+        if score > best["score"]:
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                best = {
+                    "act_gain": float(np.power(act_ratio, 1 / (k - 1))),
+                    "grad_gain": float(np.power(grad_ratio, 1 / (k - 1))),
+                    "grad_ratio": float(grad_ratio),
+                    "act_ratio": float(act_ratio),
+                    "layers": members["layer"].tolist(),
+                    "score": score,
+                }
+    return best
