@@ -21,6 +21,7 @@ from torch import nn
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.reporter import plots
+from flowscope.reporter.plots.common import first_call
 
 matplotlib.use("Agg")
 
@@ -266,6 +267,6 @@ def test_first_call_keeps_each_layers_first_call_and_first_output():
             "v": range(8),
         }
     )
-    kept = plots._first_call(frame)
+    kept = first_call(frame)
     # step 0 / a: call 0, weight before bias; b: tensor "0" before "1"; step 1 / a: "0"
     assert kept["v"].tolist() == [3, 5, 7] and kept.index.tolist() == [0, 1, 2]

@@ -1,0 +1,63 @@
+"""Figures of signal and gradient flow, drawn from the tidy frames (seaborn + matplotlib).
+
+Every function reads a frame (``stats`` or ``hists`` from :mod:`flowscope.record.frames`), draws
+into the ``ax`` (one panel) or ``fig`` (several panels) it is given, or into a new pyplot
+figure, and returns the axes. Plots never run models. Given a ``fig`` it drew before, a
+function redraws that figure's panels in place (much faster than new axes; see
+:func:`clear_panel`, which does the same for an ``ax``).
+
+* :func:`layer_hists` (:func:`activation_hists`, :func:`gradient_hists`): the DD2424
+  lecture 4 figures, one histogram per layer (rows of five), x range per layer; activations
+  on a linear y axis, gradients on a log y axis; exact zeros left out (non-zero values only)
+  where a layer has many of them, with the zero fraction written on the panel (and the
+  saturated fraction where a layer saturates). In :mod:`.hists`.
+* :func:`scale_plot`: activation std and gradient std per layer on a log axis, one line per
+  config (or run), with an optional theory line. In :mod:`.curves`.
+* :func:`log_heatmap` / :func:`log_heatmap_steps`: the log-magnitude histograms as a heat map
+  over layers, or over steps per layer (fastai's "colorful dimension"). In :mod:`.heat`.
+* :func:`saturation_plot`: saturated and zero ("dead") fractions per layer. In :mod:`.curves`.
+
+What they share (:mod:`.common`): which rows and layers a figure shows, the panel grid kept
+for a redraw, panel text and ticks. Which layers a figure shows: the activation-function
+modules (Tanh, ReLU, ...) when the model has any, since their outputs are the lecture's
+"activations at each layer"; otherwise every layer; or the names passed as ``layers``.
+
+Example:
+    >>> import flowscope as fs  # doctest: +SKIP
+    >>> rec = fs.load("reports/my-model")  # doctest: +SKIP
+    >>> axes = activation_hists(rec.hists, rec.stats)  # doctest: +SKIP
+"""
+
+from flowscope.reporter.plots.common import (
+    KIND_LABEL,
+    clear_panel,
+    flow_layers,
+    group_column,
+    is_activation_type,
+    panels,
+)
+from flowscope.reporter.plots.curves import saturation_plot, scale_plot
+from flowscope.reporter.plots.heat import log_heatmap, log_heatmap_steps
+from flowscope.reporter.plots.hists import (
+    activation_hists,
+    gradient_hists,
+    hist_figsize,
+    layer_hists,
+)
+
+__all__ = [
+    "KIND_LABEL",
+    "activation_hists",
+    "clear_panel",
+    "flow_layers",
+    "gradient_hists",
+    "group_column",
+    "hist_figsize",
+    "is_activation_type",
+    "layer_hists",
+    "log_heatmap",
+    "log_heatmap_steps",
+    "panels",
+    "saturation_plot",
+    "scale_plot",
+]
