@@ -30,16 +30,10 @@ import flowscope as fs
 from flowscope.cli.report_cmd import report_cmd
 from flowscope.core.errors import FlowscopeError
 from flowscope.record.frames import Records, write_parquet
-from flowscope.reporter.page import (
-    REPORT_FILE,
-    Canvases,
-    _palette_png,
-    config_figures,
-    fmt,
-    pct,
-    report,
-    summary,
-)
+from flowscope.reporter.canvas import Canvases, palette_png
+from flowscope.reporter.figures import config_figures
+from flowscope.reporter.page import REPORT_FILE, fmt, pct, report
+from flowscope.reporter.tables import summary
 
 XSS = "<script>window.__xss = 1</script>"
 WIDTH = 16
@@ -358,7 +352,7 @@ def test_figures_keep_their_colours_in_the_palette():
     colours[:, 3] = 255
     for n in (200, 300):  # exact up to 256 colours, else nearest of the most frequent
         rgba = colours[rng.integers(0, n, (40, 50))]
-        with Image.open(io.BytesIO(_palette_png(rgba))) as image:
+        with Image.open(io.BytesIO(palette_png(rgba))) as image:
             assert image.mode == "P"
             back = np.asarray(image.convert("RGBA")).reshape(-1, 4)
         pixels = rgba.reshape(-1, 4)

@@ -182,7 +182,7 @@ def kind_rows(frame: pd.DataFrame, kind: str, what: str) -> pd.DataFrame:
     return rows
 
 
-# -- panels ----------------------------------------------------------------------------------
+# -- panels -----------------------------------------------------------------------------------
 
 
 def label_text(name: object) -> str:

@@ -1,0 +1,249 @@
+"""Which figures a report shows, drawn as PNG data URIs: per config / run
+(:func:`config_figures`, for every group by :func:`all_figures`), and the overview of all
+of them (:func:`overview_figure`, with the mean-field prediction of :func:`theory_frame`).
+
+Example:
+    >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
+    >>> figs = config_figures(rec.stats[rec.stats.config == "c0"], rec.hists)  # doctest: +SKIP
+    >>> [f["title"] for f in figs][:2]  # doctest: +SKIP
+    ['Activations per layer', 'Gradients per layer: dL/d(output)']
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from flowscope.core.errors import FlowscopeError
+from flowscope.reporter import plots
+from flowscope.reporter.canvas import Canvases, figure_png
+from flowscope.reporter.run import RunData
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure, SubFigure
+
+__all__ = [
+    "HEAT",
+    "HEAT_STEPS",
+    "HIST_FIGURES",
+    "SATURATION",
+    "THEORY_NOTE",
+    "all_figures",
+    "config_figures",
+    "overview_figure",
+    "theory_frame",
+]
+
+
+# -- one config / run -------------------------------------------------------------------------
+
+
+def _layer_count(frame: pd.DataFrame, kind: str) -> int:
+    return len(plots.flow_layers(frame[frame["kind"] == kind]))
+
+
+def config_figures(
+    stats: pd.DataFrame, hists: pd.DataFrame, canvases: Canvases | None = None
+) -> list[dict[str, str]]:
+    """The figures of one config / run: ``[{"title", "caption", "src"}]`` (PNG data URIs).
+
+    ``canvases``: figures kept from the previous config, redrawn (default: new ones).
+    """
+    canvases = canvases or Canvases()
+    kinds = set(hists["kind"].unique()) if not hists.empty else set()
+    counts = {kind: _layer_count(hists, kind) for kind in kinds}
+    figs = [
+        {
+            "title": title,
+            "caption": caption,
+            "src": _hist_png(canvases, stats, hists, kind, counts[kind]),
+        }
+        for kind, title, caption in HIST_FIGURES
+        if kind in kinds
+    ]
+    flows = [k for k in ("activation", "gradient") if k in kinds]
+    if flows and hists["step"].nunique() > 1:
+        for kind in flows:
+            title = f"{plots.KIND_LABEL[kind]} over training"
+            src = _steps_heat_png(canvases, hists, kind, counts[kind])
+            figs.append({"title": title, **HEAT_STEPS, "src": src})
+    elif flows:
+        title = "Where the values sit: log-magnitude heat map"
+        most = max(counts[k] for k in flows)
+        figs.append({"title": title, **HEAT, "src": _heat_png(canvases, hists, flows, most)})
+    if "activation" in set(stats["kind"].unique()):
+        src = _saturation_png(canvases, stats)
+        figs.append({"title": "Saturated and dead", **SATURATION, "src": src})
+    return figs
+
+
+def _hist_png(
+    canvases: Canvases, stats: pd.DataFrame, hists: pd.DataFrame, kind: str, layers: int
+) -> str:
+    size = plots.hist_figsize(min(layers, 10))
+
+    def draw(fig: Figure) -> None:
+        plots.layer_hists(hists, stats, kind=kind, fig=fig)
+
+    return canvases.png(("hists", kind), draw, size, tight=False)
+
+
+def _heat_png(canvases: Canvases, hists: pd.DataFrame, flows: list[str], layers: int) -> str:
+    width = min(max(4.5, 0.42 * layers + 2.0), 14.0)
+
+    def draw(fig: Figure | SubFigure) -> None:
+        for ax, kind in zip(plots.panels(fig, len(flows)), flows, strict=True):
+            plots.log_heatmap(hists, kind=kind, ax=ax)
+        fig.subplots_adjust(wspace=0.32)
+
+    return canvases.png(("heat", *flows), draw, (width * len(flows), 3.6))
+
+
+def _steps_heat_png(canvases: Canvases, hists: pd.DataFrame, kind: str, layers: int) -> str:
+    n = min(layers, 6)
+
+    def draw(fig: Figure) -> None:
+        plots.log_heatmap_steps(hists, kind=kind, fig=fig)
+
+    return canvases.png(("steps", kind), draw, (2.4 * n + 1.2, 3.0))
+
+
+def _saturation_png(canvases: Canvases, stats: pd.DataFrame) -> str:
+    n = _layer_count(stats, "activation")
+    size = (min(max(5.0, 0.5 * n + 2), 14.0), 3.0)
+
+    def draw(fig: Figure | SubFigure) -> None:
+        plots.saturation_plot(stats, ax=plots.panels(fig, 1)[0])
+
+    return canvases.png("saturation", draw, size)
+
+
+HIST_FIGURES = [
+    (
+        "activation",
+        "Activations per layer",
+        "Histogram of each layer's output, x range per layer, linear y (DD2424 lecture 4). "
+        "Where a layer has many exact zeros (ReLU), only non-zero values are drawn and the "
+        "zero fraction is written on the panel; where it saturates, the saturated fraction.",
+    ),
+    (
+        "gradient",
+        "Gradients per layer: dL/d(output)",
+        "Histogram of the gradient of the loss with respect to each layer's output, x range "
+        "per layer, log y. Exact zeros are left out where they are over 1% of the layer.",
+    ),
+    (
+        "weight_grad",
+        "Weight gradients per layer: dL/dW",
+        "Histogram of each layer's weight gradient, x range per layer, log y: the lecture's "
+        "gradient figures. Exact zeros are left out where they are over 1% of the layer.",
+    ),
+]
+HEAT = {
+    "caption": "Colour: the fraction of a layer's values whose magnitude falls in each decade "
+    "(log colour scale); the bottom row is exact zeros. A healthy net keeps its mass in the "
+    "same decades from layer to layer; a diagonal drift is vanishing or exploding."
+}
+HEAT_STEPS = {
+    "caption": "fastai's 'colorful dimension': per layer, the fraction of values in each "
+    "decade of magnitude (y) at each recorded step (x); the bottom row is exact zeros."
+}
+SATURATION = {
+    "caption": "Per layer: the fraction of activations at the saturation limits (tanh "
+    "|x| >= 0.99, sigmoid < 0.01 or > 0.99), of exactly zero activations (dead ReLU units) "
+    "and of exactly zero gradients (dotted)."
+}
+
+
+# -- every config / run -----------------------------------------------------------------------
+
+
+def overview_figure(stats: pd.DataFrame, by: str, labels: dict[str, str], theory: Any) -> str:
+    """The scale plot of every config / run as a PNG data URI."""
+    if stats.empty or not {"activation", "gradient"} & set(stats["kind"].unique()):
+        return ""
+    width = 11.5 + (1.5 if len(labels) > 8 else 0.0)
+    return figure_png(
+        lambda f: plots.scale_plot(stats, by=by, labels=labels, theory=theory, fig=f),
+        (width, 3.8),
+    )
+
+
+def theory_frame(run: RunData, table: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean-field predictions of activation std for the study MLPs theory covers, else None.
+
+    Covered: net ``mlp`` without norm or residual, width = input dimension, unit-variance
+    Gaussian inputs, zero biases; the predicted std of each ``layers.{l}.act`` output.
+    """
+    spec = run.spec or {}
+    net, data = spec.get("net", {}), spec.get("data", {})
+    if net.get("name") != "mlp" or data.get("name") != "gaussian" or run.by != "config":
+        return None
+    if net.get("residual") or net.get("in_dim", 500) != net.get("width", 500):
+        return None
+    from flowscope.theory import meanfield as theory
+
+    rows = []
+    for _, row in table[table["status"] != "failed"].iterrows():
+        axes = {k: row[k] for k in ("activation", "init", "norm", "depth") if k in row}
+        act = axes.get("activation", net.get("activation", "tanh"))
+        init = axes.get("init", spec.get("init", {}).get("name"))
+        if axes.get("norm", net.get("norm", "none")) != "none" or not init:
+            continue
+        depth = int(axes.get("depth", net.get("depth", 10)))
+        init_spec = spec.get("init", {})
+        params = {k: v for k, v in init_spec.items() if k != "name"}
+        params = params if init == init_spec.get("name") else {}
+        try:
+            pred = theory.predict_mlp(act, str(init), int(net.get("width", 500)), depth, **params)
+        except (FlowscopeError, TypeError, ValueError):
+            continue
+        for layer, std in enumerate(pred["act_std"]):
+            rows.append((row[run.by], f"layers.{layer}.act", "activation", float(std)))
+    return pd.DataFrame(rows, columns=[run.by, "layer", "kind", "std"]) if rows else None
+
+
+THEORY_NOTE = (
+    "Dashed: the mean-field prediction of the activation std (Poole et al. 2016) for the "
+    "configs theory covers (no normalization, width = input size, zero biases)."
+)
+
+
+def _figures_of(jobs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> list[list[dict[str, str]]]:
+    """:func:`config_figures` of each (stats, hists) in turn, on the same canvases."""
+    canvases = Canvases()
+    return [[] if stats.empty else config_figures(stats, hists, canvases) for stats, hists in jobs]
+
+
+def all_figures(
+    stats: pd.DataFrame, hists: pd.DataFrame, by: str, groups: Sequence[str], workers: int | None
+) -> list[list[dict[str, str]]]:
+    """:func:`config_figures` of every group, in order; in ``workers`` forked processes.
+
+    Each process draws a run of consecutive groups on one :class:`Canvases`, so that every
+    figure after a group's first is a redraw (a 16-config study: ~13 s in one process on 2
+    busy CPUs). Workers are forked (Linux only), as torch's DataLoader does: nothing
+    re-imports the caller's ``__main__`` (spawn would re-run a user's script), and the
+    children use numpy/pandas/matplotlib only. ``workers=None``: one per CPU (at most 8)
+    when there are 4+ CPUs and 4+ groups; with 2 busy CPUs forking measured slower than one
+    process.
+    """
+    by_stats, by_hists = stats[by].astype(str), hists[by].astype(str)
+    jobs = [(stats[by_stats == g], hists[by_hists == g]) for g in groups]
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        workers = min(cpus, 8) if cpus >= 4 and len(jobs) >= 4 else 1
+    if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
+        return _figures_of(jobs)
+    n = min(workers, len(jobs))  # one run of consecutive groups each: they share canvases
+    parts = [jobs[i * len(jobs) // n : (i + 1) * len(jobs) // n] for i in range(n)]
+    with warnings.catch_warnings():  # 3.12+: "process is multi-threaded" (torch's idle pool)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
+            return [figures for part in pool.map(_figures_of, parts) for figures in part]

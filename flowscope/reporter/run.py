@@ -1,0 +1,94 @@
+"""What a report is made from: a run folder read into :class:`RunData`.
+
+A run folder holds ``fs.watch`` records (``stats``/``hists`` Parquet and ``meta.json``) or a
+study run (the same, with config columns, plus ``spec.json``, ``claims.json``,
+``configs.json`` and ``probes.parquet``). Records in memory are saved into a folder first.
+
+Example:
+    >>> run = read_run("reports/init-scales")  # doctest: +SKIP
+    >>> run.by, run.files[:2]  # doctest: +SKIP
+    ('config', ['stats.parquet', 'hists.parquet'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowscope.core.errors import FlowscopeError
+from flowscope.record.frames import Records, load, records_of
+from flowscope.reporter.plots import group_column
+
+__all__ = ["DATA_FILES", "STUDY_FILES", "RunData", "read_run", "resolve_source"]
+
+STUDY_FILES = ("spec.json", "claims.json", "configs.json", "probes.parquet")
+DATA_FILES = ("stats.parquet", "hists.parquet", "meta.json", *STUDY_FILES)
+
+
+@dataclass
+class RunData:
+    """A run folder's contents: records, plus the study files when it is a study run."""
+
+    folder: Path
+    records: Records
+    spec: dict[str, Any] | None = None
+    claims: list[dict[str, Any]] | None = None
+    configs: list[dict[str, Any]] | None = None
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def by(self) -> str:
+        """The grouping column: ``config`` for studies, else ``run``."""
+        return group_column(self.records.stats)
+
+
+def read_run(folder: str | os.PathLike[str]) -> RunData:
+    """Load a run folder: ``stats``/``hists``/``meta`` and any study files beside them.
+
+    Example:
+        >>> run = read_run("reports/init-scales")  # doctest: +SKIP
+        >>> run.by, len(run.configs)  # doctest: +SKIP
+        ('config', 16)
+
+    Raises:
+        FlowscopeError: for a folder that is not a flowscope run, or an unreadable JSON file.
+    """
+    path = Path(folder)
+    records = load(path)
+    extra: dict[str, Any] = {}
+    for name in ("spec.json", "claims.json", "configs.json"):
+        if (path / name).is_file():
+            try:
+                extra[name.removesuffix(".json")] = json.loads((path / name).read_text())
+            except (OSError, ValueError) as err:
+                raise FlowscopeError(f"cannot read {str(path / name)!r}: {err}") from err
+    files = [f for f in DATA_FILES if (path / f).is_file()]
+    return RunData(folder=path, records=records, files=files, **extra)
+
+
+def resolve_source(source: Any, out_dir: str | os.PathLike[str] | None) -> tuple[RunData, Path]:
+    """The run data of ``source`` and the folder its report goes to.
+
+    ``source``: a run folder (the report goes into it, or ``out_dir``), or Records / a
+    Recorder, saved first into ``out_dir`` (default ``reports/<run name or model class>``).
+
+    Raises:
+        FlowscopeError: when ``source`` is none of these, or its files cannot be read.
+    """
+    if isinstance(source, str | os.PathLike):
+        run = read_run(source)
+        return run, Path(out_dir) if out_dir is not None else run.folder
+    records = records_of(source, "report() takes")
+    out = Path(out_dir) if out_dir is not None else Path("reports") / _slug(records)
+    records.save(out)
+    return read_run(out), out
+
+
+def _slug(records: Records) -> str:
+    """A folder name for in-memory records: the run name or the model's class name."""
+    name = str(records.meta.get("run") or records.meta.get("model") or "run")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"

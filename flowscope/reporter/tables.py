@@ -1,0 +1,153 @@
+"""The report's tables: the summary frame, and the CSV files written next to the page.
+
+Example:
+    >>> from flowscope.doctor import diagnose  # doctest: +SKIP
+    >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
+    >>> summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pandas as pd
+
+from flowscope.doctor import RUN_COLUMNS
+from flowscope.record.frames import atomic_write_text
+from flowscope.reporter.plots import group_column
+from flowscope.reporter.run import RunData
+
+__all__ = ["EXPORTS", "summary", "write_exports"]
+
+EXPORTS = {
+    "summary.csv": "verdict and numbers per config / run",
+    "layers.csv": "the doctor's checks per layer",
+    "stats.csv": "every statistic per layer, kind and step",
+    "claims.csv": "each claim of the source, held or not, with its numbers",
+}
+
+
+# -- the summary frame ------------------------------------------------------------------------
+
+
+def summary(
+    stats: pd.DataFrame,
+    *,
+    diagnosis: Any = None,
+    configs: Sequence[dict[str, Any]] | None = None,
+    by: str | None = None,
+) -> pd.DataFrame:
+    """One row per config (studies) or run (``fs.watch``): axes, status, verdict, numbers.
+
+    Example:
+        >>> from flowscope.doctor import diagnose  # doctest: +SKIP
+        >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
+        >>> summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))  # doctest: +SKIP
+
+    Args:
+        stats: a stats frame.
+        diagnosis: the doctor's ``Diagnosis`` for ``stats`` grouped by ``by`` (or None).
+        configs: a study's ``configs.json`` entries (order, axes, seed, status, error);
+            configs that failed have no stats rows and still get a row.
+        by: the grouping column (default: ``config`` when present, else ``run``).
+
+    Returns:
+        Columns ``by``, ``label``, the sweep axes and ``seed`` (studies), ``status``,
+        ``error``, then the doctor's ``verdict, act_gain, grad_gain, grad_ratio,
+        worst_layer, saturated, dead, nonfinite, reason, fix, thresholds``.
+    """
+    by = by or group_column(stats)
+    if configs:
+        table = _config_table(configs, by)
+    else:
+        groups = [str(g) for g in pd.unique(stats[by].astype(str))] if by in stats else []
+        table = pd.DataFrame({by: groups, "status": "done", "error": None})
+        table.insert(1, "label", [g or "(unnamed run)" for g in groups])
+    runs = getattr(diagnosis, "runs", None)
+    if runs is not None and not runs.empty:
+        keep = [by] + [c for c in RUN_COLUMNS if c in runs.columns]
+        table = table.merge(runs[keep].assign(**{by: runs[by].astype(str)}), on=by, how="left")
+    for column in RUN_COLUMNS:
+        if column not in table:
+            table[column] = None
+    return table
+
+
+def _config_table(configs: Sequence[dict[str, Any]], by: str) -> pd.DataFrame:
+    """One row per ``configs.json`` entry: id, label from the axis values, axes, status."""
+    axes = list(dict.fromkeys(a for c in configs for a in c.get("axes", {})))
+    several_seeds = len({c.get("seed") for c in configs}) > 1
+    rows = []
+    for c in configs:
+        values = c.get("axes", {})
+        label = " · ".join(str(values.get(a, "")) for a in axes) or str(c[by])
+        if several_seeds:
+            label += f" · seed {c.get('seed')}"
+        rows.append(
+            {
+                by: str(c[by]),
+                "label": label,
+                **{a: values.get(a) for a in axes},
+                "seed": c.get("seed"),
+                "status": c.get("status", "done"),
+                "error": c.get("error"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# -- the CSV files ----------------------------------------------------------------------------
+
+
+def _claims_frame(claims: list[dict[str, Any]] | None) -> pd.DataFrame | None:
+    if claims is None:
+        return None
+    rows = []
+    for c in claims:
+        numbers = c.get("numbers") or {}
+        rows.append(
+            {
+                "id": c.get("id"),
+                "held": c.get("held"),
+                "text": c.get("text"),
+                "detail": c.get("detail"),
+                "where": json.dumps(c.get("where") or {}, default=str),
+                "numbers": json.dumps(numbers, default=str),
+                "note": c.get("note", ""),
+            }
+        )
+    return pd.DataFrame(rows, columns=["id", "held", "text", "detail", "where", "numbers", "note"])
+
+
+def write_exports(
+    out: Path, run: RunData, table: pd.DataFrame, diagnosis: Any
+) -> list[dict[str, str]]:
+    """The CSV exports (:data:`EXPORTS`) written into ``out``, next to report.html.
+
+    ``table``: the :func:`summary` of ``run``; ``diagnosis``: the doctor's (its per-layer
+    checks), or None. Returns a link per file written: ``href``, ``name``, ``what``.
+    """
+    frames: dict[str, pd.DataFrame | None] = {
+        "summary.csv": table.assign(thresholds=table["thresholds"].map(_json_text)),
+        "layers.csv": getattr(diagnosis, "layers", None),
+        "stats.csv": run.records.stats,
+        "claims.csv": _claims_frame(run.claims),
+    }
+    links = []
+    for name, frame in frames.items():
+        if frame is None:
+            continue
+        atomic_write_text(out / name, frame.to_csv(index=False))
+        links.append({"href": quote(name), "name": name, "what": EXPORTS[name]})
+    return links
+
+
+def _json_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
