@@ -372,7 +372,7 @@ def study_rows(reps: int = 9) -> list[dict[str, Any]]:
         def through_engine() -> None:
             engine.run_study(study, Path(tmp) / f"run{next(folders)}")
 
-        through_engine()  # warm: numba kernels, imports, allocator
+        through_engine()  # warm: the C kernel, imports, allocator
         bare()
         pairs = []
         for rep in range(reps):

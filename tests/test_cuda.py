@@ -60,7 +60,7 @@ def test_recorded_steps_never_synchronize_the_host():
 
 
 def test_gpu_snapshots_match_the_cpu_kernels():
-    # the same model and batch on the CPU (numba kernels) and the GPU (torch ops)
+    # the same model and batch on the CPU (the C kernel) and the GPU (torch ops)
     frames = {}
     for device in ("cpu", "cuda"):
         model = mlp().to(device)

@@ -22,5 +22,5 @@ def test_wheel_ships_studies_and_templates(tmp_path):
     for study in spec.builtin_names():
         assert f"flowscope/studies/{study}.toml" in names, study
     assert "flowscope/reporter/templates/report.html.j2" in names
-    assert "flowscope/record/_kernels.py" in names
+    assert "flowscope/record/snapshot.c" in names
     assert not any(n.startswith(("tests/", "reports/", "bench/")) for n in names)

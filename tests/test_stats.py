@@ -12,7 +12,7 @@ from flowscope.record.frames import moments
 from flowscope.record.snapshot import RAW, HistSpec, LogEdges, backend_for, sample_stride, snapshot
 
 
-@pytest.fixture(params=["eager", "numba"], autouse=True)
+@pytest.fixture(params=["eager", "c"], autouse=True)
 def backend(request, monkeypatch):
     """Every test here runs on both backends: torch ops and the fused CPU kernels."""
     monkeypatch.setenv("FLOWSCOPE_KERNELS", request.param)
@@ -21,8 +21,8 @@ def backend(request, monkeypatch):
 
 def test_backend_selection(backend):
     assert backend_for(torch.zeros(3)) == backend
-    if backend == "numba":  # forced, it refuses what it cannot run instead of falling back
-        with pytest.raises(ValueError, match="need numba and a CPU tensor"):
+    if backend == "c":  # forced, it refuses what it cannot run instead of falling back
+        with pytest.raises(ValueError, match="needs a compiler and a CPU tensor"):
             backend_for(torch.zeros(3, dtype=torch.int64))
     else:
         assert backend_for(torch.zeros(3, dtype=torch.int64)) == "eager"
@@ -115,11 +115,11 @@ def test_leading_non_finite_values_do_not_leak_into_the_extremes():
 def test_large_tensors_take_the_parallel_path_exactly(monkeypatch, threshold):
     # None: the real threshold (millions of elements); 1000: the same path on a small tensor,
     # with chunks that hold NaN/Inf next to finite-only chunks
-    from flowscope.record import _kernels as _cpu_kernels
+    from flowscope.record import ckernel as _cpu_kernels
 
     if threshold is not None:
-        monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", threshold)
-    n = _cpu_kernels.PARALLEL_FROM + 12_345  # uneven chunks
+        monkeypatch.setattr(_cpu_kernels, "MOMENTS_FROM", threshold)
+    n = _cpu_kernels.MOMENTS_FROM + 12_345  # uneven chunks
     x = torch.randn(n, generator=torch.Generator().manual_seed(11)).double() * 3 - 1
     x[:: max(n // 40, 1) + 3] = float("nan")
     x[7] = -float("inf")
@@ -208,7 +208,7 @@ def test_log_histogram_at_finer_resolution(per_decade):
 @pytest.mark.parametrize("per_decade", [1, 4])
 def test_log_histogram_on_edges_and_subnormals(backend, dtype, per_decade):
     # every edge, its neighbours one ulp away, subnormals and the extremes of the dtype:
-    # the numba kernel reads the bin from the exponent bits and a table, and must agree
+    # the C kernel reads the bin from the exponent bits and a table, and must agree
     # exactly with a search of |v| among the float64 edges
     e = LogEdges(per_decade=per_decade)
     ks = range(e.lo * per_decade, e.hi * per_decade + 1)  # Python's pow, as flowscope's
@@ -224,7 +224,7 @@ def test_log_histogram_on_edges_and_subnormals(backend, dtype, per_decade):
     j = np.searchsorted(edges, np.abs(v.astype(np.float64)), side="right")
     expect = np.zeros(e.size)
     np.add.at(expect, np.where(v > 0, e.zero_index + j + 1, e.zero_index - j - 1), 1)
-    if backend == "numba":
+    if backend == "c":
         np.testing.assert_array_equal(log, expect)
     else:  # log10 in the eager path can round a value next to an edge into its neighbour
         assert log.sum() == v.size and np.abs(log - expect).sum() <= 2 * 3 * edges.size

@@ -1,4 +1,4 @@
-"""The fused CPU kernels on torch's own OpenMP threads (flowscope.record._team)."""
+"""The C snapshot kernel on torch's own OpenMP threads (flowscope.record.ckernel)."""
 
 from __future__ import annotations
 
@@ -16,23 +16,23 @@ from flowscope.record.snapshot import RAW
 
 
 @pytest.fixture(autouse=True)
-def numba_kernels(monkeypatch):
-    monkeypatch.setenv("FLOWSCOPE_KERNELS", "numba")
+def c_kernel(monkeypatch):
+    monkeypatch.setenv("FLOWSCOPE_KERNELS", "c")
 
 
 def _force_team(monkeypatch, on: bool) -> None:
     """Split every snapshot over torch's OpenMP team (on) or run it on this thread (off)."""
-    from flowscope.record import _kernels as _cpu_kernels
+    from flowscope.record import ckernel as _cpu_kernels
 
-    monkeypatch.setattr(_cpu_kernels, "PARALLEL_FROM", 1 if on else 1 << 62)
-    monkeypatch.setattr(_cpu_kernels, "HIST_TEAM_FROM", 1 if on else 1 << 62)
+    monkeypatch.setattr(_cpu_kernels, "MOMENTS_FROM", 1 if on else 1 << 62)
+    monkeypatch.setattr(_cpu_kernels, "HIST_FROM", 1 if on else 1 << 62)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_team_and_the_calling_thread_agree(monkeypatch, dtype):
     # the same snapshot split over torch's threads and on one: histograms and counts exactly,
     # sums to rounding; NaN/Inf in one thread's share only, zeros and saturated values
-    from flowscope.record import _team
+    from flowscope.record import ckernel as _team
 
     if _team.torch_team() is None or torch.get_num_threads() < 2:
         pytest.skip("needs torch on a GNU OpenMP team of 2+ threads")
@@ -104,7 +104,7 @@ if pid == 0:
     os._exit(0 if raw[0].item() == 1_000_000 else 3)
 print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
-    env = {**os.environ, "FLOWSCOPE_KERNELS": "numba"}
+    env = {**os.environ, "FLOWSCOPE_KERNELS": "c"}
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
     )

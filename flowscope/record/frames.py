@@ -302,7 +302,7 @@ def moments(raw: np.ndarray) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         d_mean = col["sum"] / finite
         var = np.maximum(col["sumsq"] / finite - d_mean**2, 0.0)  # of x / scale
-        mean = col["shift"] + scale * d_mean
+        mean = scale * (col["shift"] / scale + d_mean)  # no overflow: scale is a power of 2
         lo, hi = col["min"], col["max"]
         out = {
             "count": n.astype(np.int64),

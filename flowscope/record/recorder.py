@@ -494,7 +494,7 @@ def _in_backward() -> bool:
 
 def _eager(hook: Any) -> Any:
     """The hook, run eagerly under ``torch.compile``: dynamo graph-breaks around it instead of
-    tracing its bookkeeping (Python dicts, the numba kernels) into a compiled graph.
+    tracing its bookkeeping (Python dicts, the C kernel call) into a compiled graph.
 
     A partial of one function disabled once: ``torch.compiler.disable`` on every new closure
     costs ~4 us, and a gradient hook is made per activation per recorded step."""

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 
+from flowscope.record import ckernel
 from flowscope.record.fields import (
     RAW,
     RAW_FIELDS,
@@ -86,28 +86,15 @@ def _power_of_two_scale(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.exp2(-e64).to(absmax.dtype), torch.exp2(e64)
 
 
-BACKENDS = ("auto", "eager", "numba")
-_numba: Any = None  # the kernels module once imported; False when numba is unavailable
-
-
-def _kernels() -> Any:
-    """flowscope.record._kernels, imported on first use (numba costs ~0.5 s to import)."""
-    global _numba
-    if _numba is None:
-        try:
-            from flowscope.record import _kernels as _cpu_kernels
-
-            _numba = _cpu_kernels
-        except ImportError:
-            _numba = False
-    return _numba
+BACKENDS = ("auto", "eager", "c")
 
 
 def backend_for(x: torch.Tensor, backend: str | None = None) -> str:
-    """``numba`` for CPU float tensors when numba is there, else ``eager``.
+    """``c`` (the compiled CPU kernel) for CPU float tensors where it could be built, else
+    ``eager`` (torch ops, any device).
 
     ``backend`` (or the FLOWSCOPE_KERNELS environment variable) forces one: ``eager``,
-    ``numba`` (an error where it cannot run) or ``auto``.
+    ``c`` (an error where it cannot run) or ``auto``.
     """
     choice = backend or os.environ.get("FLOWSCOPE_KERNELS", "auto")
     if choice not in BACKENDS:
@@ -115,11 +102,11 @@ def backend_for(x: torch.Tensor, backend: str | None = None) -> str:
     fits = x.device.type == "cpu" and x.is_floating_point()
     if choice == "eager" or (choice == "auto" and not fits):
         return "eager"
-    if not fits or not _kernels():
-        if choice == "numba":
-            raise ValueError(f"the numba kernels need numba and a CPU tensor, got {x.device}")
+    if not fits or ckernel.kernel() is None:
+        if choice == "c":
+            raise ValueError(f"the C kernel needs a compiler and a CPU tensor, got {x.device}")
         return "eager"
-    return "numba"
+    return "c"
 
 
 def snapshot(
@@ -143,11 +130,11 @@ def snapshot(
         saturation: (lo, hi); finite values with x <= lo or x >= hi count as saturated.
         drop_zeros: leave exact zeros out of the linear histogram (their share is in the
             statistics); the lecture's ReLU figures are drawn this way.
-        backend: ``eager`` (torch ops, any device), ``numba`` (fused CPU kernels) or None
+        backend: ``eager`` (torch ops, any device), ``c`` (the compiled CPU kernel) or None
             for the default (see :func:`backend_for`).
         out: a float64 row of ``row_width(spec)`` on the tensor's device to hold the
             results (the recorder's mmap-backed rows on CPU); they are returned as views of
-            it. The numba kernels write into it directly, the eager path copies in.
+            it. The C kernel writes into it directly, the eager path copies in.
 
     Returns:
         ``(raw, linear_counts, log_counts)``: float64 vectors of lengths ``len(RAW_FIELDS)``,
@@ -170,13 +157,10 @@ def snapshot_row(
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
     n = flat.numel()
-    if n and backend_for(flat, backend) == "numba":
+    if n and backend_for(flat, backend) == "c":
         row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
-        a = flat.numpy().reshape(-1)  # a view of CPU memory (a copy only if not contiguous)
-        stride = sample_stride(n, spec.sample)
-        _kernels().snapshot_into(
-            a, saturation, stride, spec.bins, drop_zeros, spec.log, row.numpy()
-        )
+        stride = sample_stride(n, spec.sample)  # the tensor is read where it lies
+        ckernel.snapshot_into(flat, stride, spec.bins, drop_zeros, saturation, spec.log, row)
         return row
     with torch.no_grad():
         flat = flat.reshape(-1)
