@@ -80,11 +80,11 @@ WRONG_IN_FILE = [
     ("run", "seeds = 1.5", "run.seeds must be a non-empty list of integers (or one), got 1.5"),
     ("run", "seeds = [0, 1.5]", "got [0, 1.5]"),
     ("run", 'seeds = "0"', "run.seeds must be a non-empty list of integers (or one), got '0'"),
-    ("run", 'kinds = "activation"', "run.kinds must be a list of strings, got 'activation'"),
+    ("run", 'kinds = "activation"', "run.kinds must be a non-empty list of activation, gradient"),
     ("run", 'probes = "dead_units"', "run.probes must be a list of strings, got 'dead_units'"),
     ("run", "modules = 3", "run.modules must be a list of strings, got 3"),
     ("run", 'kinds = ["activations"]', "unknown run.kinds entry 'activations'"),
-    ("run", "kinds = []", "run.kinds is empty; choose from activation, gradient, weight"),
+    ("run", "kinds = []", "run.kinds must be a non-empty list of activation, gradient, weight"),
     ("run", "hist_sample = 4", "run.hist_sample must be an integer >= 16, got 4"),
     ("run", "lr = true", "run.lr must be a number > 0, got True"),
     ("run", "steps = 2.5", "run.steps must be an integer >= 0, got 2.5"),
@@ -95,7 +95,7 @@ WRONG_IN_FILE = [
     ("data", "classes = 1", "classes must be an integer >= 2, got 1"),
     ("sweep", '"net.activation" = "tanh"', "needs a non-empty list of values, got 'tanh'"),
     ("sweep", '"net.activation" = ["tanh", "relux"]', "unknown activation 'relux'"),
-    ("presets", 'half = "he"', "[presets] must be tables; 'half' is 'he'"),
+    ("presets", 'half = "he"', "presets.half must be a table of strings, got 'he'"),
 ]
 
 

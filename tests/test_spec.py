@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
-import tomllib
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.study import spec
+from flowscope.study.spec_models import json_schema
 
 MINIMAL = {
     "name": "tiny",
@@ -97,7 +99,7 @@ def test_fingerprint_ignores_claims_but_not_the_grid():
         ("run", {"seeds": []}, r"run\.seeds must be a non-empty list of integers"),
         ("run", {"probes": ["dead_unit"]}, r"unknown probe 'dead_unit'.*did you mean"),
         ("data.dimm", 3, r"unknown data 'gaussian' argument 'dimm'.*did you mean 'dim'"),
-        ("source", {"file": "x"}, r"\[source\] needs 'file' and 'lines'"),
+        ("source", {"file": "x"}, r"missing required key 'source.lines' \(the lines it repro"),
         ("claim.0.of", "activation.stdd", r"unknown claim 'of' statistic 'stdd'"),
         ("claim.0.of", "activations.std", r"did you mean 'activation'"),
         ("claim.0.reduce", "avg", r"unknown reduce 'avg'"),
@@ -137,5 +139,69 @@ def test_every_builtin_study_is_valid_and_names_its_source(name):
     study = spec.load(name)
     assert study.source["file"].endswith(".txt") and study.source["lines"]
     assert study.claims, "every built-in study states its source's claims"
-    raw = tomllib.loads((spec.builtin_dir() / f"{name}.toml").read_text())
+    raw = spec.read(name)
     assert raw["name"] == name
+
+
+# -- the models behind the checks, and the schema published from them --------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("run", {"steps": -1}, "my.toml: run.steps must be an integer >= 0, got -1"),
+        ("run", {"seeds": 1.5}, "run.seeds must be a non-empty list of integers (or one), got 1.5"),
+        ("run", {"lr": True}, "my.toml: run.lr must be a number > 0, got True"),
+        ("net", "mlp", "my.toml: 'net' must be a table, got 'mlp'"),
+        ("presets", {"a": "he"}, "my.toml: presets.a must be a table of strings, got 'he'"),
+        ("init.overrides", {"head": 3}, "my.toml: init.overrides.head must be a string, got 3"),
+        ("claim.0.between", [1], "my.toml, claim 1 (c): 'between' must be a list of 2 numbers"),
+        ("claim.0.id", 3, "my.toml, claim 1: 'id' must be a string, got 3"),
+        ("claim", [3], "my.toml, claim 1: each [[claim]] must be a table, got 3"),
+        (
+            "sweep",
+            {"run.lr": [0.1, 0]},
+            "my.toml, config 3 of 4: run.lr must be a number > 0, got 0",
+        ),
+    ],
+)
+def test_errors_are_one_line_naming_file_key_value_and_what_is_allowed(path, value, message):
+    with pytest.raises(FlowscopeError) as caught:
+        spec.validate(with_(path, value), "my.toml")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value) and "pydantic" not in str(caught.value)
+
+
+def test_a_wrong_value_is_told_before_a_key_not_written_yet():
+    with pytest.raises(FlowscopeError, match=r"'net' must be a table, got 'mlp'"):
+        spec.validate({"name": "x", "net": "mlp"}, "my.toml")  # also no source, init, data
+
+
+def test_values_are_kept_as_written():
+    raw = with_("claim.0.below", 1)
+    raw["run"] = {"seeds": 3, "lr": 1}
+    study = spec.validate(raw)
+    assert study.claims[0]["below"] == 1 and isinstance(study.claims[0]["below"], int)
+    assert study.run["lr"] == 1 and isinstance(study.run["lr"], int)
+    assert study.run["seeds"] == [3]  # one seed is a list of one
+    assert list(study.claims[0]) == [*MINIMAL["claim"][0]]  # the file's key order
+
+
+def test_run_limits_agree_with_the_recorder():
+    from flowscope.record.recorder import KINDS, hist_spec
+
+    run = json_schema()["$defs"]["Run"]["properties"]
+    assert tuple(run["kinds"]["items"]["enum"]) == KINDS == spec.STAT_KINDS
+    bins, sample = run["bins"]["minimum"], run["hist_sample"]["minimum"]
+    hist_spec(bins, sample, 1)
+    for too_few in ((bins - 1, sample), (bins, sample - 1)):
+        with pytest.raises(FlowscopeError):
+            hist_spec(*too_few, 1)
+
+
+def test_cli_start_imports_neither_pydantic_nor_torch():
+    code = "import sys, flowscope.cli.main; print(' '.join(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert not {"pydantic", "torch"} & {m.split(".")[0] for m in loaded.stdout.split()}

@@ -27,12 +27,10 @@ def study() -> None:
 @clean_errors
 def study_list() -> None:
     """The built-in studies, with the source each reproduces."""
-    import tomllib
-
     from flowscope.study import spec
 
     for name in spec.builtin_names():
-        raw = tomllib.loads((spec.builtin_dir() / f"{name}.toml").read_text())
+        raw = spec.read(name)
         source = raw.get("source", {})
         click.echo(
             f"{name:<14} {raw.get('title', '')}  [{source.get('file', '')}"

@@ -5,7 +5,12 @@ and the source's claims. Keys are dotted paths into the spec (``net.activation``
 ``init.name``, ``run.steps``); the frame column of an axis is its last part (``activation``),
 except ``init.name`` which is ``init``.
 
-Study files are data: they are parsed with ``tomllib`` and never executed.
+What a file may hold (keys, types, ranges) is :mod:`flowscope.study.spec_models`, also
+published as a JSON schema (``flowscope study schema``); names are looked up in the
+registries (nets, inits, data, probes) for every config of the grid.
+
+Study files are data: they are parsed with ``tomllib`` (``tomli`` on Python 3.10) and never
+executed.
 """
 
 from __future__ import annotations
@@ -16,58 +21,26 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from pydantic import BaseModel
 
-from flowscope.core.columns import RESERVED
 from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.study.spec_errors import parse
+from flowscope.study.spec_models import EXPECTS as EXPECTS
+from flowscope.study.spec_models import REDUCERS as REDUCERS
+from flowscope.study.spec_models import STAT_COLUMNS as STAT_COLUMNS
+from flowscope.study.spec_models import STAT_KINDS as STAT_KINDS
+from flowscope.study.spec_models import Data, Init, Net, Run, StudyFile, column_of
 
-TOP_KEYS = {
-    "name", "title", "description", "source", "net", "init", "data", "sweep", "run", "claim",
-    "presets",
-}  # fmt: skip
-RUN_DEFAULTS: dict[str, Any] = {
-    "steps": 0,  # 0 = one forward/backward at init; > 0 = SGD steps on the data
-    "seeds": [0],
-    "device": "cpu",
-    "dtype": "float32",
-    "loss": "cross_entropy",
-    "lr": 0.1,
-    "record_every": 1,  # with steps > 0: record every k-th step (and the last)
-    "mode": "train",  # train | eval: module mode during the recorded passes
-    "warmup": 0,  # train-mode forward passes before recording (batchnorm running stats)
-    "kinds": ["activation", "gradient", "weight_grad"],
-    "modules": [],  # name globs; empty = every leaf module
-    "bins": 64,
-    "hist_sample": 16384,
-    "probes": [],
-}
-RUN_CHOICES = {
-    "device": ("cpu", "cuda"),
-    "dtype": ("float32", "float64", "bfloat16"),
-    "loss": ("cross_entropy", "mse", "sum_squares"),
-    "mode": ("train", "eval"),
-}
-CLAIM_KEYS = {
-    "id", "text", "where", "of", "layers", "tensor", "reduce", "below", "above", "between",
-    "across", "expect", "band", "power", "tol", "note", "step",
-}  # fmt: skip
-
-
-# what a claim may ask for (flowscope.study.claims evaluates them)
-REDUCERS = (
-    "first", "last", "mean", "min", "max", "last/first", "first/last", "gain", "gain_to_input",
-    "spread",
-)  # fmt: skip
-EXPECTS = ("increasing", "decreasing", "same", "differ", "power")
-STAT_KINDS = ("activation", "gradient", "weight", "weight_grad")
-STAT_COLUMNS = (
-    "mean", "std", "rms", "min", "max", "absmax", "frac_zero", "frac_saturated", "nan", "inf",
-)  # fmt: skip
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -151,16 +124,6 @@ class Study:
         return out
 
 
-def column_of(key: str) -> str:
-    """Frame column of a sweep key: its last part (``init.name`` -> ``init``), or
-    ``section_leaf`` where the last part is a column of the frames (``init.std`` ->
-    ``init_std``, never ``std``, which is a statistic)."""
-    if key == "init.name":
-        return "init"
-    section, _, leaf = key.rpartition(".")
-    return f"{section}_{leaf}" if leaf in RESERVED else leaf
-
-
 def _short(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
@@ -199,6 +162,17 @@ def find(name_or_path: str) -> Path:
     return candidate
 
 
+def read(name_or_path: str) -> dict[str, Any]:
+    """The parsed TOML table of a study file, not validated (a built-in name or a path)."""
+    path = find(name_or_path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise FlowscopeError(f"{path}: not valid TOML: {err}") from err
+    except OSError as err:
+        raise FlowscopeError(f"cannot read study file {str(path)!r}: {err.strerror}") from err
+
+
 def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
     """Read, override (``key=value`` with TOML values) and validate a study.
 
@@ -211,16 +185,11 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Stud
         FlowscopeError: unreadable TOML, unknown keys or names (with did-you-mean), values
             out of range — naming the file and the key.
     """
-    path = find(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise FlowscopeError(f"{path}: not valid TOML: {err}") from err
-    except OSError as err:
-        raise FlowscopeError(f"cannot read study file {str(path)!r}: {err.strerror}") from err
+    path = str(find(name_or_path))
+    raw = read(path)
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, str(path))
+    return validate(raw, path)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -248,167 +217,70 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def validate(raw: dict[str, Any], where: str = "<study>") -> Study:
-    """A :class:`Study` from a parsed TOML table, or the first problem found, clearly."""
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise unknown("study key", key, TOP_KEYS, where)
-    name = _need(raw, "name", str, where)
-    net = _section(raw, "net", where)
-    init = _section(raw, "init", where)
-    data = _section(raw, "data", where)
-    run = _run(raw.get("run", {}), where)
-    sweep = _sweep(raw.get("sweep", {}), where)
-    presets = _presets(raw.get("presets", {}), where)
+    """A :class:`Study` from a parsed TOML table, or the first problem found, clearly.
+
+    The file's shape is checked by :class:`~flowscope.study.spec_models.StudyFile` (keys,
+    types, ranges, claims), then every config of the grid by :func:`check_config`.
+
+    Example:
+        >>> validate({"name": "x"}, "x.toml")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        flowscope.core.errors.FlowscopeError: x.toml: missing required key 'source' (the ...)
+    """
+    file = parse(StudyFile, raw, where)
     study = Study(
-        name=name,
-        title=str(raw.get("title", name)),
-        description=str(raw.get("description", "")),
-        source=_source(raw.get("source", {}), where),
-        net=net,
-        init=init,
-        data=data,
-        sweep=sweep,
-        run=run,
-        claims=[],
-        presets=presets,
+        name=file.name,
+        title=file.name if file.title is None else file.title,
+        description=file.description,
+        source=_as_written(file.source, raw["source"]),
+        net=_as_written(file.net, raw["net"]),
+        init=_as_written(file.init, raw["init"]),
+        data=_as_written(file.data, raw["data"]),
+        sweep=file.sweep,
+        run=file.run.model_dump(),  # every setting, defaults included
+        claims=[
+            {**_as_written(claim, written), "where": claim.where}
+            for claim, written in zip(file.claim, raw.get("claim", []), strict=True)
+        ],
+        presets=file.presets,
         path=where,
     )
     configs = study.configs()
     for config in configs:
         check_config(study, config, f"{where}, config {config.index + 1} of {len(configs)}")
-    claims = [_claim(c, i, study, where) for i, c in enumerate(raw.get("claim", []))]
-    return Study(**{**study.__dict__, "claims": claims})
+    columns = {*study.axis_columns, "seed"}
+    for i, claim in enumerate(study.claims):
+        for column in claim["where"]:
+            if column not in columns:
+                place = f"{where}, claim {i + 1} ({claim['id']})"
+                raise unknown("claim 'where' column", column, columns, place)
+    return study
 
 
-TOML_TYPES: dict[type, str] = {dict: "table", str: "string", list: "list"}
-
-
-def _need(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    if key not in raw:
-        raise FlowscopeError(f"{where}: missing required key {key!r}")
-    if not isinstance(raw[key], kind):
-        what = TOML_TYPES.get(kind, kind.__name__)
-        raise FlowscopeError(f"{where}: {key!r} must be a {what}, got {raw[key]!r}")
-    return raw[key]
-
-
-def _presets(presets: Any, where: str) -> dict[str, dict[str, str]]:
-    """``[presets]``: named tables of layer glob = init scheme."""
-    if not isinstance(presets, dict):
-        raise FlowscopeError(f"{where}: [presets] must be a table of tables, got {presets!r}")
-    for name, table in presets.items():
-        if not isinstance(table, dict):
-            raise FlowscopeError(f"{where}: [presets] must be tables; {name!r} is {table!r}")
-    return {k: dict(v) for k, v in presets.items()}
-
-
-def _section(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    section = _need(raw, key, dict, where)
-    if "name" not in section:
-        raise FlowscopeError(f"{where}: [{key}] needs a 'name'")
-    return dict(section)
-
-
-def _source(source: Any, where: str) -> dict[str, str]:
-    if not isinstance(source, dict) or not {"file", "lines"} <= set(source):
-        raise FlowscopeError(
-            f"{where}: [source] needs 'file' and 'lines' (the seed lecture this reproduces)"
-        )
-    return {k: str(v) for k, v in source.items()}
-
-
-def _run(run: Any, where: str) -> dict[str, Any]:
-    if not isinstance(run, dict):
-        raise FlowscopeError(f"{where}: [run] must be a table")
-    for key in run:
-        if key not in RUN_DEFAULTS:
-            raise unknown("run setting", key, RUN_DEFAULTS, where)
-    merged = {**copy.deepcopy(RUN_DEFAULTS), **run}
-    if isinstance(merged["seeds"], int):
-        merged["seeds"] = [merged["seeds"]]
-    _check_run_values(merged, where)
-    return merged
-
-
-def _check_run_values(run: dict[str, Any], where: str) -> None:
-    for key, choices in RUN_CHOICES.items():
-        if run[key] not in choices:
-            raise unknown(f"run.{key}", run[key], choices, where)
-    for key, low in (("steps", 0), ("record_every", 1), ("warmup", 0)):
-        value = run[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise FlowscopeError(f"{where}: run.{key} must be an integer >= {low}, got {value!r}")
-    lr = run["lr"]
-    if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
-        raise FlowscopeError(f"{where}: run.lr must be a number > 0, got {lr!r}")
-    seeds = run["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
-        raise FlowscopeError(
-            f"{where}: run.seeds must be a non-empty list of integers (or one), got {seeds!r}"
-        )
-    from flowscope.record.recorder import check_kinds, hist_spec
-    from flowscope.study.probes import PROBES  # torch only; safe here
-
-    for key in ("kinds", "modules", "probes"):
-        if not isinstance(run[key], list) or not all(isinstance(v, str) for v in run[key]):
-            raise FlowscopeError(f"{where}: run.{key} must be a list of strings, got {run[key]!r}")
-    try:  # the recorder's own checks, named as the study file names them
-        check_kinds(run["kinds"], "run.kinds", "run.kinds entry")
-        hist_spec(run["bins"], run["hist_sample"], 1, prefix="run.")
-    except FlowscopeError as err:
-        raise FlowscopeError(f"{where}: {err}") from None
-    for probe in run["probes"]:
-        PROBES.get(probe, where)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _sweep(sweep: Any, where: str) -> dict[str, list[Any]]:
-    if not isinstance(sweep, dict):
-        raise FlowscopeError(f"{where}: [sweep] must be a table of lists")
-    out: dict[str, list[Any]] = {}
-    for key, values in sweep.items():
-        section, dot, leaf = key.partition(".")
-        if key == "init":
-            key, section, dot, leaf = "init.name", "init", ".", "name"
-        if not dot or section not in ("net", "init", "data", "run"):
-            raise FlowscopeError(
-                f"{where}: sweep axis {key!r} must be a dotted key under net., init., data. "
-                "or run. (e.g. 'net.activation', 'init.name', 'run.lr')"
-            )
-        if section == "run" and leaf not in RUN_DEFAULTS:
-            raise unknown("run setting", leaf, RUN_DEFAULTS, f"{where}, sweep axis {key!r}")
-        if not isinstance(values, list) or not values:
-            raise FlowscopeError(
-                f"{where}: sweep axis {key!r} needs a non-empty list of values, got {values!r}"
-            )
-        out[key] = values
-    columns = [column_of(k) for k in out]
-    clash = {c for c in columns if columns.count(c) > 1 or c in RESERVED}
-    if clash:
-        raise FlowscopeError(f"{where}: sweep axes give clashing column names {sorted(clash)}")
-    return out
+def _as_written(table: BaseModel, raw: dict[str, Any]) -> dict[str, Any]:
+    """The keys a table sets, in the order the file wrote them."""
+    values = table.model_dump(exclude_unset=True)
+    return {key: values[key] for key in raw if key in values} | values
 
 
 def check_config(study: Study, config: Config, where: str) -> None:
-    """Every name and argument of one expanded config, checked without building anything."""
+    """One expanded config checked whole: its sections by the models (a sweep sets their
+    values per config), then every name and argument against the registries; nets are built
+    on the meta device, so nothing is allocated."""
     from flowscope.models.inits import INITS
     from flowscope.models.nets import NETS
     from flowscope.study.data import DATA
 
+    for section, model in (("net", Net), ("init", Init), ("data", Data), ("run", Run)):
+        parse(model, getattr(config, section), where, (section,))  # sweeps set these per config
     net = dict(config.net)
     _try_build(NETS.check_args(net.pop("name"), net, where), net, "meta", where)
     data = dict(config.data)
     _try_build(DATA.check_args(data.pop("name"), data, where), data, "cpu", where)
-    _check_run_values(config.run, where)
     init = dict(config.init)
     scheme = init.pop("name")
-    overrides = init.pop("overrides", {})
-    if not isinstance(overrides, dict):
-        raise FlowscopeError(f"{where}: init.overrides must be a table of layer glob = scheme")
-    for glob, layer_scheme in overrides.items():
+    for glob, layer_scheme in init.pop("overrides", {}).items():
         INITS.get(layer_scheme, f"{where}, init.overrides entry {glob!r}")
     if scheme in study.presets:
         for glob, layer_scheme in study.presets[scheme].items():
@@ -446,60 +318,6 @@ def _try_build(factory: Any, kwargs: dict[str, Any], device: str, where: str) ->
     _BUILT.add(key)
 
 
-def _claim(raw: Any, index: int, study: Study, where: str) -> dict[str, Any]:
-    place = f"{where}, claim {index + 1}"
-    if not isinstance(raw, dict):
-        raise FlowscopeError(f"{place}: each [[claim]] must be a table")
-    for key in raw:
-        if key not in CLAIM_KEYS:
-            raise unknown("claim key", key, CLAIM_KEYS, place)
-    for key in ("id", "text", "of"):
-        _need(raw, key, str, place)
-
-    claim = dict(raw)
-    claim.setdefault("where", {})
-    columns = set(study.axis_columns) | {"seed"}
-    for column in claim["where"]:
-        if column not in columns:
-            raise unknown("claim 'where' column", column, columns, f"{place} ({raw['id']})")
-    check_claim_spec(claim, f"{place} ({raw['id']})")
-    return claim
-
-
 def matches(glob: str | None, name: str) -> bool:
     """Layer selection in claims and presets: a glob on the qualified name (None = all)."""
     return glob is None or fnmatch.fnmatchcase(name, glob)
-
-
-def check_claim_spec(claim: dict[str, Any], where: str) -> None:
-    """Validate one claim table (called while loading the study)."""
-    source, _, stat = claim["of"].partition(".")
-    if source == "probe":
-        from flowscope.study.probes import PROBES
-
-        PROBES.get(stat, where)
-    elif source not in STAT_KINDS:
-        raise unknown("claim 'of' kind", source, [*STAT_KINDS, "probe"], where)
-    elif stat not in STAT_COLUMNS:
-        raise unknown("claim 'of' statistic", stat, STAT_COLUMNS, where)
-    if "reduce" in claim and claim["reduce"] not in REDUCERS:
-        raise unknown("reduce", claim["reduce"], REDUCERS, where)
-    tests = [k for k in ("below", "above", "between", "expect") if k in claim]
-    if len(tests) != 1:
-        raise FlowscopeError(
-            f"{where}: a claim needs exactly one of below, above, between, expect; got {tests}"
-        )
-    if "expect" in claim:
-        if claim["expect"] not in EXPECTS:
-            raise unknown("expect", claim["expect"], EXPECTS, where)
-        if "across" not in claim:
-            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs across = AXIS")
-        if claim["expect"] in ("increasing", "decreasing", "power") and "reduce" not in claim:
-            raise FlowscopeError(f"{where}: expect={claim['expect']!r} needs a reduce")
-        if claim["expect"] == "power" and "power" not in claim:
-            raise FlowscopeError(f"{where}: expect='power' needs power = EXPONENT")
-    elif "reduce" not in claim:
-        raise FlowscopeError(f"{where}: below/above/between need a reduce")
-    between = claim.get("between")
-    if between is not None and not (isinstance(between, list) and len(between) == 2):
-        raise FlowscopeError(f"{where}: between must be [low, high], got {between!r}")
