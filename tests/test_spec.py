@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from flowscope.cli.main import main
 from flowscope.core.errors import FlowscopeError
 from flowscope.study import spec
 from flowscope.study.spec_models import json_schema
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 MINIMAL = {
     "name": "tiny",
@@ -197,6 +203,26 @@ def test_run_limits_agree_with_the_recorder():
     for too_few in ((bins - 1, sample), (bins, sample - 1)):
         with pytest.raises(FlowscopeError):
             hist_spec(*too_few, 1)
+
+
+def test_the_committed_schema_is_the_generated_one():
+    committed = json.loads((DOCS / "study.schema.json").read_text())
+    assert committed == json_schema(), "run: flowscope study schema > docs/study.schema.json"
+    shown = CliRunner().invoke(main, ["study", "schema"])
+    assert shown.exit_code == 0 and json.loads(shown.output) == committed
+
+
+def test_every_key_of_the_schema_is_documented():
+    schema, text = json_schema(), (DOCS / "STUDIES.md").read_text()
+    tables = [schema, *schema["$defs"].values()]
+    keys = {key for table in tables for key in table.get("properties", {})}
+    assert not {key for key in keys if f"`{key}`" not in text}
+
+
+@pytest.mark.parametrize("name", spec.builtin_names())
+def test_every_builtin_study_passes_the_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")  # a dev dependency
+    jsonschema.validate(spec.read(name), json_schema())
 
 
 def test_cli_start_imports_neither_pydantic_nor_torch():

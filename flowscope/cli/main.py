@@ -53,6 +53,17 @@ def study_show(name_or_file: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"# {len(loaded.configs())} configs; {len(loaded.claims)} claims", err=True)
 
 
+@study.command("schema")
+@clean_errors
+def study_schema() -> None:
+    """Print the JSON schema of a study file (for editors; see docs/STUDIES.md)."""
+    import json
+
+    from flowscope.study.spec_models import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
 @study.command("run")
 @click.argument("name_or_file")
 @click.option(
