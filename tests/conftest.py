@@ -1,14 +1,95 @@
-"""Shared test set-up."""
+"""Shared test set-up: a tiny valid study and its TOML text, one-thread torch, user packages.
+
+Test modules import the helpers by name (``from conftest import TINY_STUDY, study_toml``):
+pytest puts this folder on ``sys.path``.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 USER_PACKAGES = ("userpkg",)  # packages tests write into tmp_path and import by name
+
+TINY_STUDY: dict[str, Any] = {  # valid, and runs its two configs in well under a second
+    "name": "tiny",
+    "source": {"file": "002_2f5fb56b234155bd.txt", "lines": "850-1350"},
+    "net": {"name": "mlp", "in_dim": 8, "width": 8, "depth": 2, "out_dim": 2},
+    "init": {"name": "xavier"},
+    "data": {"name": "gaussian", "n": 16, "dim": 8, "classes": 2},
+    "sweep": {"net.activation": ["tanh", "relu"]},
+    "run": {"seeds": [0]},
+}
+
+
+def study_toml(study: Mapping[str, Any]) -> str:
+    """A study table as the TOML text a user writes: its plain keys first, then one
+    ``[table]`` per section (``key = value`` lines), then one ``[[claim]]`` per claim.
+
+    Example:
+        >>> print(study_toml({"name": "x", "sweep": {"net.depth": [1, 2]}}), end="")
+        name = "x"
+        <BLANKLINE>
+        [sweep]
+        "net.depth" = [1, 2]
+    """
+    plain = {k: v for k, v in study.items() if not isinstance(v, Mapping) and k != "claim"}
+    lines = _assignments(plain)
+    for name, table in study.items():
+        if isinstance(table, Mapping):
+            lines += ["", f"[{name}]", *_assignments(table)]
+    for claim in study.get("claim", []):
+        lines += ["", "[[claim]]", *_assignments(claim)]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _assignments(table: Mapping[str, Any]) -> list[str]:
+    return [f"{_key(key)} = {_value(value)}" for key, value in table.items()]
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _value(value: Any) -> str:
+    """TOML reads JSON's strings, numbers, booleans and lists the same; tables are inline."""
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(_assignments(value)) + " }" if value else "{}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+@pytest.fixture
+def write_study(tmp_path: Path) -> Callable[..., Path]:
+    """``write_study(study=TINY_STUDY, name="study.toml")``: the study (a table, or TOML
+    text) written into ``tmp_path``; returns the file's path."""
+
+    def write(study: Mapping[str, Any] | str = TINY_STUDY, name: str = "study.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(study if isinstance(study, str) else study_toml(study))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small tensors: one intra-op thread is faster and immune to a busy machine. Use it for a
+    whole module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,7 @@ import flowscope as fs
 from flowscope.cli.doctor_cmd import doctor_cmd
 from flowscope.doctor import diagnose
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 FACTORIES = textwrap.dedent(

@@ -15,14 +15,7 @@ from flowscope.doctor.fixes import LSUV_COLUMNS, lsuv, reinit
 from flowscope.models.inits import apply_init
 from flowscope.models.nets import build_net
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 LEAN = ("activation", "gradient", "weight")

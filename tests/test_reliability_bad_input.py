@@ -3,40 +3,16 @@ allowed, a non-zero exit, no traceback, and no work started (no run folder writt
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import TINY_STUDY, study_toml
 
 from flowscope.cli import doctor_cmd as doctor_cli
 from flowscope.cli.main import main
 
-STUDY = textwrap.dedent(
-    """
-    name = "tiny"
-    [source]
-    file = "002_2f5fb56b234155bd.txt"
-    lines = "850-1350"
-    [net]
-    name = "mlp"
-    in_dim = 8
-    width = 8
-    depth = 2
-    out_dim = 2
-    [init]
-    name = "xavier"
-    [data]
-    name = "gaussian"
-    n = 16
-    dim = 8
-    classes = 2
-    [sweep]
-    "net.activation" = ["tanh", "relu"]
-    [run]
-    seeds = [0]
-    """
-)
+STUDY = study_toml(TINY_STUDY)
 
 
 def error_line(result: Result, code: int = 1) -> str:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_STUDY
 from torch import nn
 
 import flowscope as fs
@@ -23,39 +23,12 @@ from flowscope.core.errors import FlowscopeError
 from flowscope.record import frames
 from flowscope.study import engine, spec
 
-STUDY = textwrap.dedent(
-    """
-    name = "tiny"
-    [source]
-    file = "002_2f5fb56b234155bd.txt"
-    lines = "850-1350"
-    [net]
-    name = "mlp"
-    in_dim = 8
-    width = 8
-    depth = 2
-    out_dim = 2
-    [init]
-    name = "xavier"
-    [data]
-    name = "gaussian"
-    n = 16
-    dim = 8
-    classes = 2
-    [sweep]
-    "net.activation" = ["tanh", "relu"]
-    [run]
-    seeds = [0]
-    probes = ["dead_units"]
-    """
-)
+STUDY = {**TINY_STUDY, "run": {"seeds": [0], "probes": ["dead_units"]}}
 
 
 @pytest.fixture
-def study_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(STUDY)
-    return path
+def study_file(write_study) -> Path:
+    return write_study(STUDY, "tiny.toml")
 
 
 def recorded() -> fs.Recorder:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import ast
 import json
 import socket
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_STUDY, study_toml
 from torch import nn
 
 import flowscope
@@ -29,40 +29,10 @@ def payload(marker: Path) -> str:
 
 def study_text(code: str) -> str:
     """A valid study whose free-text fields all hold ``code``."""
-    quoted = json.dumps(code)  # a TOML basic string
-    return textwrap.dedent(
-        f"""
-        name = {quoted}
-        title = {quoted}
-        description = {quoted}
-        [source]
-        file = {quoted}
-        lines = {quoted}
-        [net]
-        name = "mlp"
-        in_dim = 8
-        width = 8
-        depth = 2
-        out_dim = 2
-        [init]
-        name = "xavier"
-        [data]
-        name = "gaussian"
-        n = 16
-        dim = 8
-        classes = 2
-        [run]
-        seeds = [0]
-
-        [[claim]]
-        id = "c"
-        text = {quoted}
-        of = "activation.std"
-        reduce = "gain"
-        below = 10.0
-        note = {quoted}
-        """
-    )
+    study = {key: value for key, value in TINY_STUDY.items() if key != "sweep"}
+    study.update(name=code, title=code, description=code, source={"file": code, "lines": code})
+    claim = {"id": "c", "text": code, "of": "activation.std", "reduce": "gain", "below": 10.0}
+    return study_toml({**study, "claim": [{**claim, "note": code}]})
 
 
 def test_code_in_a_study_file_is_kept_as_text_never_run(tmp_path):
