@@ -194,7 +194,12 @@ def assert_snapshot_exact(x: torch.Tensor, backend: str, threads: int, saturatio
 
 
 @pytest.fixture(params=["eager", "c"])
-def backend(request):
+def backend(request, monkeypatch):
+    """Both paths; the torch path with chunks of 8 values, so that these small tensors span
+    several chunks (merged per tensor) with a padded tail."""
+    from flowscope.record import batched
+
+    monkeypatch.setattr(batched, "CHUNK", 8)
     return request.param
 
 

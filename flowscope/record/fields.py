@@ -136,3 +136,16 @@ def split_row(row: torch.Tensor, spec: HistSpec) -> tuple[torch.Tensor, torch.Te
 def row_width(spec: HistSpec) -> int:
     """Length of one snapshot laid out as raw | linear counts | log counts."""
     return len(RAW_FIELDS) + spec.bins + spec.log.size
+
+
+_EDGE_TENSORS: dict[tuple[LogEdges, torch.device], torch.Tensor] = {}
+
+
+def log_edges_on(edges: LogEdges, device: torch.device) -> torch.Tensor:
+    """The float64 log edges 10**(k / per_decade) on ``device``, made once per device."""
+    key = (edges, device)
+    if key not in _EDGE_TENSORS:
+        ks = range(edges.lo * edges.per_decade, edges.hi * edges.per_decade + 1)
+        values = [10.0 ** (k / edges.per_decade) for k in ks]  # Python's pow, as the kernels'
+        _EDGE_TENSORS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _EDGE_TENSORS[key]

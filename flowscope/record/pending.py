@@ -41,6 +41,7 @@ class Taken(NamedTuple):
     saturation: tuple[float, float] | None
     drop_zeros: bool
     row: torch.Tensor
+    final: bool  # the C kernel's row; False: staged, filled when its batch is reduced
 
 
 @dataclass

@@ -30,6 +30,7 @@ from torch import nn
 
 from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
+from flowscope.record.batched import Batch
 from flowscope.record.checkpoint import Recomputes
 from flowscope.record.hooks import Hooks
 from flowscope.record.pending import Pending, RowBlocks, SnapKey, Taken
@@ -49,10 +50,16 @@ from flowscope.record.snapshot import (
     RAW,
     RAW_FIELDS,
     HistSpec,
+    backend_for,
+    compute_dtype,
     row_width,
     snapshot_row,
     split_row,
 )
+
+# values in one staging buffer of the torch path, per device type: a snapshot batch is
+# reduced when it is full, and at every step
+STAGING = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,6 +180,7 @@ class Recorder:
         self._pending = Pending()
         self._rows = RowBlocks(row_width(self.hist))
         self._taken: dict[int, Taken] = {}  # id(tensor) -> its snapshot, until step/flush
+        self._batches: dict[tuple[torch.device, torch.dtype], Batch] = {}  # the torch path
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
@@ -191,6 +199,8 @@ class Recorder:
         self._closed = True
         self._hooks.remove()
         self._tensor_hooks.remove()
+        self._finish_batches()
+        self._batches.clear()  # the staging buffers: the rows handed out stay
 
     @property
     def closed(self) -> bool:
@@ -221,6 +231,7 @@ class Recorder:
         self._recomputes.clear()
         self._taken.clear()
         self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
+        self._finish_batches()
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -349,6 +360,7 @@ class Recorder:
     def pending(self) -> list[tuple[SnapKey, torch.Tensor]]:
         """The snapshots taken and not yet flushed, oldest first: (key, row on the device of
         the tensor it was taken of; see :func:`flowscope.record.snapshot.split_row`)."""
+        self._finish_batches()
         return list(zip(self._pending.keys, self._pending.rows, strict=True))
 
     def set_pending(self, snapshots: Sequence[tuple[SnapKey, torch.Tensor]]) -> None:
@@ -380,19 +392,38 @@ class Recorder:
             and taken.tensor() is t
             and taken.version == t._version
             and taken.drop_zeros == drop
-            and (taken.saturation == sat or sat is None)
         ):
             if taken.saturation == sat:
                 return taken.row
-            row = self._rows.take() if t.device.type == "cpu" else torch.empty_like(taken.row)
-            row.copy_(taken.row)
-            row[RAW["saturated"]] = float("nan")
-            return row
-        out = self._rows.take() if t.device.type == "cpu" else None
-        row = snapshot_row(t, self.hist, sat, drop, out=out)
+            if sat is None and taken.final:  # the child's row without its saturated count
+                row = self._rows.take()
+                row.copy_(taken.row)
+                row[RAW["saturated"]] = float("nan")
+                return row
+        row, final = self._take(t, sat, drop)
         if not inference:
-            self._taken[id(t)] = Taken(weakref.ref(t), t._version, sat, drop, row)
+            self._taken[id(t)] = Taken(weakref.ref(t), t._version, sat, drop, row, final)
         return row
+
+    def _take(
+        self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """A new snapshot row of ``t`` and whether it is final: the C kernel's is; one taken
+        with torch ops is staged and filled when the step's batch is reduced."""
+        if t.numel() and backend_for(t) != "c":
+            key = (t.device, compute_dtype(t))
+            batch = self._batches.get(key)
+            if batch is None:
+                capacity = STAGING.get(t.device.type, STAGING["cpu"])
+                batch = self._batches[key] = Batch(t.device, key[1], self.hist, capacity)
+            return batch.add(t, sat, drop), False  # copied under no_grad: no detach needed
+        out = self._rows.take() if t.device.type == "cpu" else None
+        return snapshot_row(t, self.hist, sat, drop, out=out), True
+
+    def _finish_batches(self) -> None:
+        """Reduce every staged snapshot: their rows are final afterwards."""
+        for batch in self._batches.values():
+            batch.finish()
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
         for cls in type(module).__mro__:  # the user's intervals first, then the catalogue's
@@ -404,6 +435,7 @@ class Recorder:
 
     def flush(self) -> None:
         """Move pending snapshots to the host: one transfer per device and buffer."""
+        self._finish_batches()
         pending, self._pending = self._pending, Pending()
         self._rows = RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
         self._taken.clear()

@@ -1,0 +1,326 @@
+"""Snapshots with torch ops, batched: a few kernels per recorded step, not per layer.
+
+The path for GPU tensors (and CPU tensors with ``FLOWSCOPE_KERNELS=eager``). A snapshot taken
+in a hook only copies the tensor into a staging buffer on its device (one ``copy_``, any
+layout or float dtype); :meth:`Batch.finish` then reduces every staged tensor at once with a
+fixed number of torch ops, so the kernels launched per recorded step do not grow with the
+number of layers. Nothing waits on the device: the rows handed out at :meth:`Batch.add` are
+views of one result tensor that ``finish`` fills in stream order.
+
+Layout: each tensor takes whole chunks of ``CHUNK`` values in the buffer, its tail padded
+with NaN; the buffer is viewed as (chunks, CHUNK). Per chunk, with ``fin`` the finite
+values: the count, the abs-max, sums of ``x * p`` (p a power of two, so |x p| < 2: nothing
+overflows, nothing is rounded by the scaling) and the sum of squares about the chunk's
+mean, the extremes, zero / NaN / Inf / saturated counts. Chunks are merged per tensor in
+float64 (Chan's parallel formula for the sum of squares), and both histograms of every
+tensor's strided sample are counted with one ``scatter_add`` each. The result is the same
+row as :func:`flowscope.record.snapshot.snapshot_row`'s: the shift is the mean, the sums are
+about it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flowscope.record.fields import (
+    RAW,
+    RAW_FIELDS,
+    HistSpec,
+    log_edges_on,
+    outward,
+    row_width,
+    sample_stride,
+)
+
+__all__ = ["CHUNK", "Batch"]
+
+CHUNK = 1024  # values per chunk: float32 sums of 1024 values are pairwise in torch
+N_RAW = len(RAW_FIELDS)
+
+
+@dataclass
+class _Staged:
+    """One staged tensor: where it sits and how its snapshot is taken."""
+
+    numel: int
+    offset: int  # first chunk
+    chunks: int
+    stride: int  # histogram sample stride
+    lo: float  # saturation interval, outward to the tensor's dtype (-inf, inf: none)
+    hi: float
+    saturation: bool
+    drop_zeros: bool
+
+
+@dataclass
+class _Layout:
+    """What :meth:`Batch.finish` needs about the staged tensors, on the device (built once
+    per distinct layout: a training loop stages the same tensors every step)."""
+
+    seg: torch.Tensor  # (chunks,) the tensor of each chunk
+    seg4: torch.Tensor  # (4, chunks) the same, for a 4-row reduction
+    down: torch.Tensor  # (1, chunks) -chunk index: the first chunk holding a value, by amax
+    width_row: torch.Tensor  # (1, chunks) float64: the chunk's width
+    pad_row: torch.Tensor  # (1, chunks) float64: NaN padding values in the chunk
+    no_peaks: torch.Tensor  # (4, tensors) float64 -inf: the start of the max-reduction
+    start: torch.Tensor  # (fields, tensors) float64: the start of the sums (0, and the
+    # histogram sample stride in its row)
+    mask: torch.Tensor  # (fields, tensors): 1, NaN for the saturated count of a tensor
+    # without a saturation interval
+    additive: torch.Tensor  # ADDITIVE and NOT_ADDITIVE on the device
+    not_additive: torch.Tensor
+    lo: torch.Tensor  # (chunks, 1) saturation bounds in the buffer's dtype
+    hi: torch.Tensor
+    sample: torch.Tensor  # flat buffer positions of every tensor's histogram sample
+    sample_seg: torch.Tensor  # the tensor of each sampled value
+    lin_base: torch.Tensor  # sample_seg * bins: where a sampled value's linear bins start
+    log_base: torch.Tensor  # sample_seg * log size + the zero bin
+    drop: torch.Tensor  # per sampled value: its tensor leaves zeros out of the linear bins
+
+
+@dataclass
+class Batch:
+    """Tensors of one device and compute dtype staged together, reduced by :meth:`finish`.
+
+    Example:
+        >>> b = Batch(torch.device("cpu"), torch.float32, HistSpec(bins=4), capacity=4096)
+        >>> row = b.add(torch.tensor([1.0, 2.0, float("nan")]), None, False)
+        >>> b.finish()
+        >>> row[:3].tolist()  # numel, non-finite, NaN
+        [3.0, 1.0, 1.0]
+    """
+
+    device: torch.device
+    dtype: torch.dtype  # float32 (every float dtype up to 32 bits) or float64
+    spec: HistSpec
+    capacity: int = 1 << 22  # values in the staging buffer
+    max_rows: int = 512
+    chunk: int = 0  # values per chunk; 0: CHUNK (read when the batch is made)
+    _buffer: torch.Tensor | None = None
+    _flat: torch.Tensor | None = None
+    _staged: list[_Staged] = field(default_factory=list)
+    _used: int = 0  # chunks
+    _rows: torch.Tensor | None = None
+    _layouts: dict[tuple, _Layout] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.chunk = self.chunk or CHUNK
+        self.capacity = -(-self.capacity // self.chunk) * self.chunk  # whole chunks
+
+    def add(
+        self, x: torch.Tensor, saturation: tuple[float, float] | None, drop_zeros: bool
+    ) -> torch.Tensor:
+        """Stage ``x`` (numel > 0) and return its row, filled by the next :meth:`finish`."""
+        n = x.numel()
+        k = self.chunk
+        chunks = -(-n // k)
+        with self._lock:
+            if self._used + chunks > self.capacity // k or len(self._staged) == self.max_rows:
+                self._finish()
+            if chunks > self.capacity // k:  # larger than the buffer: a batch of its own
+                big = Batch(self.device, self.dtype, self.spec, chunks * k, 1, k)
+                row = big.add(x, saturation, drop_zeros)
+                big.finish()
+                return row
+            flat = self._ready()
+            start = self._used * k
+            with torch.no_grad():
+                flat[start : start + n].view(x.shape).copy_(x)  # any layout or float dtype
+            lo, hi = outward(*saturation, x.dtype) if saturation else (-math.inf, math.inf)
+            stride = sample_stride(n, self.spec.sample)
+            self._staged.append(
+                _Staged(n, self._used, chunks, stride, lo, hi, saturation is not None, drop_zeros)
+            )
+            self._used += chunks
+            assert self._rows is not None
+            return self._rows[len(self._staged) - 1]
+
+    def _ready(self) -> torch.Tensor:
+        """The staging buffer, flat (NaN outside the staged values); this batch's rows."""
+        if self._buffer is None:
+            rows = self.capacity // self.chunk
+            shape = (rows, self.chunk)
+            self._buffer = torch.full(shape, math.nan, dtype=self.dtype, device=self.device)
+            self._flat = self._buffer.view(-1)
+        if self._rows is None:
+            width = row_width(self.spec)
+            self._rows = torch.empty(self.max_rows, width, dtype=torch.float64, device=self.device)
+        assert self._flat is not None
+        return self._flat
+
+    def finish(self) -> None:
+        """Reduce every staged tensor into its row; the buffer is free again."""
+        with self._lock:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._staged:
+            return
+        staged, used, rows = self._staged, self._used, self._rows
+        assert self._buffer is not None and rows is not None
+        view = self._buffer[:used]
+        with torch.no_grad():
+            out = _reduce(view, len(staged), self._layout(staged), self.spec)
+            rows[: len(staged)].copy_(out)
+            view.fill_(math.nan)  # padding for the next batch's tails
+        self._staged, self._used, self._rows = [], 0, None  # rows handed out stay valid
+
+    def _layout(self, staged: Sequence[_Staged]) -> _Layout:
+        """The device tensors describing ``staged``; a training loop stages the same
+        tensors every step, so they are built once per distinct layout."""
+        key = tuple((s.numel, s.lo, s.hi, s.saturation, s.drop_zeros) for s in staged)
+        found = self._layouts.get(key)
+        if found is None:
+            found = _make_layout(staged, self.device, self.dtype, self.spec, self.chunk)
+            if len(self._layouts) > 64:  # layouts that keep changing: keep memory bounded
+                self._layouts.clear()
+            self._layouts[key] = found
+        return found
+
+
+def _make_layout(
+    staged: Sequence[_Staged], device: torch.device, dtype: torch.dtype, spec: HistSpec,
+    width: int,
+) -> _Layout:  # fmt: skip
+    seg, pad, lo, hi, sample, sample_seg = [], [], [], [], [], []
+    for i, s in enumerate(staged):
+        seg.append(np.full(s.chunks, i))
+        p = np.zeros(s.chunks)
+        p[-1] = s.chunks * width - s.numel
+        pad.append(p)
+        lo.append(np.full(s.chunks, s.lo))
+        hi.append(np.full(s.chunks, s.hi))
+        positions = np.arange(0, s.numel, s.stride)
+        sample.append(s.offset * width + positions)
+        sample_seg.append(np.full(positions.size, i))
+    seg_a, sample_seg_a = np.concatenate(seg), np.concatenate(sample_seg)
+    drop = np.array([s.drop_zeros for s in staged])
+    start = np.zeros((len(RAW_FIELDS), len(staged)))
+    start[RAW["stride"]] = [s.stride for s in staged]
+    mask = np.ones((len(RAW_FIELDS), len(staged)))
+    mask[RAW["saturated"]] = [1.0 if s.saturation else math.nan for s in staged]
+    pads = np.concatenate(pad)
+
+    def put(a: np.ndarray, kind: torch.dtype) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(a)).to(kind)
+        if device.type == "cpu":
+            return host
+        return host.pin_memory().to(device, non_blocking=True)  # no wait for the device
+
+    return _Layout(
+        seg=put(seg_a, torch.int64),
+        seg4=put(np.repeat(seg_a[None], 4, 0), torch.int64),
+        down=put(-np.arange(seg_a.size, dtype=np.float64)[None], torch.float64),
+        width_row=put(np.full((1, pads.size), float(width)), torch.float64),
+        pad_row=put(pads[None], torch.float64),
+        no_peaks=put(np.full((4, len(staged)), -np.inf), torch.float64),
+        start=put(start, torch.float64),
+        mask=put(mask, torch.float64),
+        additive=put(ADDITIVE.numpy(), torch.float64),
+        not_additive=put(NOT_ADDITIVE.numpy(), torch.int64),
+        lo=put(np.concatenate(lo)[:, None], dtype),
+        hi=put(np.concatenate(hi)[:, None], dtype),
+        sample=put(np.concatenate(sample), torch.int64),
+        sample_seg=put(sample_seg_a, torch.int64),
+        lin_base=put(sample_seg_a * spec.bins, torch.int64),
+        log_base=put(sample_seg_a * spec.log.size + spec.log.zero_index, torch.int64),
+        drop=put(drop[sample_seg_a], torch.bool),
+    )
+
+
+def _reduce(v: torch.Tensor, tensors: int, lay: _Layout, spec: HistSpec) -> torch.Tensor:
+    """The rows of ``tensors`` staged tensors from the (chunks, chunk width) buffer ``v``.
+
+    As the CPU kernel: sums of (x - c) / s about c, the tensor's first finite value (a
+    constant tensor has exactly zero spread), s a power of two at least its abs-max, so no
+    value, difference or square leaves the dtype's range. Per chunk, the sums are taken
+    about the chunk's own first finite value c_k (non-finite entries replaced by it add 0),
+    then moved to c in float64: sum += n_k d, sumsq += 2 d sum_k + n_k d^2, d = (c_k - c)/s.
+    Written for few kernels (each op is a launch on a GPU): one op per pass over the buffer,
+    per-chunk numbers as rows of one matrix, one reduction per kind of merge.
+    """
+    f64 = torch.float64
+    fin = (v - v) == 0  # finite: Inf - Inf and NaN are NaN
+    first = v.gather(1, fin.to(torch.uint8).argmax(1, keepdim=True)).nan_to_num_(0.0, 0.0, 0.0)
+    w = torch.where(fin, v, first)  # non-finite -> c_k: inside the range, adds 0 about c_k
+    mn, mx = torch.aminmax(w, dim=1)
+    # per chunk, one reduction over four masks: finite, NaN, nonzero (NaN and Inf are),
+    # outside the saturation interval (Inf compares outside); the NaN padding taken out
+    masks = torch.stack([fin, v != v, v != 0, (v <= lay.lo) | (v >= lay.hi)])
+    counts = masks.sum(2, dtype=f64)  # (4, chunks), the padding included (as NaN)
+    n = counts[0]
+    ends = torch.stack([-mn, mx, first.view(-1)]).to(f64)  # (3, chunks)
+    # per tensor, one max-reduction: -min, max, abs-max, -(first chunk holding a value)
+    peaks = torch.cat([ends[:2], ends[:2].amax(0, keepdim=True), lay.down])
+    peaks = peaks.where(n > 0, -math.inf)
+    top = lay.no_peaks.clone().scatter_reduce_(1, lay.seg4, peaks, "amax")  # (4, tensors)
+    some = top[3] > -math.inf
+    limit = math.frexp(torch.finfo(v.dtype).max)[1]
+    e = torch.frexp(top[2].clamp(min=0)).exponent.clamp_(-(limit - 8), limit - 1)
+    scale = torch.exp2(e.to(f64))  # s: a power of two >= the abs-max
+    c = ends[2][(-top[3]).nan_to_num_(0.0, 0.0, 0.0).long()]  # the first holding chunk's c_k
+    inv = scale.reciprocal().index_select(0, lay.seg)
+    inv_v = inv.to(v.dtype)[:, None]
+    d = (w * inv_v).sub_(first * inv_v)  # (x - c_k) / s, |d| <= 2: no overflow
+    sk = d.sum(1, dtype=f64)
+    qk = d.square_().sum(1, dtype=f64)
+    delta = ends[2] * inv - c.index_select(0, lay.seg) * inv  # (c_k - c) / s: no overflow
+    sums = torch.stack([sk + n * delta, qk + (2 * delta) * sk + n * delta.square()])
+    # the additive raw fields of every chunk are one linear map of its counts and sums
+    # (ADDITIVE); summed per tensor by one index_add
+    base = torch.cat([lay.width_row, counts, sums, lay.pad_row])  # (8, chunks)
+    raw = lay.start.clone().index_add_(1, lay.seg, lay.additive @ base)  # (12, tensors)
+    undefined = torch.where(some, 0.0, math.nan)  # NaN extremes when nothing is finite
+    rest = torch.stack([c.where(some, 0.0), scale, undefined - top[0], undefined + top[1]])
+    raw.index_copy_(0, lay.not_additive, rest)
+    raw = (raw * lay.mask).T  # saturated: NaN where no interval
+    lo, hi = raw[:, 7], raw[:, 8]
+    lin, log = _histograms(v.view(-1), lay, lo, hi, tensors, spec)
+    return torch.cat([raw, lin, log], 1)
+
+
+def _additive() -> torch.Tensor:
+    """RAW_FIELDS (rows) from a chunk's [width, finite, NaN, nonzero, outside, sum, sumsq,
+    padding] (columns); the NaN padding is taken out, Inf = width - finite - NaN is taken
+    out of the values outside the saturation interval (Inf compares outside)."""
+    m = torch.zeros(len(RAW_FIELDS), 8, dtype=torch.float64)
+    m[RAW["numel"], [0, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    m[RAW["nonfinite"], [0, 1, 7]] = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)
+    m[RAW["nan"], [2, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    m[RAW["sum"], 5] = m[RAW["sumsq"], 6] = 1.0
+    m[RAW["nonzero"], [3, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    m[RAW["saturated"], [0, 1, 2, 4]] = torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    return m
+
+
+ADDITIVE = _additive()
+NOT_ADDITIVE = torch.tensor([RAW[f] for f in ("shift", "scale", "min", "max")])
+
+
+def _histograms(
+    flat: torch.Tensor, lay: _Layout, lo: torch.Tensor, hi: torch.Tensor, tensors: int,
+    spec: HistSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Linear and log counts of every tensor's sample: one gather, one scatter each."""
+    s = flat[lay.sample].to(torch.float64)
+    bins, edges = spec.bins, spec.log
+    keep = ((s - s) == 0) & ~(lay.drop & (s == 0))  # finite, and not a zero left out
+    seg = lay.sample_seg
+    half_lo = (lo * 0.5)[seg]
+    # in halves: hi - lo stays finite up to float64's limits; 0/0 (one value): NaN -> bin 0
+    pos = (s * 0.5 - half_lo) / ((hi * 0.5)[seg] - half_lo) * bins
+    b = pos.nan_to_num_(0.0, bins - 1.0, 0.0).clamp_(0, bins - 1).long()
+    lin = torch.zeros(tensors * bins, dtype=torch.float64, device=flat.device)
+    lin.scatter_add_(0, lay.lin_base + b, keep.to(torch.float64))
+    j = torch.bucketize(s.abs(), log_edges_on(edges, flat.device), right=True)
+    slot = lay.log_base + torch.sign(s.nan_to_num(0.0)).long() * (j + 1)
+    log = torch.zeros(tensors * edges.size, dtype=torch.float64, device=flat.device)
+    log.scatter_add_(0, slot, (s == s).to(torch.float64))  # NaN in neither histogram
+    return lin.view(tensors, bins), log.view(tensors, edges.size)
