@@ -34,9 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowscope.record.fields import LogEdges, outward
+from flowscope.record.fields import HistSpec, LogEdges, outward, sample_stride
 
-__all__ = ["SOURCE", "build", "kernel", "log_tables", "team_size", "torch_team"]
+__all__ = [
+    "SOURCE",
+    "Snapshotter",
+    "build",
+    "kernel",
+    "log_tables",
+    "snapshotter",
+    "team_size",
+    "torch_team",
+]
 
 SOURCE = Path(__file__).with_name("snapshot.c")
 MAXDIM = 16
@@ -296,6 +305,14 @@ class _Scratch(threading.local):
         self.tensor = Tensor()
         self.tensor_at = ctypes.addressof(self.tensor)
         self.counts = np.empty(0, dtype=np.int32)
+        self.counts_at = 0
+
+    def counters(self, need: int) -> int:
+        """The address of 2 * need int32 counters."""
+        if self.counts.size < 2 * need:
+            self.counts = np.empty(2 * need, dtype=np.int32)
+            self.counts_at = self.counts.ctypes.data
+        return self.counts_at
 
 
 _scratch = _Scratch()
@@ -311,46 +328,79 @@ def _dense(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return True
 
 
-def snapshot_into(
-    x: torch.Tensor,
-    stride: int,
-    bins: int,
-    drop_zeros: bool,
-    saturation: tuple[float, float] | None,
-    edges: LogEdges,
-    row: torch.Tensor,
-) -> None:
-    """Write the snapshot row of the float32/float64 CPU tensor ``x`` (numel > 0) into the
-    float64 CPU tensor ``row`` (raw | linear counts | log counts)."""
-    lib = kernel()
-    sc = _scratch
-    t = sc.tensor
-    t.data = x.data_ptr()
-    t.dtype = F32 if x.dtype == torch.float32 else F64
-    n = x.numel()
-    t.numel = n
-    t.sample_stride = stride
-    if x.is_contiguous():
-        t.ndim, t.dense = 1, 1
-        t.sizes[0], t.strides[0] = n, 1
-    else:
-        sizes, strides = tuple(x.shape), x.stride()
-        if len(sizes) > MAXDIM:  # rare: read a contiguous copy
-            snapshot_into(x.contiguous(), stride, bins, drop_zeros, saturation, edges, row)
-            return
-        t.ndim, t.dense = len(sizes), int(_dense(sizes, strides))
-        t.sizes[: len(sizes)] = sizes
-        t.strides[: len(sizes)] = strides
-    threads = team_size()
-    team = _team(threads, MOMENTS_FROM, HIST_FROM)
-    need = 4 * max(threads, 1) * (max(bins, edges.size) + 1)
-    if sc.counts.size < 2 * need:
-        sc.counts = np.empty(2 * need, dtype=np.int32)
-    counts = sc.counts.ctypes.data
-    cfg = settings(x.dtype, bins, drop_zeros, saturation, edges)
-    done = lib.fs_snapshot(
-        sc.tensor_at, ctypes.addressof(cfg), ctypes.addressof(team), row.data_ptr(),
-        counts, counts + 4 * need,
-    )  # fmt: skip
-    if done != 0:
-        raise RuntimeError(f"flowscope: the snapshot kernel refused a tensor of shape {x.shape}")
+class Snapshotter:
+    """The kernel bound to one histogram layout, for snapshot after snapshot (the recorder's
+    hot path): the settings of each dtype, saturation interval and zero rule made once.
+
+    Example:
+        >>> from flowscope.record.fields import HistSpec, row_width
+        >>> take = Snapshotter(HistSpec(bins=4))
+        >>> row = torch.empty(row_width(HistSpec(bins=4)), dtype=torch.float64)
+        >>> take(torch.tensor([0.0, 1.0, 2.0, float("nan")]), None, False, row)
+        >>> row[:3].tolist()  # numel, non-finite, NaN
+        [4.0, 1.0, 1.0]
+    """
+
+    def __init__(self, spec: HistSpec) -> None:
+        self.spec = spec
+        self.lib = kernel()
+        self._cfg: dict[tuple[torch.dtype, bool, tuple[float, float] | None], int] = {}
+        self._size = max(spec.bins, spec.log.size) + 1
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        saturation: tuple[float, float] | None,
+        drop_zeros: bool,
+        row: torch.Tensor,
+    ) -> None:
+        """Write the row of the float32/float64 CPU tensor ``x`` (numel > 0) into ``row``
+        (float64, CPU)."""
+        key = (x.dtype, drop_zeros, saturation)
+        cfg = self._cfg.get(key)
+        if cfg is None:
+            made = settings(x.dtype, self.spec.bins, drop_zeros, saturation, self.spec.log)
+            cfg = self._cfg[key] = ctypes.addressof(made)
+        sc = _scratch
+        t = sc.tensor
+        n = x.numel()
+        t.data = x.data_ptr()
+        t.dtype = F32 if x.dtype == torch.float32 else F64
+        t.numel = n
+        t.sample_stride = sample_stride(n, self.spec.sample)
+        if x.is_contiguous():
+            t.ndim = t.dense = 1
+            t.sizes[0] = n
+            t.strides[0] = 1
+        else:
+            sizes, strides = tuple(x.shape), x.stride()
+            if len(sizes) > MAXDIM:  # rare: read a contiguous copy
+                self(x.contiguous(), saturation, drop_zeros, row)
+                return
+            t.ndim, t.dense = len(sizes), int(_dense(sizes, strides))
+            t.sizes[: len(sizes)] = sizes
+            t.strides[: len(sizes)] = strides
+        threads = team_size()
+        need = 4 * threads * self._size
+        counts = sc.counters(need)
+        done = self.lib.fs_snapshot(
+            sc.tensor_at,
+            cfg,
+            _team_at(threads, MOMENTS_FROM, HIST_FROM),
+            row.data_ptr(),
+            counts,
+            counts + 4 * need,
+        )
+        if done != 0:
+            raise RuntimeError(f"flowscope: the snapshot kernel refused a tensor of {x.shape}")
+
+
+@cache
+def _team_at(threads: int, moments_from: int, hist_from: int) -> int:
+    return ctypes.addressof(_team(threads, moments_from, hist_from))
+
+
+@cache
+def snapshotter(spec: HistSpec) -> Snapshotter:
+    """The :class:`Snapshotter` of a histogram layout (one per layout and process)."""
+    return Snapshotter(spec)

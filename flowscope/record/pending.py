@@ -66,14 +66,13 @@ class RowBlocks:
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.block: torch.Tensor | None = None
+        self.rows: tuple[torch.Tensor, ...] = ()
         self.used = self.ROWS
 
     def take(self) -> torch.Tensor:
         if self.used == self.ROWS:
             buf = mmap.mmap(-1, self.ROWS * self.width * 8)
             cells = np.frombuffer(buf, dtype=np.float64).reshape(self.ROWS, self.width)
-            self.block, self.used = torch.from_numpy(cells), 0
-        assert self.block is not None
+            self.rows, self.used = torch.from_numpy(cells).unbind(0), 0  # views made at once
         self.used += 1
-        return self.block[self.used - 1]
+        return self.rows[self.used - 1]

@@ -20,6 +20,7 @@ This module imports torch only; frames are built lazily by :mod:`flowscope.recor
 from __future__ import annotations
 
 import functools
+import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from torch import nn
 
 from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
+from flowscope.record import ckernel
 from flowscope.record.batched import Batch
 from flowscope.record.checkpoint import Recomputes
 from flowscope.record.hooks import Hooks
@@ -181,6 +183,10 @@ class Recorder:
         self._rows = RowBlocks(row_width(self.hist))
         self._taken: dict[int, Taken] = {}  # id(tensor) -> its snapshot, until step/flush
         self._batches: dict[tuple[torch.device, torch.dtype], Batch] = {}  # the torch path
+        self._backend = os.environ.get("FLOWSCOPE_KERNELS", "auto")  # read once: hot path
+        probe = torch.empty(1)
+        c_ok = backend_for(probe, self._backend) == "c"
+        self._c = ckernel.snapshotter(self.hist) if c_ok else None  # CPU float tensors
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
@@ -324,8 +330,8 @@ class Recorder:
             kind=kind,
             call=call,
             tensor=path,
-            dtype=str(t.dtype).removeprefix("torch."),
-            device=str(t.device),
+            dtype=_dtype_name(t.dtype),
+            device=_device_name(t.device),
         )
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
@@ -410,7 +416,11 @@ class Recorder:
     ) -> tuple[torch.Tensor, bool]:
         """A new snapshot row of ``t`` and whether it is final: the C kernel's is; one taken
         with torch ops is staged and filled when the step's batch is reduced."""
-        if t.numel() and backend_for(t) != "c":
+        if t.numel() and self._c is not None and t.device.type == "cpu":  # the C kernel
+            row = self._rows.take()
+            self._c(t if t.dtype in _C_DTYPES else t.float(), sat, drop, row)
+            return row, True
+        if t.numel() and backend_for(t, self._backend) != "c":
             key = (t.device, compute_dtype(t))
             batch = self._batches.get(key)
             if batch is None:
@@ -511,6 +521,25 @@ class Recorder:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self.step_index}"
         return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
+
+
+_C_DTYPES = (torch.float32, torch.float64)  # the C kernel's; others are read as float32
+_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for torch.float32 (made once per dtype: ~100 snapshots per step)."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def _device_name(device: torch.device) -> str:
+    name = _NAMES.get(device)
+    if name is None:
+        name = _NAMES[device] = str(device)
+    return name
 
 
 def _version() -> str:

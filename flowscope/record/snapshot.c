@@ -310,61 +310,99 @@ typedef struct {
     int32_t *lin, *log;      /* per thread: 4 copies of (bins + 1) and (log_size + 1) */
 } hist_job;
 
-/* Add samples [j0, j1) to this thread's counts (slot 0 of each copy means "not counted"). */
-static void hist_share(const hist_job *h, int64_t j0, int64_t j1, int32_t *lin, int32_t *lg) {
-    const fs_tensor *t = h->t;
-    const fs_settings *set = h->set;
-    const int bins = set->bins, wl = bins + 1, wg = set->log_size + 1, steps = set->log_steps;
-    const int f32 = t->dtype == F32;
-    const int contiguous = t->ndim == 1 && t->strides[0] == 1;
+#define HB 512 /* samples per block: gathered, binned (loops that vectorise), then counted */
+
+/* The offsets (in elements) of the sampled values [j0, j0 + m). */
+static void offsets(const fs_tensor *t, int64_t j0, int m, cursor_t *k, int64_t *off) {
     const int64_t st = t->sample_stride;
+    if (t->ndim == 1) {
+        const int64_t es = st * t->strides[0];
+        for (int i = 0; i < m; i++) off[i] = (j0 + i) * es;
+        return;
+    }
+    for (int i = 0; i < m; i++) {
+        off[i] = k->off;
+        cursor_next(k, t);
+    }
+}
+
+/* Bin indices (+1; 0: not counted) of the sampled values: linear over [min, max] for the
+   finite values (zeros unless dropped), log by the octave's base bin and the decade edges
+   inside it (Inf: base[exponent all ones], the overflow bin; NaN in neither). One loop per
+   dtype, gathers and all, that vectorises. */
+#define BIN_LOOP(T, U, EXPSHIFT, INF, AT)                                                    \
+    for (int i = 0; i < m; i++) {                                                           \
+        const T f = p[AT];                                                                  \
+        U b;                                                                                \
+        memcpy(&b, &f, sizeof b);                                                           \
+        const U mag = b & (INF | (INF - 1));                                                \
+        const int fin = mag < INF, zero = mag == 0, nan = mag > INF;                        \
+        const int32_t e = (int32_t)(mag >> EXPSHIFT);                                       \
+        const double x = fin ? (double)f : 0.0;                                             \
+        double pos = (x * pre - hlo) * hs;                                                  \
+        pos = pos < 0 ? 0 : pos;                                                            \
+        pos = pos > top ? top : pos;                                                        \
+        li[i] = (fin && !(zero && drop)) ? (int32_t)pos + 1 : 0;                            \
+        int32_t g = base[e];                                                                \
+        for (int s = 0; s < steps; s++) g += fabs(x) >= thr[e * steps + s];                 \
+        const int32_t slot = zero ? zi : (b >> (sizeof(U) * 8 - 1)) ? zi - g - 1 : zi + g + 1; \
+        gi[i] = nan ? 0 : slot + 1;                                                         \
+    }
+
+/* p: the block's first sampled value when the samples are consecutive elements (off NULL),
+   else the tensor's first element and off the samples' offsets */
+static void bins_f32(const float *p, const int64_t *off, int m, const hist_job *h, int32_t *li,
+                     int32_t *gi) {
+    const fs_settings *set = h->set;
+    const int zi = set->zero_index, drop = set->drop_zeros, steps = set->log_steps;
+    const double pre = h->pre, hlo = h->hlo, hs = h->hscale, top = set->bins - 1;
+    const int32_t *base = set->log_base;
+    const double *thr = set->log_thr;
+    if (!off && steps == 1) { /* every element, one bin per decade: the common case */
+        BIN_LOOP(float, uint32_t, 23, 0x7f800000u, i)
+    } else if (!off) {
+        BIN_LOOP(float, uint32_t, 23, 0x7f800000u, i)
+    } else {
+        BIN_LOOP(float, uint32_t, 23, 0x7f800000u, off[i])
+    }
+}
+
+static void bins_f64(const double *p, const int64_t *off, int m, const hist_job *h, int32_t *li,
+                     int32_t *gi) {
+    const fs_settings *set = h->set;
+    const int zi = set->zero_index, drop = set->drop_zeros, steps = set->log_steps;
+    const double pre = h->pre, hlo = h->hlo, hs = h->hscale, top = set->bins - 1;
+    const int32_t *base = set->log_base;
+    const double *thr = set->log_thr;
+    if (!off) {
+        BIN_LOOP(double, uint64_t, 52, 0x7ff0000000000000ull, i)
+    } else {
+        BIN_LOOP(double, uint64_t, 52, 0x7ff0000000000000ull, off[i])
+    }
+}
+
+/* Add samples [j0, j1) to this thread's counts: four copies each, slot 0 of a copy meaning
+   "not counted", so the counting loop has no branch and values sharing a bin (most of a
+   layer's lie in one or two decades) do not wait for each other's increments. */
+static void hist_share(const hist_job *h, int64_t j0, int64_t j1, int32_t *lin, int32_t *lg) {
+    const int wl = h->set->bins + 1, wg = h->set->log_size + 1;
+    int64_t off[HB];
+    int32_t li[HB], gi[HB];
     cursor_t k = {0};
-    if (!contiguous) cursor_init(&k, t, j0 * st, st);
-    for (int64_t j = j0; j < j1; j++) {
-        int64_t off = contiguous ? j * st : k.off;
-        if (!contiguous) cursor_next(&k, t);
-        double v;
-        int fin, zero, neg, e;
-        if (f32) {
-            float f;
-            uint32_t b;
-            memcpy(&f, t->data + off * 4, 4);
-            memcpy(&b, &f, 4);
-            fin = (b & 0x7f800000u) != 0x7f800000u;
-            if (!fin && (b & 0x7fffffffu) > 0x7f800000u) continue; /* NaN: in neither */
-            zero = (b & 0x7fffffffu) == 0;
-            neg = b >> 31;
-            e = (b >> 23) & 0xff;
-            v = f;
-        } else {
-            uint64_t b;
-            memcpy(&v, t->data + off * 8, 8);
-            memcpy(&b, &v, 8);
-            fin = (b & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
-            if (!fin && (b & 0x7fffffffffffffffull) > 0x7ff0000000000000ull) continue;
-            zero = (b & 0x7fffffffffffffffull) == 0;
-            neg = (int)(b >> 63);
-            e = (int)((b >> 52) & 0x7ff);
+    const fs_tensor *t = h->t;
+    if (t->ndim > 1) cursor_init(&k, t, j0 * t->sample_stride, t->sample_stride);
+    for (int64_t j = j0; j < j1; j += HB) {
+        const int m = j1 - j < HB ? (int)(j1 - j) : HB;
+        const int consecutive = t->ndim == 1 && t->sample_stride * t->strides[0] == 1;
+        const int64_t size = t->dtype == F32 ? 4 : 8;
+        const char *p = consecutive ? t->data + j * size : t->data;
+        if (!consecutive) offsets(t, j, m, &k, off);
+        if (t->dtype == F32) bins_f32((const float *)p, consecutive ? NULL : off, m, h, li, gi);
+        else bins_f64((const double *)p, consecutive ? NULL : off, m, h, li, gi);
+        for (int i = 0; i < m; i++) {
+            lin[(i & 3) * wl + li[i]]++;
+            lg[(i & 3) * wg + gi[i]]++;
         }
-        const int copy = (int)(j & 3);
-        if (fin && !(zero && set->drop_zeros)) {
-            double pos = (v * h->pre - h->hlo) * h->hscale;
-            int bin = pos >= bins ? bins - 1 : pos > 0 ? (int)pos : 0;
-            lin[copy * wl + bin + 1]++;
-        }
-        int slot;
-        if (zero) {
-            slot = set->zero_index;
-        } else {
-            int m = set->log_base[e]; /* Inf: the overflow bin */
-            if (fin) {
-                double a = fabs(v);
-                const double *thr = set->log_thr + (int64_t)e * steps;
-                for (int s = 0; s < steps; s++) m += a >= thr[s];
-            }
-            slot = neg ? set->zero_index - m - 1 : set->zero_index + m + 1;
-        }
-        lg[copy * wg + slot + 1]++;
     }
 }
 

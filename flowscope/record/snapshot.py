@@ -138,8 +138,7 @@ def snapshot_row(
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         row = torch.empty(row_width(spec), dtype=torch.float64) if out is None else out
-        stride = sample_stride(n, spec.sample)  # the tensor is read where it lies
-        ckernel.snapshot_into(flat, stride, spec.bins, drop_zeros, saturation, spec.log, row)
+        ckernel.snapshotter(spec)(flat, saturation, drop_zeros, row)  # read where it lies
         return row
     batch = Batch(flat.device, compute_dtype(flat), spec, capacity=n, max_rows=1)
     row = batch.add(flat, saturation, drop_zeros)
