@@ -254,7 +254,7 @@ def _reduce(v: torch.Tensor, tensors: int, lay: _Layout, spec: HistSpec) -> torc
     # per chunk, one reduction over four masks: finite, NaN, nonzero (NaN and Inf are),
     # outside the saturation interval (Inf compares outside); the NaN padding taken out
     masks = torch.stack([fin, v != v, v != 0, (v <= lay.lo) | (v >= lay.hi)])
-    counts = masks.sum(2, dtype=f64)  # (4, chunks), the padding included (as NaN)
+    counts = torch.count_nonzero(masks, 2).to(f64)  # (4, chunks), the padding included
     n = counts[0]
     ends = torch.stack([-mn, mx, first.view(-1)]).to(f64)  # (3, chunks)
     # per tensor, one max-reduction: -min, max, abs-max, -(first chunk holding a value)
@@ -269,8 +269,10 @@ def _reduce(v: torch.Tensor, tensors: int, lay: _Layout, spec: HistSpec) -> torc
     inv = scale.reciprocal().index_select(0, lay.seg)
     inv_v = inv.to(v.dtype)[:, None]
     d = (w * inv_v).sub_(first * inv_v)  # (x - c_k) / s, |d| <= 2: no overflow
-    sk = d.sum(1, dtype=f64)
-    qk = d.square_().sum(1, dtype=f64)
+    # sums of a chunk in the buffer's dtype (torch sums pairwise: 1024 values lose ~1e-7),
+    # then float64: a sum with dtype=float64 would convert the whole buffer first
+    sk = d.sum(1).to(f64)
+    qk = d.square_().sum(1).to(f64)
     delta = ends[2] * inv - c.index_select(0, lay.seg) * inv  # (c_k - c) / s: no overflow
     sums = torch.stack([sk + n * delta, qk + (2 * delta) * sk + n * delta.square()])
     # the additive raw fields of every chunk are one linear map of its counts and sums
