@@ -315,11 +315,11 @@ class Block(nn.Module):
 
 
 def counting_snapshots(monkeypatch) -> list[int]:
-    from flowscope.record import recorder
+    from flowscope.record import reader
 
-    calls, real = [], recorder.Recorder._take  # every read of a tensor goes through it
+    calls, real = [], reader.Reader._take  # every read of a tensor goes through it
     monkeypatch.setattr(
-        recorder.Recorder, "_take", lambda self, t, *a: calls.append(t.numel()) or real(self, t, *a)
+        reader.Reader, "_take", lambda self, t, *a: calls.append(t.numel()) or real(self, t, *a)
     )
     return calls
 

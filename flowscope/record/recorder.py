@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,11 +30,10 @@ from torch import nn
 
 from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
-from flowscope.record import ckernel
-from flowscope.record.batched import Batch
 from flowscope.record.checkpoint import Recomputes
 from flowscope.record.hooks import Hooks
-from flowscope.record.pending import Pending, RowBlocks, SnapKey, Taken
+from flowscope.record.pending import Pending, SnapKey
+from flowscope.record.reader import Reader, device_name, dtype_name
 from flowscope.record.selection import (
     KINDS,
     ROOT,
@@ -48,20 +46,7 @@ from flowscope.record.selection import (
     select_modules,
     zero_output,
 )
-from flowscope.record.snapshot import (
-    RAW,
-    RAW_FIELDS,
-    HistSpec,
-    backend_for,
-    compute_dtype,
-    row_width,
-    snapshot_row,
-    split_row,
-)
-
-# values in one staging buffer of the torch path, per device type: a snapshot batch is
-# reduced when it is full, and at every step
-STAGING = {"cpu": 1 << 22, "cuda": 1 << 24}
+from flowscope.record.snapshot import RAW_FIELDS, HistSpec, split_row
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,13 +165,7 @@ class Recorder:
         # first forward runs under no_grad), matched by recomputes; see _recompute
         self._recomputes = Recomputes()
         self._pending = Pending()
-        self._rows = RowBlocks(row_width(self.hist))
-        self._taken: dict[int, Taken] = {}  # id(tensor) -> its snapshot, until step/flush
-        self._batches: dict[tuple[torch.device, torch.dtype], Batch] = {}  # the torch path
-        self._backend = os.environ.get("FLOWSCOPE_KERNELS", "auto")  # read once: hot path
-        probe = torch.empty(1)
-        c_ok = backend_for(probe, self._backend) == "c"
-        self._c = ckernel.snapshotter(self.hist) if c_ok else None  # CPU float tensors
+        self._reader = Reader(self.hist, os.environ.get("FLOWSCOPE_KERNELS", "auto"))
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
@@ -205,8 +184,7 @@ class Recorder:
         self._closed = True
         self._hooks.remove()
         self._tensor_hooks.remove()
-        self._finish_batches()
-        self._batches.clear()  # the staging buffers: the rows handed out stay
+        self._reader.close()
 
     @property
     def closed(self) -> bool:
@@ -235,9 +213,8 @@ class Recorder:
         self.step_index += 1
         self._calls.clear()
         self._recomputes.clear()
-        self._taken.clear()
         self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
-        self._finish_batches()
+        self._reader.new_step()
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -330,8 +307,8 @@ class Recorder:
             kind=kind,
             call=call,
             tensor=path,
-            dtype=_dtype_name(t.dtype),
-            device=_device_name(t.device),
+            dtype=dtype_name(t.dtype),
+            device=device_name(t.device),
         )
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
@@ -359,81 +336,27 @@ class Recorder:
         drop = self._drop_zeros is True or (
             self._drop_zeros == "auto" and is_act and module is not None and zero_output(module)
         )
-        return self._row(t, sat, drop)
+        return self._reader.row(t, sat, drop)
 
     # -- what is waiting for the flush: merges across ranks, loss-scale corrections ----------
 
     def pending(self) -> list[tuple[SnapKey, torch.Tensor]]:
         """The snapshots taken and not yet flushed, oldest first: (key, row on the device of
         the tensor it was taken of; see :func:`flowscope.record.snapshot.split_row`)."""
-        self._finish_batches()
+        self._reader.finish()
         return list(zip(self._pending.keys, self._pending.rows, strict=True))
 
     def set_pending(self, snapshots: Sequence[tuple[SnapKey, torch.Tensor]]) -> None:
         """Replace the snapshots waiting for the flush (merged across ranks, rescaled);
         frames asked for later are built from these."""
         self._pending = Pending([k for k, _ in snapshots], [r for _, r in snapshots])
-        self._taken.clear()
+        self._reader.forget()
         self._frames = None
 
     @property
     def recorded(self) -> int:
         """Snapshots taken so far, flushed or not."""
         return len(self._pending.keys) + sum(len(keys) for keys, *_ in self._host)
-
-    def _row(self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool) -> torch.Tensor:
-        """The snapshot row of ``t``; read once when the same tensor, unchanged, comes again.
-
-        A container's output is often its last child's output, the same tensor (and so is its
-        gradient): the child's row serves for the container when the linear histogram is taken
-        alike (``drop``) and the saturation interval is the same or absent (then the count is
-        NaN, what no interval gives). Same = the same live tensor object at the same version
-        (inference tensors keep no version: they are read every time).
-        """
-        taken = self._taken.get(id(t))
-        inference = t.is_inference()
-        if (
-            taken is not None
-            and not inference
-            and taken.tensor() is t
-            and taken.version == t._version
-            and taken.drop_zeros == drop
-        ):
-            if taken.saturation == sat:
-                return taken.row
-            if sat is None and taken.final:  # the child's row without its saturated count
-                row = self._rows.take()
-                row.copy_(taken.row)
-                row[RAW["saturated"]] = float("nan")
-                return row
-        row, final = self._take(t, sat, drop)
-        if not inference:
-            self._taken[id(t)] = Taken(weakref.ref(t), t._version, sat, drop, row, final)
-        return row
-
-    def _take(
-        self, t: torch.Tensor, sat: tuple[float, float] | None, drop: bool
-    ) -> tuple[torch.Tensor, bool]:
-        """A new snapshot row of ``t`` and whether it is final: the C kernel's is; one taken
-        with torch ops is staged and filled when the step's batch is reduced."""
-        if t.numel() and self._c is not None and t.device.type == "cpu":  # the C kernel
-            row = self._rows.take()
-            self._c(t if t.dtype in _C_DTYPES else t.float(), sat, drop, row)
-            return row, True
-        if t.numel() and backend_for(t, self._backend) != "c":
-            key = (t.device, compute_dtype(t))
-            batch = self._batches.get(key)
-            if batch is None:
-                capacity = STAGING.get(t.device.type, STAGING["cpu"])
-                batch = self._batches[key] = Batch(t.device, key[1], self.hist, capacity)
-            return batch.add(t, sat, drop), False  # copied under no_grad: no detach needed
-        out = self._rows.take() if t.device.type == "cpu" else None
-        return snapshot_row(t, self.hist, sat, drop, out=out), True
-
-    def _finish_batches(self) -> None:
-        """Reduce every staged snapshot: their rows are final afterwards."""
-        for batch in self._batches.values():
-            batch.finish()
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
         for cls in type(module).__mro__:  # the user's intervals first, then the catalogue's
@@ -445,10 +368,9 @@ class Recorder:
 
     def flush(self) -> None:
         """Move pending snapshots to the host: one transfer per device and buffer."""
-        self._finish_batches()
+        self._reader.finish()
         pending, self._pending = self._pending, Pending()
-        self._rows = RowBlocks(row_width(self.hist))  # the old blocks go with the old rows
-        self._taken.clear()
+        self._reader.new_rows()  # the old row blocks go with the old rows
         if not pending.keys:
             return
         by_device: dict[torch.device, list[int]] = {}
@@ -492,7 +414,7 @@ class Recorder:
         devices = sorted({str(p.device) for p in self.model.parameters()}) or ["cpu"]
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()})
         return {
-            "flowscope": _version(),
+            "flowscope": _flowscope_version(),
             "torch": torch.__version__,
             "model": type(self.model).__name__,
             "devices": devices,
@@ -523,26 +445,7 @@ class Recorder:
         return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
 
 
-_C_DTYPES = (torch.float32, torch.float64)  # the C kernel's; others are read as float32
-_NAMES: dict[Any, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``"float32"`` for torch.float32 (made once per dtype: ~100 snapshots per step)."""
-    name = _NAMES.get(dtype)
-    if name is None:
-        name = _NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def _device_name(device: torch.device) -> str:
-    name = _NAMES.get(device)
-    if name is None:
-        name = _NAMES[device] = str(device)
-    return name
-
-
-def _version() -> str:
+def _flowscope_version() -> str:
     from flowscope import __version__
 
     return __version__

@@ -504,7 +504,7 @@ def _meta(study: Study, statuses: list[dict[str, Any]], configs: int) -> dict[st
         "seconds": round(sum(s["seconds"] for s in statuses), 3),
         "devices": sorted({s["device"] for s in statuses}),
         "dtype": study.run["dtype"],
-        "flowscope": _version(),
+        "flowscope": _flowscope_version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -512,7 +512,7 @@ def _meta(study: Study, statuses: list[dict[str, Any]], configs: int) -> dict[st
     }
 
 
-def _version() -> str:
+def _flowscope_version() -> str:
     from flowscope import __version__
 
     return __version__
