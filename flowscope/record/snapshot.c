@@ -327,24 +327,34 @@ static void offsets(const fs_tensor *t, int64_t j0, int m, cursor_t *k, int64_t 
 }
 
 /* Bin indices (+1; 0: not counted) of the sampled values: linear over [min, max] for the
-   finite values (zeros unless dropped), log by the octave's base bin and the decade edges
-   inside it (Inf: base[exponent all ones], the overflow bin; NaN in neither). One loop per
-   dtype, gathers and all, that vectorises. */
+   finite values (zeros unless dropped), in a loop that vectorises; log by the octave's base
+   bin and the decade edges inside it (Inf: base[exponent all ones], the overflow bin; NaN in
+   neither), in a scalar loop: its two table lookups vectorise into emulated gathers that
+   cost more than they save (16384 samples: 64 -> 38 us on an AVX-512 EPYC). */
 #define BIN_LOOP(T, U, EXPSHIFT, INF, AT)                                                    \
     for (int i = 0; i < m; i++) {                                                           \
         const T f = p[AT];                                                                  \
         U b;                                                                                \
         memcpy(&b, &f, sizeof b);                                                           \
         const U mag = b & (INF | (INF - 1));                                                \
-        const int fin = mag < INF, zero = mag == 0, nan = mag > INF;                        \
-        const int32_t e = (int32_t)(mag >> EXPSHIFT);                                       \
+        const int fin = mag < INF, zero = mag == 0;                                         \
         const double x = fin ? (double)f : 0.0;                                             \
         double pos = (x * pre - hlo) * hs;                                                  \
         pos = pos < 0 ? 0 : pos;                                                            \
         pos = pos > top ? top : pos;                                                        \
         li[i] = (fin && !(zero && drop)) ? (int32_t)pos + 1 : 0;                            \
+    }                                                                                       \
+    _Pragma("GCC novector")                                                                 \
+    for (int i = 0; i < m; i++) {                                                           \
+        const T f = p[AT];                                                                  \
+        U b;                                                                                \
+        memcpy(&b, &f, sizeof b);                                                           \
+        const U mag = b & (INF | (INF - 1));                                                \
+        const int zero = mag == 0, nan = mag > INF;                                         \
+        const int32_t e = (int32_t)(mag >> EXPSHIFT);                                       \
+        const double x = mag < INF ? fabs((double)f) : 0.0; /* Inf: base bin, no edge */ \
         int32_t g = base[e];                                                                \
-        for (int s = 0; s < steps; s++) g += fabs(x) >= thr[e * steps + s];                 \
+        for (int s = 0; s < steps; s++) g += x >= thr[e * steps + s];                       \
         const int32_t slot = zero ? zi : (b >> (sizeof(U) * 8 - 1)) ? zi - g - 1 : zi + g + 1; \
         gi[i] = nan ? 0 : slot + 1;                                                         \
     }
