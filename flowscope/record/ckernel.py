@@ -248,7 +248,7 @@ def log_tables(dtype: str, lo: int, hi: int, per_decade: int) -> tuple[np.ndarra
 
     Example:
         >>> base, thr = log_tables("f", -30, 30, 1)
-        >>> int(base[127]), thr[127, 0]  # [1, 2): edge 1e0 is its low end, nothing inside
+        >>> int(base[127]), float(thr[127, 0])  # [1, 2): edge 1e0 is its low end, nothing inside
         (31, inf)
     """
     exp_bits, bias = (0xFF, 127) if dtype == "f" else (0x7FF, 1023)
