@@ -150,9 +150,9 @@ def predict_chain(chain: list[Link], q0: float) -> dict[str, np.ndarray]:
     """Mean-field prediction along a chain, anchored at the first Linear's output variance.
 
     Example:
-        >>> net = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(50, 50), nn.ReLU())])
+        >>> net = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(500, 500), nn.ReLU())])
         >>> for m in net[::2]:
-        ...     _ = nn.init.normal_(m.weight, std=(2 / 50) ** 0.5), nn.init.zeros_(m.bias)
+        ...     _ = nn.init.normal_(m.weight, std=(2 / 500) ** 0.5), nn.init.zeros_(m.bias)
         >>> p = predict_chain(mlp_chains(net)[0], q0=1.0)
         >>> (p["q"] / p["q"][0]).round(1).tolist()    # He: the variance stays (up to sampling)
         [1.0, 1.0, 1.0]
