@@ -105,10 +105,14 @@ def run_study(
     """Run (or resume) every config of ``study`` into ``out_dir``.
 
     Example:
-        >>> from flowscope import spec
-        >>> study = spec.load("init-scales", ["run.seeds=[0]"])  # doctest: +SKIP
-        >>> result = run_study(study, "reports/init-scales")  # doctest: +SKIP
-        >>> [v.held for v in result.claims]  # doctest: +SKIP
+        >>> from flowscope.study import spec
+        >>> small = ["net.in_dim=16", "net.width=16", "net.depth=3", "data.dim=16"]  # quick
+        >>> study = spec.load("init-scales", small)
+        >>> result = run_study(study, "reports/init-scales")
+        >>> result.ran, len(result.claims)
+        (16, 18)
+        >>> result.claims[0].id, result.claims[0].held
+        ('tanh-small-activations-collapse', True)
 
     Args:
         study: a validated study (``flowscope.study.spec.load``).

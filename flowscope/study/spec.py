@@ -177,8 +177,8 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Stud
     """Read, override (``key=value`` with TOML values) and validate a study.
 
     Example:
-        >>> study = load("init-scales", ["run.seeds=[0, 1]"])  # doctest: +SKIP
-        >>> len(study.configs())  # doctest: +SKIP
+        >>> study = load("init-scales", ["run.seeds=[0, 1]"])
+        >>> len(study.configs())
         32
 
     Raises:
