@@ -42,9 +42,12 @@ class Canvases:
     * the pixels go from the canvas straight into a PNG of at most 256 colours.
 
     Example:
-        >>> canvases = Canvases()  # doctest: +SKIP
-        >>> draw = lambda fig: plots.scale_plot(stats, fig=fig)  # doctest: +SKIP
-        >>> canvases.png("scale", draw, (11.0, 4.0))  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> from flowscope.reporter import plots
+        >>> stats = fs.load(run_dir).stats  # a study run, e.g. "reports/init-scales"
+        >>> canvases = Canvases()
+        >>> draw = lambda fig: plots.scale_plot(stats, fig=fig)
+        >>> canvases.png("scale", draw, (11.0, 4.0))  # doctest: +ELLIPSIS
         'data:image/png;base64,...'
     """
 

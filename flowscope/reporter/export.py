@@ -19,7 +19,7 @@ Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     >>> with fs.watch(model) as rec:
     ...     model(torch.randn(4, 8)).sum().backward()
-    >>> to_tensorboard(rec, "runs/demo")  # doctest: +SKIP
+    >>> to_tensorboard(rec, "runs/demo")
     [PosixPath('runs/demo')]
 """
 
@@ -66,7 +66,7 @@ def to_tensorboard(
     """Write the records as TensorBoard histograms and scalars into ``logdir``.
 
     Example:
-        >>> to_tensorboard("reports/my-model", "runs/my-model")  # doctest: +SKIP
+        >>> to_tensorboard(model_dir, "runs/my-model")  # model_dir: e.g. "reports/my-model"
         [PosixPath('runs/my-model')]
 
     Then ``tensorboard --logdir runs``.
@@ -180,8 +180,8 @@ def to_csv(
     """Write ``stats.csv`` and ``hists.csv`` (the same frames as the Parquet files).
 
     Example:
-        >>> to_csv("reports/my-model")  # doctest: +SKIP
-        [PosixPath('reports/my-model/stats.csv'), PosixPath('reports/my-model/hists.csv')]
+        >>> [path.name for path in to_csv(model_dir)]  # next to the records' Parquet files
+        ['stats.csv', 'hists.csv']
 
     Args:
         source: a Records, a Recorder, or a records / study run folder.

@@ -3,9 +3,11 @@
 of them (:func:`overview_figure`, with the mean-field prediction of :func:`theory_frame`).
 
 Example:
-    >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
-    >>> figs = config_figures(rec.stats[rec.stats.config == "c0"], rec.hists)  # doctest: +SKIP
-    >>> [f["title"] for f in figs][:2]  # doctest: +SKIP
+    >>> import flowscope as fs
+    >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
+    >>> small = "init == 'small'"  # one config
+    >>> figs = config_figures(rec.stats.query(small), rec.hists.query(small))
+    >>> [f["title"] for f in figs][:2]
     ['Activations per layer', 'Gradients per layer: dL/d(output)']
 """
 

@@ -10,9 +10,10 @@ from the network: figures are ``data:`` URIs, styles are inline, and the data fi
 relative links.
 
 Example:
-    >>> import flowscope as fs  # doctest: +SKIP
-    >>> fs.report("reports/init-scales")  # doctest: +SKIP
-    PosixPath('reports/init-scales/report.html')
+    >>> import flowscope as fs
+    >>> page = fs.report(run_dir)  # a study run, e.g. "reports/init-scales"
+    >>> page.relative_to(run_dir)  # the report goes into the run folder
+    PosixPath('report.html')
 """
 
 from __future__ import annotations
@@ -313,8 +314,11 @@ def render(
     """The HTML of the report of ``run``, with links relative to ``out`` (CSV exports written).
 
     Example:
-        >>> run = read_run("reports/init-scales")  # doctest: +SKIP
-        >>> html = render(run, Path("reports/init-scales"))  # doctest: +SKIP
+        >>> from flowscope.reporter.run import read_run
+        >>> run = read_run(model_dir)  # fs.watch records, e.g. "reports/my-model"
+        >>> html = render(run, run.folder)
+        >>> html[:15]
+        '<!DOCTYPE html>'
     """
     by = run.by
     table = summary(run.records.stats, diagnosis=diagnosis, configs=run.configs, by=by)
@@ -370,11 +374,11 @@ def report(
     per-layer histograms, log-magnitude heat maps and saturated / dead fractions.
 
     Example:
-        >>> import torch, flowscope as fs  # doctest: +SKIP
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())  # doctest: +SKIP
-        >>> with fs.watch(model, name="demo") as rec:  # doctest: +SKIP
+        >>> import torch, flowscope as fs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        >>> with fs.watch(model, name="demo") as rec:
         ...     model(torch.randn(4, 8)).sum().backward()
-        >>> fs.report(rec, "reports/demo")  # doctest: +SKIP
+        >>> fs.report(rec, "reports/demo")
         PosixPath('reports/demo/report.html')
 
     Args:

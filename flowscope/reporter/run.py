@@ -5,8 +5,8 @@ study run (the same, with config columns, plus ``spec.json``, ``claims.json``,
 ``configs.json`` and ``probes.parquet``). Records in memory are saved into a folder first.
 
 Example:
-    >>> run = read_run("reports/init-scales")  # doctest: +SKIP
-    >>> run.by, run.files[:2]  # doctest: +SKIP
+    >>> run = read_run(run_dir)  # a study run, e.g. "reports/init-scales"
+    >>> run.by, run.files[:2]
     ('config', ['stats.parquet', 'hists.parquet'])
 """
 
@@ -50,9 +50,9 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
     """Load a run folder: ``stats``/``hists``/``meta`` and any study files beside them.
 
     Example:
-        >>> run = read_run("reports/init-scales")  # doctest: +SKIP
-        >>> run.by, len(run.configs)  # doctest: +SKIP
-        ('config', 16)
+        >>> run = read_run(run_dir)  # a study run of 2 configs, e.g. "reports/init-scales"
+        >>> run.by, len(run.configs)
+        ('config', 2)
 
     Raises:
         FlowscopeError: for a folder that is not a flowscope run, or an unreadable JSON file.

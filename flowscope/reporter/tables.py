@@ -1,9 +1,12 @@
 """The report's tables: the summary frame, and the CSV files written next to the page.
 
 Example:
-    >>> from flowscope.doctor import diagnose  # doctest: +SKIP
-    >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
-    >>> summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))  # doctest: +SKIP
+    >>> import flowscope as fs
+    >>> from flowscope.doctor import diagnose
+    >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
+    >>> table = summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))
+    >>> table["verdict"].tolist()
+    ['vanishing', 'healthy']
 """
 
 from __future__ import annotations
@@ -45,9 +48,14 @@ def summary(
     """One row per config (studies) or run (``fs.watch``): axes, status, verdict, numbers.
 
     Example:
-        >>> from flowscope.doctor import diagnose  # doctest: +SKIP
-        >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
-        >>> summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> from flowscope.doctor import diagnose
+        >>> rec = fs.load(run_dir)  # a study run: tanh, init small and xavier
+        >>> table = summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))
+        >>> table[["verdict", "act_gain", "grad_gain"]].round(2)
+             verdict  act_gain  grad_gain
+        0  vanishing      0.04       0.04
+        1    healthy      0.66       0.74
 
     Args:
         stats: a stats frame.

@@ -23,9 +23,11 @@ modules (Tanh, ReLU, ...) when the model has any, since their outputs are the le
 "activations at each layer"; otherwise every layer; or the names passed as ``layers``.
 
 Example:
-    >>> import flowscope as fs  # doctest: +SKIP
-    >>> rec = fs.load("reports/my-model")  # doctest: +SKIP
-    >>> axes = activation_hists(rec.hists, rec.stats)  # doctest: +SKIP
+    >>> import flowscope as fs
+    >>> rec = fs.load(model_dir)  # records of a Linear/Tanh stack, e.g. "reports/my-model"
+    >>> axes = activation_hists(rec.hists, rec.stats)
+    >>> [ax.get_title() for ax in axes]  # the Tanh modules
+    ['1', '3', '5']
 """
 
 from flowscope.reporter.plots.common import (

@@ -3,8 +3,8 @@ log axis (:func:`scale_plot`), and the saturated and dead fractions of one
 (:func:`saturation_plot`).
 
 Example:
-    >>> import flowscope as fs  # doctest: +SKIP
-    >>> axes = scale_plot(fs.load("reports/init-scales").stats)  # doctest: +SKIP
+    >>> import flowscope as fs
+    >>> axes = scale_plot(fs.load(run_dir).stats)  # a study run, e.g. "reports/init-scales"
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ def scale_plot(
     """Activation and gradient scale per layer on a log axis, one line per config.
 
     Example:
-        >>> import flowscope as fs  # doctest: +SKIP
-        >>> axes = scale_plot(fs.load("reports/init-scales").stats)  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> axes = scale_plot(fs.load(run_dir).stats)  # a study run, e.g. "reports/init-scales"
+        >>> [ax.get_title() for ax in axes]
+        ['activations: std per layer', 'gradients dL/d(output): std per layer']
+        >>> len(axes[0].get_lines())  # one line per config: init small, xavier
+        2
 
     Args:
         stats: a stats frame, any number of configs / runs.
@@ -193,7 +197,10 @@ def saturation_plot(
     value is NaN or Inf.
 
     Example:
-        >>> ax = saturation_plot(one_config_stats)  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> ax = saturation_plot(fs.load(model_dir).stats)  # one run, e.g. "reports/my-model"
+        >>> [line.get_label() for line in ax.get_lines()]
+        ['saturated (activations)', 'zero (activations)', 'zero (gradients)']
 
     Args:
         stats: a stats frame of one config / run.

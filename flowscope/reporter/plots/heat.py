@@ -2,7 +2,8 @@
 steps per layer (:func:`log_heatmap_steps`, fastai's "colorful dimension").
 
 Example:
-    >>> ax = log_heatmap(one_config_hists, kind="gradient")  # doctest: +SKIP
+    >>> import flowscope as fs
+    >>> ax = log_heatmap(fs.load(model_dir).hists, kind="gradient")  # one run's records
 """
 
 from __future__ import annotations
@@ -131,7 +132,11 @@ def log_heatmap(
     the bottom row ``0`` holds exact zeros (dead units, masked gradients).
 
     Example:
-        >>> ax = log_heatmap(one_config_hists, kind="gradient")  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> rec = fs.load(model_dir)  # one run, e.g. "reports/my-model"
+        >>> ax = log_heatmap(rec.hists, kind="gradient")
+        >>> ax.get_title()
+        'gradients dL/d(output): log-magnitude histogram per layer (step 1)'
 
     Args:
         hists: a hists frame of one config / run.
@@ -176,7 +181,11 @@ def log_heatmap_steps(
     """fastai's "colorful dimension": per layer, |value| by decade (y) over training steps (x).
 
     Example:
-        >>> axes = log_heatmap_steps(training_run_hists, kind="activation")  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> rec = fs.load(model_dir)  # one run recorded at steps 0 and 1
+        >>> axes = log_heatmap_steps(rec.hists, kind="activation")
+        >>> [ax.get_title() for ax in axes]
+        ['1', '3', '5']
 
     Args:
         hists: a hists frame of one run / config with several recorded steps.

@@ -130,10 +130,12 @@ def layer_hists(
     whose layer saturates (over 1%, e.g. tanh at ±0.99) states the saturated fraction.
 
     Example:
-        >>> import flowscope as fs  # doctest: +SKIP
-        >>> rec = fs.load("reports/init-scales")  # doctest: +SKIP
-        >>> one = rec.hists[rec.hists.config == "tanh-small"]  # doctest: +SKIP
-        >>> axes = layer_hists(one, kind="gradient")  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
+        >>> one = rec.hists.query("activation == 'tanh' and init == 'small'")
+        >>> axes = layer_hists(one, kind="gradient")
+        >>> [ax.get_title() for ax in axes]
+        ['layers.0.act', 'layers.1.act', 'layers.2.act']
 
     Args:
         hists: a hists frame of one config / run.
@@ -239,7 +241,11 @@ def activation_hists(
     """Per-layer activation histograms (linear y): ``layer_hists(kind="activation")``.
 
     Example:
-        >>> axes = activation_hists(rec.hists, rec.stats)  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> rec = fs.load(model_dir)
+        >>> axes = activation_hists(rec.hists, rec.stats)
+        >>> axes[0].get_yscale()
+        'linear'
     """
     return layer_hists(hists, stats, kind="activation", **kw)
 
@@ -248,6 +254,10 @@ def gradient_hists(hists: pd.DataFrame, stats: pd.DataFrame | None = None, **kw:
     """Per-layer gradient histograms (log y): ``layer_hists(kind="gradient")``.
 
     Example:
-        >>> axes = gradient_hists(rec.hists, rec.stats)  # doctest: +SKIP
+        >>> import flowscope as fs
+        >>> rec = fs.load(model_dir)
+        >>> axes = gradient_hists(rec.hists, rec.stats)
+        >>> axes[0].get_yscale()
+        'log'
     """
     return layer_hists(hists, stats, kind="gradient", **kw)
