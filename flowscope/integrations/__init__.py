@@ -172,8 +172,8 @@ class Session:
         ...     model(torch.randn(8, 4)).sum().backward()
         ...     session.after_backward()
         ...     session.end_step(step + 1)             # the optimizer stepped
-        >>> session.finish().name  # doctest: +SKIP
-        'doc-session'
+        >>> session.finish()  # the records of steps 0 and 1
+        PosixPath('reports/doc-session')
 
     Args:
         dirpath: where rank 0 writes the records (and ``report.html``).

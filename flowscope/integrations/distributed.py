@@ -45,15 +45,14 @@ Histogram sample strides: when the ranks' strides differ, counts are weighted by
 Study sweeps: :func:`run_study_sharded` runs config ``i`` on rank ``i % world_size`` and rank
 0 merges the run folder once every rank is done.
 
-Example:
-    >>> import flowscope as fs  # doctest: +SKIP
-    >>> from flowscope import distributed  # doctest: +SKIP
-    >>> rec = fs.watch(ddp_model.module, every=50)  # doctest: +SKIP
-    >>> for x, y in loader:  # doctest: +SKIP
-    ...     loss_fn(ddp_model(x), y).backward()
-    ...     distributed.record_synced_grads(rec)   # the averaged gradients
-    ...     opt.step(); opt.zero_grad(); rec.step()
-    >>> distributed.save_merged(rec, "reports/ddp")  # rank 0 writes  # doctest: +SKIP
+Example: examples/ddp_train.py (``torchrun --nproc_per_node=2 examples/ddp_train.py``:
+several processes, so a script rather than a docstring example; tests/test_examples.py runs
+it). Each rank watches the module inside the DDP wrapper,
+``rec = fs.watch(ddp_model.module, every=50)``; after each ``backward()`` it calls
+``distributed.record_synced_grads(rec)`` (the averaged gradients) before ``opt.step()``,
+``opt.zero_grad()`` and ``rec.step()``; at the end every rank calls
+``distributed.save_merged(rec, "reports/ddp")`` and rank 0 writes the records of the global
+batch. Without a process group the same script runs as one process.
 
 This module imports torch only (the study engine is imported when a sweep is sharded).
 """
@@ -406,8 +405,8 @@ def save_merged(rec: Recorder, out_dir: str | Path, group: Any = None) -> Path |
         >>> model = torch.nn.Linear(3, 2)
         >>> with fs.watch(model) as rec:
         ...     model(torch.randn(4, 3)).sum().backward()
-        >>> save_merged(rec, "reports/doc-merged").name  # doctest: +SKIP
-        'doc-merged'
+        >>> save_merged(rec, "reports/merged")  # one process: rank 0 of 1
+        PosixPath('reports/merged')
 
     Returns:
         ``out_dir`` on rank 0, None on the other ranks.
@@ -442,11 +441,14 @@ def run_study_sharded(
     --nproc_per_node=N`` (for CUDA, call ``torch.cuda.set_device(local_rank)`` first and pass
     ``device="cuda"``). Without a process group it runs every config, like ``run_study``.
 
-    Example:
-        >>> from flowscope import spec  # doctest: +SKIP
-        >>> dist.init_process_group("gloo")  # doctest: +SKIP
-        >>> study = spec.load("init-scales")  # doctest: +SKIP
-        >>> result = run_study_sharded(study, "reports/init-scales")  # doctest: +SKIP
+    Example (one process: without a process group it runs every config; under ``torchrun``,
+    call ``dist.init_process_group("gloo")`` first, as the script in docs/INTEGRATIONS.md does):
+
+        >>> from flowscope.study import spec
+        >>> small = ["net.in_dim=16", "net.width=16", "net.depth=3", "data.dim=16"]  # quick
+        >>> result = run_study_sharded(spec.load("init-scales", small), "reports/init-scales")
+        >>> result.ran, len(result.configs)
+        (16, 16)
 
     Args:
         study: a validated study.

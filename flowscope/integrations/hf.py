@@ -38,12 +38,13 @@ class FlowscopeTrainerCallback(TrainerCallback):
     """Record a Hugging Face ``Trainer`` run with flowscope.
 
     Example:
-        >>> from transformers import Trainer  # doctest: +SKIP
-        >>> from flowscope.integrations.hf import FlowscopeTrainerCallback  # doctest: +SKIP
-        >>> callback = FlowscopeTrainerCallback("reports/gpt2", every=100)  # doctest: +SKIP
-        >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])
-        ... # doctest: +SKIP
-        >>> trainer.train()  # doctest: +SKIP
+        >>> from flowscope.integrations.hf import FlowscopeTrainerCallback
+        >>> callback = FlowscopeTrainerCallback("reports/gpt2", every=100)
+
+    Then ``Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()`` records
+    optimizer steps 0, 100, 200, ... and writes ``reports/gpt2``. A whole training run is too
+    long for a docstring: examples/hf_trainer.py is one, a tiny GPT-2 built from a config
+    (tests/test_examples.py runs it).
 
     Args:
         dirpath: where the main process writes the records (and ``report.html``).

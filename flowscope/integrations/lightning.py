@@ -48,12 +48,13 @@ class FlowscopeCallback(Callback):
     """Record a Lightning training run with flowscope.
 
     Example:
-        >>> import lightning.pytorch as pl  # doctest: +SKIP
-        >>> from flowscope.integrations.lightning import FlowscopeCallback  # doctest: +SKIP
-        >>> trainer = pl.Trainer(max_steps=1000, callbacks=[FlowscopeCallback("reports/run")])
-        ... # doctest: +SKIP
-        >>> trainer.fit(model, loader)  # doctest: +SKIP
-        >>> fs.load("reports/run").stats  # doctest: +SKIP
+        >>> from flowscope.integrations.lightning import FlowscopeCallback
+        >>> callback = FlowscopeCallback("reports/run", every=50)
+
+    Then ``pl.Trainer(max_steps=1000, callbacks=[callback]).fit(model, loader)`` records
+    optimizer steps 0, 50, 100, ... and writes ``reports/run``; ``fs.load("reports/run")``
+    reads it back. A whole fit is too long for a docstring: examples/lightning_train.py is
+    one (tests/test_examples.py runs it).
 
     Args:
         dirpath: where rank 0 writes ``stats.parquet``, ``hists.parquet``, ``meta.json`` (and
