@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-LINTED := $(wildcard flowscope tests bench examples cli.py)
+LINTED := $(wildcard flowscope tests bench examples cli.py conftest.py)
 
 .PHONY: demo test lint install clean
 
