@@ -22,7 +22,7 @@ from torch import nn
 
 import flowscope as fs
 from flowscope.core.errors import FlowscopeError
-from flowscope.integrations import distributed
+from flowscope.integrations import distributed, sharded
 from flowscope.record.snapshot import HistSpec, snapshot
 from flowscope.study import engine, spec
 
@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         seen = {"ddp": _ddp(rank, Path(out)), **_mismatch(rank), **_unsynced(rank)}
         study = spec.validate(copy.deepcopy(STUDY), "s.toml")
-        result = distributed.run_study_sharded(study, Path(out) / "sh")
+        result = sharded.run_study_sharded(study, Path(out) / "sh")
         seen["sharded_result"] = None if result is None else result.ran
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:

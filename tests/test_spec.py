@@ -231,3 +231,14 @@ def test_cli_start_imports_neither_pydantic_nor_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert not {"pydantic", "torch"} & {m.split(".")[0] for m in loaded.stdout.split()}
+
+
+def test_a_built_in_name_is_found_next_to_a_run_folder_of_that_name(tmp_path, monkeypatch):
+    # `flowscope study run init-scales --out init-scales` leaves a folder of the study's name
+    # in the working directory; the name must still mean the built-in study
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "init-scales").mkdir()
+    assert spec.find("init-scales") == spec.builtin_dir() / "init-scales.toml"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FlowscopeError, match="'mine' is a directory"):
+        spec.find("mine")

@@ -150,16 +150,16 @@ def builtin_names() -> list[str]:
 def find(name_or_path: str) -> Path:
     """A built-in study by name, or a user's TOML file by path."""
     path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix == ".toml":
+        raise FlowscopeError(f"study file {name_or_path!r} does not exist")
+    candidate = builtin_dir() / f"{name_or_path}.toml"
+    if candidate.is_file():  # a built-in name, even next to a run folder of that name
+        return candidate
     if path.is_dir():
         raise FlowscopeError(f"study file {name_or_path!r} is a directory, not a TOML file")
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise FlowscopeError(f"study file {name_or_path!r} does not exist")
-        return path
-    candidate = builtin_dir() / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        raise unknown("study", name_or_path, builtin_names())
-    return candidate
+    raise unknown("study", name_or_path, builtin_names())
 
 
 def read(name_or_path: str) -> dict[str, Any]:
