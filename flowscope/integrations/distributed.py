@@ -357,6 +357,7 @@ def record_synced_grads(rec: Recorder) -> int:
         >>> model(torch.randn(4, 3)).sum().backward()
         >>> record_synced_grads(rec)  # weight and bias
         2
+        >>> rec.close()
 
     Returns:
         The number of snapshots re-recorded.
