@@ -190,14 +190,16 @@ def test_init_overrides_and_presets_reach_the_right_layers(tmp_path):
 
 
 def test_merge_uses_the_configs_run_now_and_reads_only_earlier_ones(tmp_path, monkeypatch):
-    real = engine._load_config
+    from flowscope.study import merge as merging
+
+    real = merging.load_config
     loaded = []
 
     def counting(folder):
         loaded.append(folder.name)
         return real(folder)
 
-    monkeypatch.setattr(engine, "_load_config", counting)
+    monkeypatch.setattr(merging, "load_config", counting)
     study = tiny(**{"run.probes": ["dead_units", "param_change"]})
     first = engine.run_study(study, tmp_path)
     assert loaded == []  # every config was run by this call: merged from memory
@@ -234,7 +236,9 @@ def test_config_columns_keep_the_dtypes_of_assigning_them_to_every_frame():
     ]
     study = types.SimpleNamespace(axis_columns=["width", "norm"])  # all _concat reads
     one_row = [(f, pd.DataFrame(index=range(1)).assign(**c)) for f, c in rows]
-    got = engine._concat(one_row, study, ["layer", "value"])
+    from flowscope.study.merge import concat_configs
+
+    got = concat_configs(one_row, study, ["layer", "value"])
     plain = pd.concat([f.assign(**c) for f, c in rows], ignore_index=True)
     expected = plain[["config", "width", "norm", "seed", "layer", "value"]]
     pd.testing.assert_frame_equal(got, expected)
