@@ -455,9 +455,9 @@ def summary(timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(title: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # rows may differ (case targets)
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
