@@ -371,3 +371,19 @@ def test_figures_keep_their_colours_in_the_palette():
         far = ((pixels[:, None, :3].astype(int) - palette[None, :, :3].astype(int)) ** 2).sum(2)
         got = ((pixels[:, :3].astype(int) - back[:, :3].astype(int)) ** 2).sum(1)
         assert np.array_equal(got, far.min(axis=1))
+
+
+def test_a_run_whose_gradients_are_all_nan_is_reported_not_fatal(tmp_path):
+    # a NaN loss makes every gradient NaN: their linear histograms have no range; the report
+    # (and its gradient figure) must still be written, saying so, and the doctor must say why
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with fs.watch(model) as rec:
+        (model(torch.randn(8, 4)).sum() * float("nan")).backward()
+    grads = rec.stats.query("kind == 'gradient'")
+    assert (grads["nan"] == grads["count"]).all()
+    from flowscope.reporter import plots
+
+    axes = plots.layer_hists(rec.hists, rec.stats, kind="gradient", fig=Figure())
+    assert all("no finite value" in " ".join(t.get_text() for t in ax.texts) for ax in axes)
+    page = fs.report(rec, tmp_path / "nan").read_text()
+    assert "non-finite" in page

@@ -180,13 +180,18 @@ def layer_hists(
             float(exact[name]) if exact is not None and name in exact else zeros / max(sample, 1)
         )
         drop = nonzero is True or (nonzero == "auto" and share > ZERO_SHARE)
-        if not drop:
+        defined = bool(np.isfinite(edges).all())  # False: no finite value (NaN/Inf only)
+        if not defined:  # divergence is data: an empty panel that says so
+            edges, counts = np.array([0.0, 1.0]), np.zeros(1)
+        elif not drop:
             counts[_zero_bin(edges)] += zeros
         _draw_panel(ax, edges, counts, logy, new)
         # fixed y: no auto-placement pass
         ax.set_title(short_name(name, 26), fontsize=8, y=1.0, pad=3)
         notes = []
-        if drop:
+        if not defined:
+            notes.append("no finite value")
+        elif drop:
             notes.append("all zero" if counts.sum() == 0 else f"zero: {share:.1%}")
         if saturated.get(name, 0.0) > ZERO_SHARE:
             notes.append(f"saturated: {saturated[name]:.1%}")
