@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import TINY_STUDY, study_toml
 
+from conftest import TINY_STUDY, study_toml
 from flowscope.cli import doctor_cmd as doctor_cli
 from flowscope.cli.main import main
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_STUDY
 from torch import nn
 
 import flowscope as fs
+from conftest import TINY_STUDY
 from flowscope.cli.main import main
 from flowscope.core.errors import FlowscopeError
 from flowscope.record import frames

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_STUDY, study_toml
 from torch import nn
 
 import flowscope
 import flowscope as fs
+from conftest import TINY_STUDY, study_toml
 from flowscope.cli import doctor_cmd as doctor_cli
 from flowscope.cli.main import main
 
