@@ -315,3 +315,44 @@ def test_theory_is_torch_core_without_pandas():
     code = "import sys, flowscope.theory\nprint(sorted({'pandas', 'click'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def bn_net(act: type[nn.Module], depth: int = 16, width: int = 512) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.BatchNorm1d(width), act()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def test_batchnorm_gradient_gain_is_the_mean_field_one():
+    # Yang, Pennington, Rao, Sohl-Dickstein, Schoenholz 2019: backward through batchnorm
+    # divides by the batch std of its input, so with ReLU dL/dh grows by sqrt(pi/(pi-1)) per
+    # layer toward the input (square layers: the weights' forward and backward variance agree)
+    p = predict_chain(mlp_chains(bn_net(nn.ReLU))[0], q0=1.0)
+    assert p["grad_gain"][1:-1] == pytest.approx(math.sqrt(math.pi / (math.pi - 1)), rel=0.01)
+    assert math.sqrt(math.pi / (math.pi - 1)) == pytest.approx(1.2112, abs=1e-4)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_a_deep_batchnorm_net_measures_the_predicted_gradient_gain(act):
+    # 16 Linear -> BatchNorm1d -> act layers, 512 wide, batch 1024, a random-projection loss
+    # (gradients independent of the forward weights, as the theory assumes)
+    net = bn_net(act)
+    g = torch.Generator().manual_seed(1)
+    h, pre = torch.randn(1024, 512, generator=g), []
+    for i in range(16):
+        s = net[3 * i](h)
+        s.retain_grad()
+        pre.append(s)
+        h = net[3 * i + 2](net[3 * i + 1](s))
+    out = net[-1](h)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    rms = np.array([float(s.grad.double().pow(2).mean().sqrt()) for s in pre])
+    measured = np.exp(np.log(rms[:-1] / rms[1:])[1:-1].mean())  # inner layers, geometric
+    q0 = float(pre[0].detach().double().pow(2).mean())
+    predicted = predict_chain(mlp_chains(net)[0], q0)["grad_gain"]
+    assert measured == pytest.approx(np.exp(np.log(predicted[1:-1]).mean()), rel=0.03)
+    if act is nn.ReLU:
+        assert measured == pytest.approx(1.2112, rel=0.03)
+    assert predicted[0] == pytest.approx(rms[0] / rms[1], rel=0.03)  # the input layer too

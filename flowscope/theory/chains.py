@@ -166,12 +166,16 @@ def predict_chain(chain: list[Link], q0: float) -> dict[str, np.ndarray]:
         (√q), ``act_gain`` (pre_std[l] / pre_std[l-1], first NaN), ``grad_gain`` (rms of
         dL/d(Linear output) at link l over that at link l+1; last NaN). A norm resets the
         activation's input variance to its ``norm`` value and divides the backward signal
-        by √q.
+        by the batch std of its input, which is √q less the previous activation's mean: with
+        batchnorm the gradient grows toward the input by √(E[φ'²] / Var[φ]) per layer, ≥ 1
+        for every φ (ReLU: √(π / (π − 1)) ≈ 1.2112; Yang, Pennington, Rao, Sohl-Dickstein,
+        Schoenholz 2019, "A mean field theory of batch normalization").
     """
     n = len(chain)
     q = np.full(n, math.nan)
+    spread = np.full(n, math.nan)  # variance of each Linear's output over the batch
     gain = np.full(n, math.nan)
-    q[0] = check_q(q0, "q0")
+    q[0] = spread[0] = check_q(q0, "q0")  # the input's own mean is not known: taken as 0
     for k in range(n):
         link = chain[k]
         v = q[k] if link.norm is None else link.norm
@@ -181,8 +185,14 @@ def predict_chain(chain: list[Link], q0: float) -> dict[str, np.ndarray]:
         if k + 1 < n:
             nxt = chain[k + 1]
             q[k + 1] = nxt.sigma_w2 * m["phi2"] + nxt.sigma_b2
-            scale = 1.0 if link.norm is None or q[k] <= 0 else link.gamma2 / q[k]
-            gain[k] = math.sqrt(nxt.back_w2 * m["dphi2"] * scale)
+            # the activation's mean is a constant over the batch: it moves each unit of the
+            # next Linear by a fixed offset (as does the bias), not its batch variance
+            spread[k + 1] = nxt.sigma_w2 * max(m["phi2"] - m["phi"] ** 2, 0.0)
+            # batchnorm divides the backward signal by the batch std of its input (Yang et
+            # al. 2019): with E[φ'²] over Var[φ] this is the Gaussian Poincaré ratio, >= 1
+            # for every φ: ReLU π/(π - 1) per layer, squared
+            scale = 1.0 if link.norm is None else link.gamma2 / spread[k]
+            gain[k] = math.sqrt(nxt.back_w2 * m["dphi2"] * scale) if scale > 0 else math.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         pre_std = np.sqrt(q)
         act_gain = np.concatenate([[math.nan], pre_std[1:] / pre_std[:-1]])
