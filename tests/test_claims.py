@@ -19,7 +19,8 @@ def frame(configs: dict[str, dict], layers: int = 4, stat: str = "std", kind: st
         for i in range(layers):
             rows.append(
                 {
-                    "config": cid, **spec["axes"], "seed": 0, "step": 0, "call": 0,
+                    "config": cid, **spec["axes"], "seed": spec.get("seed", 0), "step": 0,
+                    "call": 0,
                     "layer_idx": i, "layer": f"layers.{i}.act", "kind": kind, "tensor": "",
                     stat: spec["f"](i),
                 }
@@ -225,3 +226,46 @@ def test_a_claim_on_nothing_recorded_is_not_measured_rather_than_an_error():
     for other in ({"of": "gradient.std"}, {"step": 7}, {"layers": "head"}):
         v = evaluate_one({**claim, **other}, stats, NO_PROBES, ["act"])
         assert v.held is None and "no measured layer" in v.detail, other
+
+
+def seeded(values: dict[str, list[float]], kind: str = "activation") -> pd.DataFrame:
+    """A frame of settings (axis ``act``) x seeds whose per-layer std has a known gain."""
+    return frame(
+        {
+            f"{act}-s{seed}": {"axes": {"act": act}, "seed": seed, "f": lambda i, g=g: g**i}
+            for act, gains in values.items()
+            for seed, g in enumerate(gains)
+        },
+        kind=kind,
+    )
+
+
+def test_a_claim_is_held_or_not_only_when_every_seed_agrees():
+    claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "gain", "below": 0.5}
+    held = evaluate_one(claim, seeded({"tanh": [0.2, 0.3, 0.4]}), NO_PROBES, ["act"])
+    assert (held.status, held.held) == ("held", True)
+    assert held.numbers["seeds"] == 3
+    assert held.numbers["interval"] == {"all": [pytest.approx(0.2), pytest.approx(0.4)]}
+    knife = evaluate_one(claim, seeded({"tanh": [0.45, 0.49, 0.52]}), NO_PROBES, ["act"])
+    assert (knife.status, knife.held) == ("inconclusive", None)  # the seeds straddle 0.5
+    # one setting failing on every seed makes it not held, whatever the other's seeds say
+    both = seeded({"tanh": [0.45, 0.49, 0.52], "relu": [0.9, 0.8, 0.7]})
+    v = evaluate_one(claim, both, NO_PROBES, ["act"])
+    assert (v.status, v.held) == ("not held", False)
+    assert v.numbers["interval"]["act=relu"] == [pytest.approx(0.7), pytest.approx(0.9)]
+
+
+def test_an_across_claim_is_judged_per_seed_and_then_over_the_seeds():
+    rows = []
+    for seed, (a, b) in enumerate([(1.0, 3.0), (1.0, 3.0), (1.0, 1.2)]):  # seed 2: not differ
+        for act, g in (("tanh", a), ("relu", b)):
+            rows.append(
+                {f"{act}-s{seed}": {"axes": {"act": act}, "seed": seed, "f": lambda i, g=g: g}}
+            )
+    stats = frame({k: v for r in rows for k, v in r.items()})
+    claim = {"id": "x", "text": "t", "of": "activation.std", "across": "act", "expect": "differ",
+             "band": 2.0}  # fmt: skip
+    v = evaluate_one(claim, stats, NO_PROBES, ["act"])
+    assert (v.status, v.held) == ("inconclusive", None)
+    assert v.numbers["interval"]["all"] == [pytest.approx(1.2), pytest.approx(3.0)]
+    assert set(v.numbers["value"]) == {"all,seed=0", "all,seed=1", "all,seed=2"}

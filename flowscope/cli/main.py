@@ -137,9 +137,12 @@ def study_run(
 
 
 def _print_claims(claims: list) -> None:
-    marks = {True: "held", False: "NOT held", None: "not measured"}
     for verdict in claims:
-        click.echo(f"[{marks[verdict.held]:>12}] {verdict.id}: {verdict.detail}")
+        mark = "NOT held" if verdict.status == "not held" else verdict.status
+        origin = "" if verdict.origin == "lecture" else f" ({verdict.origin}'s claim)"
+        seeds = verdict.numbers.get("seeds", 1)
+        over = f" [{seeds} seeds]" if seeds > 1 else ""
+        click.echo(f"[{mark:>12}] {verdict.id}{origin}{over}: {verdict.detail}")
 
 
 def _write_report(out: Path) -> None:

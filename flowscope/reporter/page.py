@@ -182,14 +182,25 @@ def _claim_rows(
             if isinstance(values, dict)
             else ([("", fmt(values))] if values is not None else [])
         )
+        for key in ("rule", "seeds", "interval"):  # shown apart from the test
+            numbers.pop(key, None)
         test = ", ".join(f"{k} {_bound(v)}" for k, v in numbers.items())
         held = c.get("held")
+        status = c.get("status") or (
+            "held" if held is True else "not held" if held is False else "not measured"
+        )
         rows.append(
             {
                 "id": c.get("id", ""),
                 "text": c.get("text", ""),
                 "held": held,
-                "mark": {True: "held", False: "not held", None: "not measured"}.get(held, "?"),
+                "mark": status,
+                "origin": c.get("origin", "lecture"),
+                "seeds": (c.get("numbers") or {}).get("seeds", 1),
+                "interval": [
+                    (labels.get(str(k), str(k)), _bound(v))
+                    for k, v in ((c.get("numbers") or {}).get("interval") or {}).items()
+                ],
                 "measured": measured,
                 "test": test,
                 "detail": c.get("detail", ""),
@@ -348,6 +359,7 @@ def render(
             verdict_counts=_verdict_counts(table),
             claims=claims,
             claims_held=sum(c["held"] is True for c in claims),
+            claims_inconclusive=sum(c.get("status") == "inconclusive" for c in claims),
             overview=overview_figure(run.records.stats, by, labels, theory),
             theory_note=THEORY_NOTE if theory is not None else "",
             problem=problem,

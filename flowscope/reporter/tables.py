@@ -122,6 +122,8 @@ def _claims_frame(claims: list[dict[str, Any]] | None) -> pd.DataFrame | None:
             {
                 "id": c.get("id"),
                 "held": c.get("held"),
+                "status": c.get("status"),
+                "origin": c.get("origin", "lecture"),
                 "text": c.get("text"),
                 "detail": c.get("detail"),
                 "where": json.dumps(c.get("where") or {}, default=str),
@@ -129,7 +131,8 @@ def _claims_frame(claims: list[dict[str, Any]] | None) -> pd.DataFrame | None:
                 "note": c.get("note", ""),
             }
         )
-    return pd.DataFrame(rows, columns=["id", "held", "text", "detail", "where", "numbers", "note"])
+    columns = ["id", "held", "status", "origin", "text", "detail", "where", "numbers", "note"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def write_exports(

@@ -16,6 +16,13 @@ A claim selects configs (``where``), takes a per-layer series (``of = "activatio
 
 The verdict keeps the numbers: one value per config (or group) and the condition's bounds.
 Thresholds come from the source's wording and are not tuned to make claims pass.
+
+**Seeds.** A study runs every setting (one value of each sweep axis) with several seeds. A
+claim is judged per setting over its seeds: *held* when every seed passes in every setting,
+*not held* when every seed fails in some setting, and *inconclusive* otherwise (the seeds
+disagree: the measured value straddles the threshold). The verdict carries ``seeds`` (how
+many), ``interval`` ([low, high] of the judged value over the seeds, per setting) and the
+``rule``.
 """
 
 from __future__ import annotations
@@ -34,20 +41,39 @@ from flowscope.study.spec import REDUCERS, matches
 SERIES_KEYS = ("config", "seed", "step", "layer_idx", "layer")
 
 
+STATUSES = ("held", "not held", "inconclusive", "not measured")
+SEED_RULE = (
+    "held when every seed passes in every setting; not held when every seed fails in some"
+    " setting; otherwise inconclusive"
+)
+
+
 @dataclass
 class Verdict:
-    """The outcome of one claim."""
+    """The outcome of one claim: ``status`` is one of STATUSES; ``held`` is True / False
+    for held / not held and None otherwise."""
 
     id: str
     text: str
-    held: bool | None  # None: nothing measured matched the claim
+    held: bool | None  # None: inconclusive, or nothing measured matched the claim
     detail: str
     numbers: dict[str, Any] = field(default_factory=dict)
     where: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    status: str = "not measured"
+    origin: str = "lecture"  # lecture | theory | flowscope: who makes the claim
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def judge(self, outcomes: dict[str, list[bool]]) -> None:
+        """Set ``held`` and ``status`` from each setting's per-seed outcomes."""
+        if any(not any(seeds) for seeds in outcomes.values()):
+            self.held, self.status = False, "not held"
+        elif all(all(seeds) for seeds in outcomes.values()):
+            self.held, self.status = True, "held"
+        else:
+            self.held, self.status = None, "inconclusive"
 
 
 def evaluate(
@@ -77,6 +103,7 @@ def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]
         "",
         where=claim.get("where", {}),
         note=claim.get("note", ""),
+        origin=claim.get("origin", "lecture"),
     )
     if series.empty:
         base.detail = "no measured layer matched this claim (check where/of/layers)"
@@ -85,11 +112,50 @@ def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]
         return _across(claim, series, axis_columns, base)
     values = _per_config(series, claim["reduce"])
     ok, bound = _condition(claim, values)
-    base.held = bool(ok.all())
-    base.numbers = {"value": {k: _num(v) for k, v in values.items()}, **bound}
+    setting = _settings(series, axis_columns)  # config -> its setting's label
+    outcomes: dict[str, list[bool]] = {}
+    judged: dict[str, list[float]] = {}
+    for config, passed, value in zip(values.index, ok.to_numpy(), values.to_numpy(), strict=True):
+        outcomes.setdefault(setting[config], []).append(bool(passed))
+        judged.setdefault(setting[config], []).append(float(value))
+    base.judge(outcomes)
+    base.numbers = {
+        "value": {k: _num(v) for k, v in values.items()},
+        **bound,
+        **_seed_numbers(judged, series),
+    }
     worst = values[~ok].index[0] if not ok.all() else None
     base.detail = _describe(claim, values, bound, worst)
     return base
+
+
+def _settings(series: pd.DataFrame, axis_columns: list[str]) -> dict[Any, str]:
+    """Each config's setting: the values of the sweep axes that vary among the claim's
+    configs, as a label ("all" when none varies); configs of one setting differ by seed
+    (two with the same seed too are settings of their own)."""
+    ones = series.drop_duplicates("config")
+    varying = [c for c in axis_columns if c in ones and ones[c].nunique() > 1]
+    seeds = ones["seed"] if "seed" in ones else pd.Series(0, index=ones.index)
+    labels: dict[Any, str] = {}
+    seen: set[tuple[str, Any]] = set()
+    for config, seed, *values in zip(ones["config"], seeds, *(ones[c] for c in varying),
+                                     strict=True):  # fmt: skip
+        label = ",".join(f"{c}={v}" for c, v in zip(varying, values, strict=True)) or "all"
+        if (label, seed) in seen:
+            label = f"{label} ({config})"
+        seen.add((label, seed))
+        labels[config] = label
+    return labels
+
+
+def _seed_numbers(judged: dict[str, list[float]], series: pd.DataFrame) -> dict[str, Any]:
+    """``seeds``, ``interval`` ([low, high] per setting) and ``rule`` of a verdict."""
+    seeds = int(series["seed"].nunique()) if "seed" in series else 1
+    interval = {}
+    for label, vals in judged.items():
+        finite = [v for v in vals if math.isfinite(v)]
+        interval[label] = [_num(min(finite)), _num(max(finite))] if finite else [None, None]
+    return {"seeds": seeds, "interval": interval, "rule": SEED_RULE}
 
 
 def layer_series(claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
@@ -239,18 +305,30 @@ def _across(
     axis = claim["across"]
     if axis not in series.columns:
         raise unknown("claim 'across' axis", axis, axis_columns, claim["id"])
-    others = [c for c in [*axis_columns, "seed"] if c != axis and series[c].nunique() > 1]
+    others = [c for c in axis_columns if c != axis and series[c].nunique() > 1]
+    seeds = sorted(series["seed"].unique()) if "seed" in series else [None]
     groups = series.groupby(others, sort=False) if others else [((), series)]
     results: dict[str, Any] = {}
-    passed = []
+    outcomes: dict[str, list[bool]] = {}
+    judged: dict[str, list[float]] = {}
     for key, group in groups:
         keys = key if isinstance(key, tuple) else (key,)
-        label = ",".join(f"{c}={v}" for c, v in zip(others, keys, strict=False))
-        ok, number = _expect(claim, group, axis)
-        results[label or "all"] = number
-        passed.append(ok)
-    base.held = all(passed)
-    base.numbers = {"value": results, "expect": claim["expect"], "across": axis}
+        label = ",".join(f"{c}={v}" for c, v in zip(others, keys, strict=False)) or "all"
+        for seed in seeds:  # the axis is compared within one seed; seeds judged together
+            one = group if seed is None else group[group["seed"] == seed]
+            ok, number = _expect(claim, one, axis)
+            tag = label if len(seeds) == 1 else f"{label},seed={seed}"
+            results[tag] = number
+            outcomes.setdefault(label, []).append(ok)
+            if isinstance(number, float | int):
+                judged.setdefault(label, []).append(float(number))
+    base.judge(outcomes)
+    base.numbers = {
+        "value": results,
+        "expect": claim["expect"],
+        "across": axis,
+        **_seed_numbers(judged, series),
+    }
     for setting in ("band", "power", "tol"):
         if setting in claim:
             base.numbers[setting] = claim[setting]

@@ -195,6 +195,11 @@ class Claim(Table):
     power: Number | None = Field(default=None, description="power: the log-log slope expected")
     tol: Number | None = Field(default=None, description="power: allowed slope error (default 0.1)")
     note: str | None = Field(default=None, description="a remark shown with the verdict")
+    origin: Literal["lecture", "theory", "flowscope"] = Field(
+        default="lecture",
+        description="who makes the claim: the source lecture (default), a theory paper the"
+        " note names, or flowscope itself (a measurement the source only implies)",
+    )
 
     @field_validator("of")
     @classmethod
