@@ -131,10 +131,21 @@ def test_probe_claims():
     assert evaluate_one({**change, "step": 0}, stats, probes, ["act"]).held is False
 
 
-def test_nan_values_fail_a_threshold_claim():
-    stats = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: math.nan}})
+def test_a_seed_with_no_finite_value_is_not_measured_and_keeps_the_claim_from_holding():
+    # a NaN statistic (no finite value in the tensor) or probe (an undefined share) says
+    # nothing about the claim: never a pass, never a silent fail, and named in the verdict
     claim = {"id": "x", "text": "t", "of": "activation.std", "reduce": "mean", "below": 1.0}
-    assert evaluate_one(claim, stats, NO_PROBES, ["act"]).held is False
+    nan = frame({"a": {"axes": {"act": "tanh"}, "f": lambda i: math.nan}})
+    v = evaluate_one(claim, nan, NO_PROBES, ["act"])
+    assert (v.status, v.held) == ("not measured", None)
+    assert v.numbers["unmeasured"] == ["a"] and "(no finite value) at a" in v.detail
+    gains = {"tanh": [0.5, math.nan, 0.5]}  # two seeds pass, one is undefined
+    some = evaluate_one(claim, seeded(gains), NO_PROBES, ["act"])
+    assert (some.status, some.held) == ("inconclusive", None)
+    mean = np.mean(0.5 ** np.arange(4))  # the std of layer i is gain**i
+    assert some.numbers["interval"] == {"all": [pytest.approx(mean), pytest.approx(mean)]}
+    fails = evaluate_one({**claim, "below": 0.1}, seeded(gains), NO_PROBES, ["act"])
+    assert (fails.status, fails.held) == ("not held", False)  # every measured seed fails
 
 
 def _masked_series(claim, stats, probes):

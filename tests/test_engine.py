@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 
 import pandas as pd
@@ -323,6 +324,21 @@ def test_dead_units_count_exact_zeros_only():
     got = dead_units(ProbeContext(model=model, x=x, initial={}))
     expected = (x == 0).all(dim=0).double().mean()
     assert got == {"0": expected} and expected.item() == pytest.approx(2 / 6)
+
+
+def test_same_sign_rows_against_numpy_and_undefined_without_a_live_row():
+    from flowscope.study.probes import ProbeContext, same_sign_rows
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    g = torch.tensor([[1.0, 2, 0, 3, 1], [1, -1, 0, 0, 0], [0.0] * 5, [-1, -2, 0, 0, -5]])
+    model[0].weight.grad = g
+    model[1].weight.grad = torch.zeros(3, 4)  # a loss saturated to an exact zero gradient
+    got = same_sign_rows(ProbeContext(model=model, x=torch.ones(1, 5), initial={}))
+    a = g.numpy()
+    live = (a != 0).any(axis=1)
+    one_sign = ((a >= 0).all(axis=1) | (a <= 0).all(axis=1)) & live
+    assert got["0"].item() == pytest.approx(one_sign.sum() / live.sum())  # 2 of 3 live rows
+    assert math.isnan(got["1"].item())  # undefined, not 0: the claim then says not measured
 
 
 def test_swept_bins_merge_configs_with_different_histogram_layouts(tmp_path):

@@ -242,3 +242,10 @@ def test_a_built_in_name_is_found_next_to_a_run_folder_of_that_name(tmp_path, mo
     (tmp_path / "mine").mkdir()
     with pytest.raises(FlowscopeError, match="'mine' is a directory"):
         spec.find("mine")
+
+
+def test_two_claims_with_one_id_are_refused():
+    raw = spec.read("init-scales")
+    raw["claim"] = [raw["claim"][0], {**raw["claim"][1], "id": raw["claim"][0]["id"]}]
+    with pytest.raises(FlowscopeError, match=r"claims 1 and 2 share the id 'tanh-small"):
+        spec.validate(raw, "init-scales.toml")

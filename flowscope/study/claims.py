@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from flowscope.core.columns import RESERVED
-from flowscope.core.errors import unknown
+from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.study.spec import REDUCERS, matches
 
 SERIES_KEYS = ("config", "seed", "step", "layer_idx", "layer")
@@ -43,8 +43,8 @@ SERIES_KEYS = ("config", "seed", "step", "layer_idx", "layer")
 
 STATUSES = ("held", "not held", "inconclusive", "not measured")
 SEED_RULE = (
-    "held when every seed passes in every setting; not held when every seed fails in some"
-    " setting; otherwise inconclusive"
+    "held when every seed passes in every setting; not held when every measured seed fails in"
+    " some setting; otherwise inconclusive (a seed with no finite value is not measured)"
 )
 
 
@@ -66,11 +66,17 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def judge(self, outcomes: dict[str, list[bool]]) -> None:
-        """Set ``held`` and ``status`` from each setting's per-seed outcomes."""
-        if any(not any(seeds) for seeds in outcomes.values()):
+    def judge(self, outcomes: dict[str, list[bool]], unmeasured: int = 0) -> None:
+        """Set ``held`` and ``status`` from each setting's per-seed outcomes. ``unmeasured``
+        seeds (a non-finite value: the quantity is undefined there) are in no list: with
+        any of them the claim is at best inconclusive, and with nothing measured, not
+        measured."""
+        outcomes = {label: seeds for label, seeds in outcomes.items() if seeds}
+        if not outcomes:
+            self.held, self.status = None, "not measured"
+        elif any(not any(seeds) for seeds in outcomes.values()):
             self.held, self.status = False, "not held"
-        elif all(all(seeds) for seeds in outcomes.values()):
+        elif all(all(seeds) for seeds in outcomes.values()) and not unmeasured:
             self.held, self.status = True, "held"
         else:
             self.held, self.status = None, "inconclusive"
@@ -96,6 +102,8 @@ def evaluate_one(
 
 def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]) -> Verdict:
     series = index.series(claim, where=claim.get("where", {}))
+    if "divide_by" in claim and not series.empty:
+        series = _divided(claim, series, index)
     base = Verdict(
         claim["id"],
         claim["text"],
@@ -115,17 +123,26 @@ def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]
     setting = _settings(series, axis_columns)  # config -> its setting's label
     outcomes: dict[str, list[bool]] = {}
     judged: dict[str, list[float]] = {}
+    unmeasured = []
     for config, passed, value in zip(values.index, ok.to_numpy(), values.to_numpy(), strict=True):
+        if not math.isfinite(value):  # e.g. no live gradient row: the seed says nothing
+            unmeasured.append(config)
+            continue
         outcomes.setdefault(setting[config], []).append(bool(passed))
         judged.setdefault(setting[config], []).append(float(value))
-    base.judge(outcomes)
+    base.judge(outcomes, unmeasured=len(unmeasured))
     base.numbers = {
         "value": {k: _num(v) for k, v in values.items()},
         **bound,
         **_seed_numbers(judged, series),
     }
-    worst = values[~ok].index[0] if not ok.all() else None
+    failed = values[~ok & np.isfinite(values)]
+    worst = failed.index[0] if len(failed) else None
     base.detail = _describe(claim, values, bound, worst)
+    if unmeasured:
+        base.numbers["unmeasured"] = [_label(c) for c in unmeasured]
+        where = ", ".join(map(_label, unmeasured))
+        base.detail += f" — not measurable (no finite value) at {where}"
     return base
 
 
@@ -156,6 +173,24 @@ def _seed_numbers(judged: dict[str, list[float]], series: pd.DataFrame) -> dict[
         finite = [v for v in vals if math.isfinite(v)]
         interval[label] = [_num(min(finite)), _num(max(finite))] if finite else [None, None]
     return {"seeds": seeds, "interval": interval, "rule": SEED_RULE}
+
+
+def _divided(claim: dict[str, Any], series: pd.DataFrame, index: ClaimFrames) -> pd.DataFrame:
+    """The series over ``layers`` divided, layer by layer in execution order, by the same
+    statistic over the layers ``divide_by`` names (a block's pre-activation gradient over
+    its activation's output gradient: the activation's local factor)."""
+    den = index.series({**claim, "layers": claim["divide_by"]}, where=claim.get("where", {}))
+    num_counts = series.groupby("config", sort=False).size()
+    den_counts = den.groupby("config", sort=False).size()
+    if not num_counts.equals(den_counts.reindex(num_counts.index)):
+        raise FlowscopeError(
+            f"claim {claim['id']}: divide_by {claim['divide_by']!r} selects "
+            f"{den_counts.to_dict()} layers per config, layers {claim.get('layers')!r} "
+            f"selects {num_counts.to_dict()}: they are divided one by one"
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = series["value"].to_numpy(dtype=float) / den["value"].to_numpy(dtype=float)
+    return series.assign(value=values)
 
 
 def layer_series(claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:

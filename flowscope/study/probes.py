@@ -124,7 +124,9 @@ def same_sign_rows(ctx: ProbeContext) -> dict[str, torch.Tensor]:
             continue
         pos, neg = (g > 0).any(dim=1), (g < 0).any(dim=1)
         live = pos | neg
-        out[name] = ((live & ~(pos & neg)).sum() / live.sum().clamp(min=1)).to(torch.float64)
+        # no live row (a loss saturated to an exact zero gradient): the share is undefined
+        share = (live & ~(pos & neg)).sum().double() / live.sum().double()
+        out[name] = torch.where(live.any(), share, share.new_tensor(float("nan")))
     return out
 
 

@@ -250,7 +250,14 @@ def validate(raw: dict[str, Any], where: str = "<study>") -> Study:
     for config in configs:
         check_config(study, config, f"{where}, config {config.index + 1} of {len(configs)}")
     columns = {*study.axis_columns, "seed"}
+    seen: dict[str, int] = {}
     for i, claim in enumerate(study.claims):
+        if claim["id"] in seen:
+            raise FlowscopeError(
+                f"{where}: claims {seen[claim['id']] + 1} and {i + 1} share the id"
+                f" {claim['id']!r}; every claim needs its own"
+            )
+        seen[claim["id"]] = i
         for column in claim["where"]:
             if column not in columns:
                 place = f"{where}, claim {i + 1} ({claim['id']})"

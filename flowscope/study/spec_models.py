@@ -175,6 +175,12 @@ class Claim(Table):
         default_factory=dict, description="config column = value (or list of values)"
     )
     layers: str | None = Field(default=None, description="layer name glob (default: every layer)")
+    divide_by: str | None = Field(
+        default=None,
+        description="a layer name glob: the series is divided, layer by layer in execution"
+        " order, by the same statistic over these layers (e.g. an activation's local factor:"
+        " its block's pre-activation gradient over its own output gradient)",
+    )
     tensor: str | None = Field(
         default=None, description="weight or bias, of weight kinds (default: weight)"
     )
