@@ -15,6 +15,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from test_report import record
 from torch import nn
@@ -137,6 +138,88 @@ def test_scale_plot_groups_by_config_when_there_is_one(relu, tanh):
     assert axes[0].figure.legends[0].get_title().get_text() == "config"
 
 
+@pytest.fixture(scope="module")
+def seeds() -> pd.DataFrame:
+    """Stats of two settings (ReLU He, tanh sigma 0.5), 3 seeds each, as a study has them."""
+    parts = []
+    for name, module, std in (("relu", nn.ReLU, math.sqrt(2 / 16)), ("tanh", nn.Tanh, 0.5)):
+        for seed in range(3):
+            config = f"{name},seed={seed}"
+            stats = record(module, std, depth=4, seed=seed, name=config).stats
+            parts.append(stats.assign(config=config, setting=name, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def band_edges(band: PolyCollection, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest y of a fill_between polygon at each x."""
+    points = band.get_paths()[0].vertices
+    low = np.array([points[points[:, 0] == x, 1].min() for x in xs])
+    high = np.array([points[points[:, 0] == x, 1].max() for x in xs])
+    return low, high
+
+
+def test_scale_plot_bands_the_seeds_of_each_setting(seeds):
+    axes = plots.scale_plot(seeds, by="setting", band="seed", fig=Figure())
+    for ax, kind in zip(axes, ("activation", "gradient"), strict=True):
+        assert [ln.get_label() for ln in ax.lines] == ["relu", "tanh"]  # one line per setting
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2
+        for line, band, name in zip(ax.lines, bands, ("relu", "tanh"), strict=True):
+            assert band.get_facecolor()[0][:3] == pytest.approx(
+                matplotlib.colors.to_rgb(line.get_color())
+            )
+            # per layer (execution order), the std over the seeds, from the frame
+            mine = first_call(seeds[(seeds.setting == name) & (seeds.kind == kind)])
+            layers = plots.flow_layers(mine)
+            per_seed = mine[mine.layer.isin(layers)].pivot(
+                index="layer", columns="seed", values="std"
+            )
+            per_seed = per_seed.loc[layers]
+            xs = np.arange(1, len(layers) + 1)
+            assert line.get_xdata() == pytest.approx(xs)
+            assert line.get_ydata() == pytest.approx(per_seed.median(axis=1).to_numpy())
+            low, high = band_edges(band, xs)
+            assert low == pytest.approx(per_seed.min(axis=1).to_numpy())
+            assert high == pytest.approx(per_seed.max(axis=1).to_numpy())
+            assert (per_seed.max(axis=1) > per_seed.min(axis=1)).all()  # the seeds differ
+    legend = [t.get_text() for t in axes[0].figure.legends[0].get_texts()]
+    assert legend == ["relu", "tanh", "min–max over seeds"]
+
+
+def test_without_a_band_or_with_one_seed_a_line_has_no_band(seeds):
+    one = seeds[seeds.seed == 0]
+    for frame, kw in ((one, {"by": "setting", "band": "seed"}), (one, {}), (seeds, {})):
+        axes = plots.scale_plot(frame, fig=Figure(), **kw)
+        assert not axes[0].collections
+        assert "min–max over seeds" not in [
+            t.get_text() for t in axes[0].figure.legends[0].get_texts()
+        ]
+
+
+def test_a_band_over_several_configs_of_one_seed_is_refused(seeds):
+    with pytest.raises(FlowscopeError, match=r"seed=0 holds 2 configs; .* pass it as by"):
+        plots.scale_plot(seeds.assign(setting="all"), by="setting", band="seed", fig=Figure())
+    with pytest.raises(FlowscopeError, match=r"seed=0 holds 2 configs; .*filter it"):
+        plots.saturation_plot(seeds, band="seed", ax=Figure().subplots())
+    with pytest.raises(FlowscopeError, match="column 'nope' not in the stats frame"):
+        plots.scale_plot(seeds, by="setting", band="nope", fig=Figure())
+
+
+def test_saturation_plot_bands_the_seeds_of_one_setting(seeds):
+    relu = seeds[seeds.setting == "relu"]
+    ax = plots.saturation_plot(relu, band="seed", ax=Figure().subplots())
+    assert [ln.get_label() for ln in ax.lines] == ["zero (activations)", "zero (gradients)"]
+    assert len(ax.collections) == 2 and "3 seeds: median, range" in ax.get_title()
+    acts = relu.query("kind == 'activation' and module_type == 'ReLU'")
+    per_seed = acts.pivot(index="layer", columns="seed", values="frac_zero").loc[
+        ["1", "3", "5", "7"]
+    ]
+    assert ax.lines[0].get_ydata() == pytest.approx(per_seed.median(axis=1).to_numpy())
+    low, high = band_edges(ax.collections[0], np.arange(4))
+    assert low == pytest.approx(per_seed.min(axis=1).to_numpy())
+    assert high == pytest.approx(per_seed.max(axis=1).to_numpy())
+
+
 def test_log_heatmap_columns_are_layers_and_fractions_sum_to_one(relu):
     ax = plots.log_heatmap(relu.hists, kind="activation", ax=Figure().subplots())
     names = [t.get_text() for t in ax.get_xticklabels()]
@@ -225,6 +308,10 @@ def test_drawing_again_on_a_figure_reuses_its_panels_and_looks_like_a_new_one(re
         (plots.log_heatmap_steps, [r.hists for r in runs], {"kind": "activation"}),
         (plots.scale_plot, [pd.concat([relu.stats, tanh.stats]), relu.stats], {}),
     ]
+    banded = record(nn.ReLU, 0.5, depth=4, name="other").stats.assign(setting="b", seed=0)
+    banded = pd.concat([banded, banded.assign(seed=1, std=banded["std"] * 3)])
+    frames = [pd.concat([relu.stats.assign(setting="a", seed=0), banded]), banded]
+    cases.append((plots.scale_plot, frames, {"by": "setting", "band": "seed"}))
     for draw, frames, kw in cases:
         fig = Figure(figsize=(8, 3))
         first = draw(frames[0], fig=fig, **kw)

@@ -1,6 +1,7 @@
 """Line plots per layer: the scale of activations and gradients of every config on one
 log axis (:func:`scale_plot`), and the saturated and dead fractions of one
-(:func:`saturation_plot`).
+(:func:`saturation_plot`). Given a ``band`` column (``"seed"``), both draw the median over
+its values per layer and a translucent band from their minimum to their maximum.
 
 Example:
     >>> import flowscope as fs
@@ -51,17 +52,28 @@ def scale_plot(
     step: int | None = None,
     layers: Sequence[str] | None = None,
     stat: str = "std",
+    band: str | None = None,
     fig: Figure | None = None,
 ) -> list[Axes]:
     """Activation and gradient scale per layer on a log axis, one line per config.
 
     Example:
         >>> import flowscope as fs
-        >>> axes = scale_plot(fs.load(run_dir).stats)  # a study run, e.g. "reports/init-scales"
+        >>> stats = fs.load(run_dir).stats  # a study run, e.g. "reports/init-scales"
+        >>> one = stats[stats["seed"] == 0]  # seed 0 of every config
+        >>> axes = scale_plot(one)
         >>> [ax.get_title() for ax in axes]
         ['activations: std per layer', 'gradients dL/d(output): std per layer']
         >>> len(axes[0].get_lines())  # one line per config: init small, xavier
         2
+
+        Seeds of one setting as a band: one line per ``init`` (the median over the seeds)
+        and one band (their range), here with a made-up second seed of twice the scale:
+
+        >>> seeds = pd.concat([one, one.assign(seed=1, std=2 * one["std"])])
+        >>> axes = scale_plot(seeds, by="init", band="seed")
+        >>> len(axes[0].get_lines()), len(axes[0].collections)
+        (2, 2)
 
     Args:
         stats: a stats frame, any number of configs / runs.
@@ -72,6 +84,9 @@ def scale_plot(
         step: the step to draw (default: each group's last recorded step).
         layers: layer names to draw (default: see :func:`flow_layers`, per group).
         stat: the statistic on the y axis.
+        band: a column whose values are repeats of one line (``"seed"``): the line is their
+            median per layer, the band around it their minimum to maximum. Rows of one
+            ``by`` value and one ``band`` value must be one config / run.
         fig: an empty figure to draw on, or one this function drew on before (its panels
             are redrawn); default: a new pyplot figure.
 
@@ -79,26 +94,33 @@ def scale_plot(
         Two axes: activations, gradients.
 
     Raises:
-        FlowscopeError: for a missing column or an unrecorded step.
+        FlowscopeError: for a missing column, an unrecorded step, or a ``band`` value that
+            holds several configs of one line.
     """
     import seaborn as sns
 
     by = by or group_column(stats)
-    for col in (by, stat):
+    for col in (by, stat, *([band] if band else [])):
         if col not in stats.columns:
             raise FlowscopeError(f"scale_plot: column {col!r} not in the stats frame")
+    if band:
+        _one_run_per_band(stats, band, "scale_plot", by)
     keys = stats[by].astype(str)
     groups = [str(g) for g in pd.unique(keys)]
     # tab20 pairs neighbours (dark, light): sweeps listed axis by axis read as pairs
     name = "tab10" if len(groups) <= 10 else "tab20" if len(groups) <= 20 else "husl"
     palette = sns.color_palette(name, len(groups))
     fig, axes, _ = axes_row(fig, 2, (11.0, 3.6), key=("scale_plot",))
-    series = {g: _scale_series(stats[keys == g], stat, step, layers) for g in groups}
+    series = {g: _banded_series(stats[keys == g], stat, step, layers, band) for g in groups}
+    banded = False
     for ax, kind in zip(axes, ("activation", "gradient"), strict=True):
         for color, g in zip(palette, groups, strict=True):
             s = series[g][kind]
             label = label_text((labels or {}).get(g, g))
             ax.plot(s["pos"], s[stat], marker="o", ms=3, lw=1.4, color=color, label=label, zorder=2)
+            if "lo" in s:
+                ax.fill_between(s["pos"], s["lo"], s["hi"], color=color, alpha=0.2, lw=0)
+                banded = True
             if theory is not None:
                 _theory_line(ax, theory, by, g, kind, stat, s, color)
         if all(series[g][kind][stat].isna().all() for g in groups):
@@ -116,6 +138,11 @@ def scale_plot(
 
         handles.append(Line2D([], [], color="0.3", ls="--", lw=2.8, alpha=0.45))
         names.append("theory")
+    if banded:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="0.3", alpha=0.2, lw=0))
+        names.append(f"min–max over {label_text(band)}s")
     legend = fig.legend(
         handles,
         names,
@@ -145,6 +172,51 @@ def _scale_series(
         values = part[stat].astype(float)
         out[kind] = part.assign(**{stat: values.where(values > 0)})[["pos", "layer", stat]]
     return out
+
+
+def _banded_series(
+    stats: pd.DataFrame,
+    stat: str,
+    step: int | None,
+    layers: Sequence[str] | None,
+    band: str | None,
+) -> dict[str, pd.DataFrame]:
+    """:func:`_scale_series`; with several ``band`` values, their median per layer and their
+    range as columns ``lo`` and ``hi``."""
+    values = list(pd.unique(stats[band])) if band else []
+    if len(values) <= 1:
+        return _scale_series(stats, stat, step, layers)
+    parts = [_scale_series(stats[stats[band] == v], stat, step, layers) for v in values]
+    return {kind: _spread([p[kind] for p in parts], stat) for kind in ("activation", "gradient")}
+
+
+def _spread(parts: Sequence[pd.DataFrame], column: str) -> pd.DataFrame:
+    """Per layer position: the median of ``column`` over ``parts``, and its ``lo`` and ``hi``."""
+    rows = pd.concat(parts, ignore_index=True)
+    out = rows.groupby(["pos", "layer"], sort=False)[column].agg(["median", "min", "max"])
+    out = out.rename(columns={"median": column, "min": "lo", "max": "hi"}).reset_index()
+    return out.sort_values("pos", kind="stable").reset_index(drop=True)
+
+
+def _one_run_per_band(stats: pd.DataFrame, band: str, what: str, by: str | None = None) -> None:
+    """Refuse a ``band`` value (of a line ``by``) holding several configs: no repeats of one."""
+    col = group_column(stats)
+    if col == by or col not in stats.columns:
+        return
+    keys = [by, band] if by else [band]
+    counts = stats.groupby(keys, sort=False, dropna=False)[col].nunique()
+    if (counts > 1).any():
+        where = counts[counts > 1].index[0]
+        values = where if by else [where]
+        at = ", ".join(
+            f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+            for k, v in zip(keys, values, strict=True)
+        )
+        how = "give each setting a column of its own and pass it as by" if by else "filter it"
+        raise FlowscopeError(
+            f"{what}: {at} holds {int(counts.max())} {col}s; a band spreads the repeats "
+            f"(seeds) of one {col} of one setting: {how}"
+        )
 
 
 def _theory_line(
@@ -189,12 +261,15 @@ def saturation_plot(
     *,
     step: int | None = None,
     layers: Sequence[str] | None = None,
+    band: str | None = None,
     ax: Axes | None = None,
 ) -> Axes:
     """Saturated and exactly-zero ("dead") fractions of the activations per layer.
 
     Also draws the zero fraction of the gradients, and the non-finite fraction when any
-    value is NaN or Inf.
+    value is NaN or Inf. With a ``band`` column (``"seed"``) the frame may hold one config per
+    value of it (the seeds of one setting): each line is their median per layer, with a band
+    from their minimum to their maximum.
 
     Example:
         >>> import flowscope as fs
@@ -203,18 +278,25 @@ def saturation_plot(
         ['saturated (activations)', 'zero (activations)', 'zero (gradients)']
 
     Args:
-        stats: a stats frame of one config / run.
+        stats: a stats frame of one config / run (or, with ``band``, of one setting).
         step: the step to draw (default: the last recorded).
         layers: layer names to draw (default: see :func:`flow_layers`).
+        band: a column whose values are repeats of one config (``"seed"``).
         ax: the axes to draw on (default: a new pyplot figure).
 
     Returns:
         The axes (y: fraction, 0 to 1).
 
     Raises:
-        FlowscopeError: for several configs in one frame or an unrecorded step.
+        FlowscopeError: for several configs in one frame (in one ``band`` value) or an
+            unrecorded step.
     """
-    frame, chosen = at_step(one_group(stats, "saturation_plot"), step)
+    if band:
+        if band not in stats.columns:
+            raise FlowscopeError(f"saturation_plot: column {band!r} not in the stats frame")
+        _one_run_per_band(stats, band, "saturation_plot")
+    frame, chosen = at_step(stats if band else one_group(stats, "saturation_plot"), step)
+    repeats = int(frame[band].nunique()) if band else 1
     frame = first_call(frame[frame["kind"].isin(["activation", "gradient"])])
     frame = frame.assign(frac_nonfinite=(frame["nan"] + frame["inf"]) / frame["count"])
     names = flow_layers(frame, layers)
@@ -222,18 +304,26 @@ def saturation_plot(
     ax = new_ax(ax, (max(4.0, 0.45 * len(names) + 1.5), 2.8))
     lines = _saturation_lines(frame[frame["layer"].isin(pos)])
     for label, (kind, column) in lines.items():
-        part = frame[(frame["kind"] == kind) & frame["layer"].isin(pos)].drop_duplicates("layer")
-        part = part.assign(pos=part["layer"].map(pos)).sort_values("pos")
+        part = frame[(frame["kind"] == kind) & frame["layer"].isin(pos)]
+        if repeats > 1:
+            part = part.assign(pos=part["layer"].map(pos))
+            part = _spread([p.drop_duplicates("layer") for _, p in part.groupby(band)], column)
+        else:
+            part = part.drop_duplicates("layer")
+            part = part.assign(pos=part["layer"].map(pos)).sort_values("pos")
         color, marker, ls = LINE_STYLES[label]
         ax.plot(
             part["pos"], part[column], marker=marker, ms=4, lw=1.3, ls=ls, color=color, label=label
         )
+        if repeats > 1:
+            ax.fill_between(part["pos"], part["lo"], part["hi"], color=color, alpha=0.2, lw=0)
     ax.set_ylim(-0.03, 1.03)
     name_ticks(ax, names)
     ax.set_ylabel("fraction", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"saturated and zero fractions per layer (step {chosen})", fontsize=9, y=1.0)
+    over = f", {repeats} {label_text(band)}s: median, range" if repeats > 1 else ""
+    ax.set_title(f"saturated and zero fractions per layer (step {chosen}{over})", fontsize=9, y=1.0)
     ax.legend(fontsize=7, loc="best", frameon=False)
     return ax
 
