@@ -50,9 +50,9 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
     """Load a run folder: ``stats``/``hists``/``meta`` and any study files beside them.
 
     Example:
-        >>> run = read_run(run_dir)  # a study run of 2 configs, e.g. "reports/init-scales"
-        >>> run.by, len(run.configs)
-        ('config', 2)
+        >>> run = read_run(run_dir)  # a study run, e.g. "reports/init-scales"
+        >>> run.by, sorted({c["axes"]["init"] for c in run.configs})  # its configs' inits
+        ('config', ['small', 'xavier'])
 
     Raises:
         FlowscopeError: for a folder that is not a flowscope run, or an unreadable JSON file.

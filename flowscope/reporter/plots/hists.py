@@ -132,7 +132,7 @@ def layer_hists(
     Example:
         >>> import flowscope as fs
         >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
-        >>> one = rec.hists.query("activation == 'tanh' and init == 'small'")
+        >>> one = rec.hists.query("activation == 'tanh' and init == 'small' and seed == 0")
         >>> axes = layer_hists(one, kind="gradient")
         >>> [ax.get_title() for ax in axes]
         ['layers.0.act', 'layers.1.act', 'layers.2.act']
