@@ -8,11 +8,13 @@ real recordings, so the page is checked against known configs, names and statuse
 from __future__ import annotations
 
 import base64
+import html as markup
 import io
 import json
 import math
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -74,31 +76,44 @@ def record(
     return rec
 
 
-def config_id(i: int, activation: str, init: str) -> str:
-    return f"{i:03d}-activation={activation},init={init},seed=0"
+def config_id(i: int, activation: str, init: str, seed: int = 0) -> str:
+    return f"{i:03d}-activation={activation},init={init},seed={seed}"
 
 
-def make_study(folder: Path, *, xss: bool = False) -> Path:
-    """A study run folder to the contract: 3 recorded configs and 1 failed one."""
+def make_study(
+    folder: Path,
+    *,
+    xss: bool = False,
+    seeds: tuple[int, ...] = (0,),
+    stds: dict[tuple[int, int], float] | None = None,
+) -> Path:
+    """A study run folder to the contract: 3 recorded settings and 1 failed one, each run
+    with every seed (``stds``: another weight std for (setting, seed))."""
     folder.mkdir(parents=True, exist_ok=True)
     stats, hists, statuses = [], [], []
     for i, (activation, init, module, std) in enumerate(CONFIGS):
-        rec = record(module, std, seed=i).records()
-        cid = config_id(i, activation, init)
-        columns = {"config": cid, "activation": activation, "init": init, "seed": 0}
-        s, h = rec.stats.assign(run=cid, **columns), rec.hists.assign(run=cid, **columns)
-        if xss and i == 0:  # a layer name and an axis value from a hostile file
-            s["layer"] = s["layer"].replace("1", XSS)
-            h["layer"] = h["layer"].replace("1", XSS)
-            columns["activation"] = s["activation"] = h["activation"] = f"tanh{XSS}"
-        stats.append(s)
-        hists.append(h)
-        axes = {"activation": columns["activation"], "init": init}
-        statuses.append({"config": cid, "axes": axes, "seed": 0, "status": "done", "error": None})
-    failed = config_id(len(CONFIGS), *FAILED)
+        for seed in seeds:
+            weight_std = (stds or {}).get((i, seed), std)
+            rec = record(module, weight_std, seed=i + 100 * seed).records()
+            cid = config_id(len(statuses), activation, init, seed)
+            columns = {"config": cid, "activation": activation, "init": init, "seed": seed}
+            s, h = rec.stats.assign(run=cid, **columns), rec.hists.assign(run=cid, **columns)
+            if xss and i == 0:  # a layer name and an axis value from a hostile file
+                s["layer"] = s["layer"].replace("1", XSS)
+                h["layer"] = h["layer"].replace("1", XSS)
+                columns["activation"] = s["activation"] = h["activation"] = f"tanh{XSS}"
+            stats.append(s)
+            hists.append(h)
+            axes = {"activation": columns["activation"], "init": init}
+            done = {"status": "done", "error": None}
+            statuses.append({"config": cid, "axes": axes, "seed": seed, **done})
     error = "RuntimeError: boom <b>not bold</b>"
     axes = dict(zip(["activation", "init"], FAILED, strict=True))
-    statuses.append({"config": failed, "axes": axes, "seed": 0, "status": "failed", "error": error})
+    for seed in seeds:
+        failed = config_id(len(statuses), *FAILED, seed)
+        statuses.append(
+            {"config": failed, "axes": axes, "seed": seed, "status": "failed", "error": error}
+        )
     front = ["config", "activation", "init", "seed"]
     meta = {
         "study": "tiny",
@@ -279,6 +294,113 @@ def test_summary_frame_keeps_failed_configs_in_order(tmp_path):
     assert table.label.tolist()[:2] == ["tanh · small", "relu · he"]
     assert table.status.tolist()[-1] == "failed" and table.verdict.isna().all()
     assert {"act_gain", "grad_gain", "grad_ratio", "worst_layer", "thresholds"} <= set(table)
+
+
+SEEDS = (0, 1, 2)
+
+
+def section_titles(html: str) -> list[str]:
+    """Each details section's title, badges left out."""
+    return [
+        t.strip() for t in re.findall(r'<section class="config" id="cfg-\d+">\s*<h3>([^<]*)<', html)
+    ]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    # every setting with 3 seeds; seed 2 of tanh · small gets a healthy std: its seeds disagree
+    folder = tmp_path_factory.mktemp("seeds") / "run"
+    make_study(folder, seeds=SEEDS, stds={(0, 2): 0.3})
+    return folder, report(folder).read_text()
+
+
+def test_several_seeds_give_a_section_and_a_summary_row_per_setting(seeded):
+    folder, html = seeded
+    settings = [f"{activation} · {init}" for activation, init, *_ in CONFIGS]
+    settings.append(" · ".join(FAILED))
+    assert section_titles(html) == settings
+    rows = summary_rows(html)
+    assert [re.search(r'<a href="#cfg-\d+">([^<]*)</a>', r).group(1) for r in rows] == settings
+    assert "Details per setting" in html and f"{len(SEEDS)}</span>seeds each" in html
+    # the seeds' verdicts, as summary.csv (one row per config) has them
+    table = pd.read_csv(folder / "summary.csv")
+    table["outcome"] = table["verdict"].fillna(table["status"])
+    for row, (_, part) in zip(rows, table.groupby(["activation", "init"], sort=False), strict=True):
+        counts = Counter(part["outcome"]).most_common()
+        badges = re.findall(r'<span class="badge [^"]+">([^<]+)</span>', row)
+        if len(counts) == 1:
+            assert badges == [counts[0][0]] and f"({len(SEEDS)} seeds)" in row
+        else:
+            assert badges == [f"{v} {n}" for v, n in counts]
+        gains = part["act_gain"].dropna()
+        if len(gains):  # the median, and the range over the seeds beneath it
+            assert f">{fmt(gains.median())}<div" in row
+            assert f"{fmt(gains.min())}–{fmt(gains.max())}" in row
+    assert re.findall(r'<span class="badge [^"]+">([^<]+)</span>', rows[0]) == [
+        "vanishing 2",
+        "healthy 1",
+    ]
+
+
+def test_a_setting_shows_the_histograms_of_its_first_seed_and_says_so(seeded):
+    folder, html = seeded
+    images = re.findall(r'<img src="(data:image/png;base64,[^"]+)"', html)
+    assert len(images) == 1 + 5 * len(CONFIGS)  # the scale plot, 5 figures per setting
+    rec = fs.load(folder)
+    first = config_id(0, "tanh", "small", 0)
+    alone = config_figures(
+        rec.stats[rec.stats.config == first], rec.hists[rec.hists.config == first]
+    )
+    for src, figure in zip(images[1:4], alone[:3], strict=True):  # the three histogram rows
+        assert np.array_equal(decoded(src), decoded(figure["src"])), figure["title"]
+    section = html[html.index('id="cfg-0"') : html.index('id="cfg-1"')]
+    assert "Histograms and heat maps: seed 0, the first of the 3." in section
+    assert "the median over the seeds; the band around it: their range" in section
+    seeds = re.search(r'<table class="seeds">.*?<tbody>(.*?)</tbody>', section, re.S).group(1)
+    ids = [config_id(i, "tanh", "small", s) for i, s in enumerate(SEEDS)]
+    assert re.findall(r'<td class="mono">([^<]*)</td>', seeds)[::2] == ids  # (config, worst)
+    assert "median over the seeds 0, 1, 2" in html  # the scale plot's caption
+
+
+def test_setting_figures_redrawn_match_new_ones(seeded):
+    rec = fs.load(seeded[0])
+    kept = Canvases()
+    for activation, init, *_ in CONFIGS:
+        mine = (rec.stats.activation == activation) & (rec.stats.init == init)
+        hists = rec.hists[rec.hists.config == rec.stats[mine].config.iloc[0]]
+        again = config_figures(rec.stats[mine], hists, kept, band="seed")
+        new = config_figures(rec.stats[mine], hists, Canvases(), band="seed")
+        assert [f["title"] for f in again] == [f["title"] for f in new]
+        for a, b in zip(again, new, strict=True):
+            assert np.array_equal(decoded(a["src"]), decoded(b["src"])), a["title"]
+
+
+def test_a_seed_that_diverged_is_named_beside_the_verdicts(tmp_path):
+    folder = make_study(tmp_path / "run", seeds=(0, 1))
+    configs = json.loads((folder / "configs.json").read_text())
+    configs[1]["status"] = "diverged"  # tanh · small, seed 1: it has a verdict all the same
+    (folder / "configs.json").write_text(json.dumps(configs))
+    rows = summary_rows(report(folder).read_text())
+    assert '<span class="badge diverged">diverged 1 of 2</span>' in rows[0]
+    assert "diverged" not in "".join(rows[1:3])
+    # every seed failed: the verdicts say it, once; the same error once for both seeds
+    assert re.findall(r'<span class="badge [^"]+">([^<]+)</span>', rows[3]) == ["failed"]
+    assert "seeds 0, 1: RuntimeError: boom" in rows[3] and rows[3].count("boom") == 1
+
+
+def test_one_seed_keeps_a_section_and_a_row_per_config(study):
+    path, html = study
+    labels = pd.read_csv(path.parent / "summary.csv")["label"].tolist()
+    assert section_titles(html) == [markup.escape(label, quote=False) for label in labels]
+    assert len(summary_rows(html)) == len(labels) == len(CONFIGS) + 1
+    assert "Details per config" in html
+    for seeds_only in (
+        "Details per setting",
+        "seeds each",
+        'class="seeds"',
+        "median over the seeds",
+    ):
+        assert seeds_only not in html
 
 
 def test_cli_writes_the_report_and_reports_errors_cleanly(tmp_path):

@@ -1,11 +1,12 @@
-"""Which figures a report shows, drawn as PNG data URIs: per config / run
-(:func:`config_figures`, for every group by :func:`all_figures`), and the overview of all
-of them (:func:`overview_figure`, with the mean-field prediction of :func:`theory_frame`).
+"""Which figures a report shows, drawn as PNG data URIs: per config / run or per setting
+(its seeds; :func:`config_figures`, for every group by :func:`all_figures`), and the overview
+of all of them (:func:`overview_figure`, with the mean-field prediction of
+:func:`theory_frame`).
 
 Example:
     >>> import flowscope as fs
     >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
-    >>> small = "init == 'small'"  # one config
+    >>> small = "init == 'small' and seed == 0"  # one config
     >>> figs = config_figures(rec.stats.query(small), rec.hists.query(small))
     >>> [f["title"] for f in figs][:2]
     ['Activations per layer', 'Gradients per layer: dL/d(output)']
@@ -51,13 +52,25 @@ def _layer_count(frame: pd.DataFrame, kind: str) -> int:
 
 
 def config_figures(
-    stats: pd.DataFrame, hists: pd.DataFrame, canvases: Canvases | None = None
+    stats: pd.DataFrame,
+    hists: pd.DataFrame,
+    canvases: Canvases | None = None,
+    band: str | None = None,
 ) -> list[dict[str, str]]:
     """The figures of one config / run: ``[{"title", "caption", "src"}]`` (PNG data URIs).
 
     ``canvases``: figures kept from the previous config, redrawn (default: new ones).
+    ``band``: a column (``"seed"``) whose values in ``stats`` are repeats of one setting:
+    the histograms and heat maps show the ``band`` value of ``hists`` (give it one), the
+    saturated and dead fractions the median over all and their range.
     """
     canvases = canvases or Canvases()
+    every = stats
+    if band and band in stats and stats[band].nunique() > 1:
+        shown = hists if band in hists and not hists.empty else stats
+        stats = stats[stats[band] == shown[band].iloc[0]]  # the one the histograms show
+    else:
+        band = None
     kinds = set(hists["kind"].unique()) if not hists.empty else set()
     counts = {kind: _layer_count(hists, kind) for kind in kinds}
     figs = [
@@ -80,8 +93,9 @@ def config_figures(
         most = max(counts[k] for k in flows)
         figs.append({"title": title, **HEAT, "src": _heat_png(canvases, hists, flows, most)})
     if "activation" in set(stats["kind"].unique()):
-        src = _saturation_png(canvases, stats)
-        figs.append({"title": "Saturated and dead", **SATURATION, "src": src})
+        src = _saturation_png(canvases, every, band)
+        caption = SATURATION["caption"] + (SEED_BAND if band else "")
+        figs.append({"title": "Saturated and dead", "caption": caption, "src": src})
     return figs
 
 
@@ -116,12 +130,12 @@ def _steps_heat_png(canvases: Canvases, hists: pd.DataFrame, kind: str, layers: 
     return canvases.png(("steps", kind), draw, (2.4 * n + 1.2, 3.0))
 
 
-def _saturation_png(canvases: Canvases, stats: pd.DataFrame) -> str:
+def _saturation_png(canvases: Canvases, stats: pd.DataFrame, band: str | None) -> str:
     n = _layer_count(stats, "activation")
     size = (min(max(5.0, 0.5 * n + 2), 14.0), 3.0)
 
     def draw(fig: Figure | SubFigure) -> None:
-        plots.saturation_plot(stats, ax=plots.panels(fig, 1)[0])
+        plots.saturation_plot(stats, band=band, ax=plots.panels(fig, 1)[0])
 
     return canvases.png("saturation", draw, size)
 
@@ -161,18 +175,22 @@ SATURATION = {
     "|x| >= 0.99, sigmoid < 0.01 or > 0.99), of exactly zero activations (dead ReLU units) "
     "and of exactly zero gradients (dotted)."
 }
+SEED_BAND = " Each line: the median over the seeds; the band around it: their range."
 
 
 # -- every config / run -----------------------------------------------------------------------
 
 
-def overview_figure(stats: pd.DataFrame, by: str, labels: dict[str, str], theory: Any) -> str:
-    """The scale plot of every config / run as a PNG data URI."""
+def overview_figure(
+    stats: pd.DataFrame, by: str, labels: dict[str, str], theory: Any, band: str | None = None
+) -> str:
+    """The scale plot of every config / run as a PNG data URI; with ``band`` (``"seed"``),
+    one line per value of ``by`` (a setting) banded over its seeds."""
     if stats.empty or not {"activation", "gradient"} & set(stats["kind"].unique()):
         return ""
     width = 11.5 + (1.5 if len(labels) > 8 else 0.0)
     return figure_png(
-        lambda f: plots.scale_plot(stats, by=by, labels=labels, theory=theory, fig=f),
+        lambda f: plots.scale_plot(stats, by=by, labels=labels, theory=theory, band=band, fig=f),
         (width, 3.8),
     )
 
@@ -217,16 +235,27 @@ THEORY_NOTE = (
 )
 
 
-def _figures_of(jobs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> list[list[dict[str, str]]]:
-    """:func:`config_figures` of each (stats, hists) in turn, on the same canvases."""
+Job = tuple[pd.DataFrame, pd.DataFrame, str | None]
+
+
+def _figures_of(jobs: list[Job]) -> list[list[dict[str, str]]]:
+    """:func:`config_figures` of each (stats, hists, band) in turn, on the same canvases."""
     canvases = Canvases()
-    return [[] if stats.empty else config_figures(stats, hists, canvases) for stats, hists in jobs]
+    return [[] if s.empty else config_figures(s, h, canvases, band) for s, h, band in jobs]
 
 
 def all_figures(
-    stats: pd.DataFrame, hists: pd.DataFrame, by: str, groups: Sequence[str], workers: int | None
+    stats: pd.DataFrame,
+    hists: pd.DataFrame,
+    by: str,
+    groups: Sequence[str | Sequence[str]],
+    workers: int | None,
+    band: str | None = None,
 ) -> list[list[dict[str, str]]]:
     """:func:`config_figures` of every group, in order; in ``workers`` forked processes.
+
+    A group is a value of ``by``, or several (the seeds of one setting, ``band`` their
+    column): the histograms and heat maps of the first, the fractions per layer of all.
 
     Each process draws a run of consecutive groups on one :class:`Canvases`, so that every
     figure after a group's first is a redraw (a 16-config study: ~13 s in one process on 2
@@ -237,7 +266,12 @@ def all_figures(
     process.
     """
     by_stats, by_hists = stats[by].astype(str), hists[by].astype(str)
-    jobs = [(stats[by_stats == g], hists[by_hists == g]) for g in groups]
+    jobs: list[Job] = []
+    for g in groups:
+        if isinstance(g, str):
+            jobs.append((stats[by_stats == g], hists[by_hists == g], None))
+        else:
+            jobs.append((stats[by_stats.isin(g)], hists[by_hists == g[0]], band))
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         workers = min(cpus, 8) if cpus >= 4 and len(jobs) >= 4 else 1

@@ -7,7 +7,8 @@ through this network, and if not, where does it break, and why?".
 CSV exports next to the page (:mod:`flowscope.reporter.tables`) and renders the Jinja2
 templates in ``flowscope/reporter/templates`` with autoescaping on. The page loads nothing
 from the network: figures are ``data:`` URIs, styles are inline, and the data files are
-relative links.
+relative links. A study run with several seeds gets a section and a summary row per
+setting (its configs but for the seed), an overview line per setting banded over its seeds.
 
 Example:
     >>> import flowscope as fs
@@ -23,6 +24,8 @@ import math
 import os
 import re
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -36,7 +39,7 @@ from flowscope.doctor import RUN_COLUMNS
 from flowscope.record.frames import Records, atomic_write_text
 from flowscope.reporter.figures import THEORY_NOTE, all_figures, overview_figure, theory_frame
 from flowscope.reporter.run import RunData, resolve_source
-from flowscope.reporter.tables import summary, write_exports
+from flowscope.reporter.tables import settings, summary, write_exports
 
 if TYPE_CHECKING:
     from flowscope.record.recorder import Recorder
@@ -137,13 +140,26 @@ def _shared_thresholds(table: pd.DataFrame) -> str:
     return texts.pop() if len(texts) == 1 else ""
 
 
-def _findings(layers: pd.DataFrame | None, by: str, group: str, most: int = 12) -> dict[str, Any]:
-    """The doctor's non-healthy per-layer checks of one group, for a table."""
+def _findings(
+    layers: pd.DataFrame | None,
+    by: str,
+    group: str,
+    most: int = 12,
+    seeds: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The doctor's non-healthy per-layer checks of one group, for a table; with ``seeds``
+    (config -> seed), of each of those configs, in their order, with a seed column."""
     if layers is None or layers.empty:
         return {"rows": [], "more": 0}
-    part = layers[(layers[by].astype(str) == group) & (layers["verdict"] != "healthy")]
+    keys = layers[by].astype(str)
+    mine = keys.isin(list(seeds)) if seeds else keys == group
+    part = layers[mine & (layers["verdict"] != "healthy")]
+    if seeds:
+        order = {c: i for i, c in enumerate(seeds)}
+        part = part.iloc[np.argsort(part[by].astype(str).map(order).to_numpy(), kind="stable")]
     rows = [
         {
+            **({"seed": seeds[str(r[by])]} if seeds else {}),
             "layer": r["layer"],
             "module_type": r["module_type"],
             "check": r["check"],
@@ -289,30 +305,140 @@ def _axis_names(table: pd.DataFrame, by: str) -> list[str]:
 
 
 def _sections(
-    run: RunData, table: pd.DataFrame, diagnosis: Any, workers: int | None = None
+    run: RunData,
+    table: pd.DataFrame,
+    groups: list[list[int]],
+    diagnosis: Any,
+    workers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One section per config / run: its facts, verdict, findings and figures."""
-    by = run.by
+    """One section per config / run, or per setting (``groups`` of table rows, its seeds):
+    its facts, verdict, findings and figures."""
+    by, stats, hists = run.by, run.records.stats, run.records.hists
     layers = getattr(diagnosis, "layers", None)
     axes = [c for c in table.columns if c not in {by, "label", "status", "error", *RUN_COLUMNS}]
-    figures = all_figures(
-        run.records.stats, run.records.hists, by, table[by].astype(str).tolist(), workers
-    )
-    out = []
-    for i, raw in enumerate(table.to_dict("records")):
-        row = {k: _clean(v) for k, v in raw.items()}
-        group = row[by]
-        out.append(
+    rows = [{str(k): _clean(v) for k, v in raw.items()} for raw in table.to_dict("records")]
+    if all(len(g) == 1 for g in groups):
+        figures = all_figures(stats, hists, by, [str(r[by]) for r in rows], workers)
+        return [
             {
                 "anchor": f"cfg-{i}",
                 "row": row,
                 "axes": [(a, row[a]) for a in axes if row.get(a) is not None],
-                "threshold": _verdict_threshold(layers, by, group, row["verdict"]),
-                "findings": _findings(layers, by, group),
+                "threshold": _verdict_threshold(layers, by, row[by], row["verdict"]),
+                "findings": _findings(layers, by, row[by]),
                 "figures": figures[i],
+                "seeds": [],
             }
-        )
-    return out
+            for i, row in enumerate(rows)
+        ]
+    recorded = set(stats[by].astype(str).unique())
+    # each setting's seeds, those with records first: the histograms show the first
+    members = [sorted((rows[i] for i in g), key=lambda r: r[by] not in recorded) for g in groups]
+    shown = [[str(r[by]) for r in m] for m in members]
+    figures = all_figures(stats, hists, by, shown, workers, band="seed")
+    axes = [a for a in axes if a != "seed"]
+    return [
+        _setting_section(i, [rows[j] for j in g], m[0], by, axes, layers, figures[i], recorded)
+        for i, (g, m) in enumerate(zip(groups, members, strict=True))
+    ]
+
+
+GAINS = ("act_gain", "grad_gain", "grad_ratio")  # a setting shows their median over its seeds
+LARGEST = ("saturated", "dead", "nonfinite")  # ... and the largest of these
+
+
+def _setting_section(
+    index: int,
+    seeds: list[dict[str, Any]],
+    shown: dict[str, Any],
+    by: str,
+    axes: Sequence[str],
+    layers: pd.DataFrame | None,
+    figures: list[dict[str, str]],
+    recorded: set[str],
+) -> dict[str, Any]:
+    """The section of one setting from its seeds' summary rows (``shown``: the one whose
+    histograms are drawn): the verdict most of them got, the numbers over them."""
+    outcomes = [r["verdict"] or r["status"] for r in seeds]
+    verdicts = Counter(outcomes).most_common()  # ties: in seed order
+    lead = seeds[outcomes.index(verdicts[0][0])]
+    row, spread = _setting_row(seeds, lead, axes)
+    drawn = sum(str(r[by]) in recorded for r in seeds)
+    note = f"Histograms and heat maps: seed {shown['seed']}, the first of the {len(seeds)}."
+    if drawn > 1:
+        note += " Fractions per layer: the median over the seeds and their range."
+    statuses = Counter(r["status"] for r in seeds)
+    worst = next((s for s in statuses if s != "done"), "done")
+    if len(statuses) > 1:
+        row["status"] = f"{worst} {statuses[worst]} of {len(seeds)}"
+    # a status the verdicts do not show (a diverged seed has a verdict; a failed one has not)
+    hidden = any(r["verdict"] and r["status"] != "done" for r in seeds)
+    return {
+        "anchor": f"cfg-{index}",
+        "row": row,
+        "axes": [(a, row[a]) for a in axes if row.get(a) is not None],
+        "threshold": _verdict_threshold(layers, by, lead[by], lead["verdict"]),
+        "findings": _findings(layers, by, lead[by], seeds={str(r[by]): r["seed"] for r in seeds}),
+        "figures": figures,
+        "seeds": [{**r, "outcome": o} for r, o in zip(seeds, outcomes, strict=True)],
+        "verdicts": verdicts,
+        "lead": {"seed": lead["seed"], "count": verdicts[0][1]},
+        "spread": spread,
+        "status_badge": row["status"] if hidden else "",
+        "status_css": _css_class(worst),
+        "figure_note": note,
+    }
+
+
+def _setting_row(
+    seeds: list[dict[str, Any]], lead: dict[str, Any], axes: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A summary row for a setting: ``lead``'s verdict and text, the median gains, the
+    largest saturated / dead / non-finite share; and each gain's range over the seeds."""
+    row = dict(lead)
+    row["label"] = " · ".join("" if lead[a] is None else str(lead[a]) for a in axes)
+    row["label"] = row["label"] or "(no sweep)"
+    spread = {}
+    for key in GAINS:
+        values = [float(r[key]) for r in seeds if r.get(key) is not None]
+        row[key] = float(np.median(values)) if values else None
+        spread[key] = f"{fmt(min(values))}–{fmt(max(values))}" if len(values) > 1 else ""
+    for key in LARGEST:
+        values = [r[key] for r in seeds if r.get(key) is not None]
+        row[key] = max(values) if values else None
+    worst = Counter(r["worst_layer"] for r in seeds if r.get("worst_layer")).most_common()
+    row["worst_layer"] = ", ".join(name for name, _ in worst) or None
+    errors: dict[str, list[str]] = {}  # error -> the seeds that raised it
+    for r in seeds:
+        if r.get("error"):
+            errors.setdefault(str(r["error"]), []).append(str(r["seed"]))
+    row["error"] = "; ".join(
+        f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}: {e}" for e, s in errors.items()
+    )
+    row["error"] = row["error"] or None
+    return row, spread
+
+
+def _overview(
+    run: RunData,
+    table: pd.DataFrame,
+    groups: list[list[int]],
+    sections: list[dict[str, Any]],
+    theory: pd.DataFrame | None,
+) -> str:
+    """The scale plot of every config / run, or of every setting banded over its seeds."""
+    by, stats = run.by, run.records.stats
+    if len(groups) == len(table):
+        labels = dict(zip(table[by], table["label"], strict=True))
+        return overview_figure(stats, by, labels, theory)
+    keys = table[by].astype(str).tolist()
+    setting = {keys[i]: f"setting {n}" for n, g in enumerate(groups) for i in g}
+    labels = {f"setting {n}": s["row"]["label"] for n, s in enumerate(sections)}
+    stats = stats.assign(setting=stats[by].astype(str).map(setting))
+    if theory is not None:  # the same prediction for every seed
+        theory = theory.assign(setting=theory[by].astype(str).map(setting))
+        theory = theory.drop_duplicates(["setting", "layer", "kind"])
+    return overview_figure(stats, "setting", labels, theory, band="seed")
 
 
 def render(
@@ -339,7 +465,8 @@ def render(
         {"href": quote(Path(os.path.relpath(run.folder / f, out)).as_posix()), "name": f}
         for f in run.files
     ]
-    sections = _sections(run, table, diagnosis, workers)
+    groups = settings(table, by)
+    sections = _sections(run, table, groups, diagnosis, workers)
     rows = []
     for section in sections:
         row = dict(section["row"])
@@ -347,20 +474,25 @@ def render(
         rows.append({**section, "row": row})
     claims = _claim_rows(run.claims, labels)
     theory = theory_frame(run, table)
+    seeds = len(groups) < len(table)  # a section per setting, over its seeds
+    axis_names = [a for a in _axis_names(table, by) if not (seeds and a == "seed")]
     return (
         _environment()
         .get_template("report.html.j2")
         .render(
             header=_header(run),
             by=by,
-            group_header=" · ".join(_axis_names(table, by)) or by,
+            unit="setting" if seeds else by,
+            seeds=[_clean(s) for s in pd.unique(table["seed"])] if seeds else [],
+            runs=len(table),
+            group_header=" · ".join(axis_names) or by,
             thresholds=_shared_thresholds(table),
             sections=rows,
             verdict_counts=_verdict_counts(table),
             claims=claims,
             claims_held=sum(c["held"] is True for c in claims),
             claims_inconclusive=sum(c.get("status") == "inconclusive" for c in claims),
-            overview=overview_figure(run.records.stats, by, labels, theory),
+            overview=_overview(run, table, groups, rows, theory),
             theory_note=THEORY_NOTE if theory is not None else "",
             problem=problem,
             data_links=data_links,

@@ -1,10 +1,11 @@
-"""The report's tables: the summary frame, and the CSV files written next to the page.
+"""The report's tables: the summary frame, its settings (a study's configs that differ only
+by their seed), and the CSV files written next to the page.
 
 Example:
     >>> import flowscope as fs
     >>> from flowscope.doctor import diagnose
-    >>> rec = fs.load(run_dir)  # a study run, e.g. "reports/init-scales"
-    >>> table = summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))
+    >>> stats = fs.load(run_dir).stats.query("seed == 0")  # a study run, e.g. "reports/init-scales"
+    >>> table = summary(stats, diagnosis=diagnose(stats, by=["config"]))
     >>> table["verdict"].tolist()
     ['vanishing', 'healthy']
 """
@@ -25,7 +26,7 @@ from flowscope.record.frames import atomic_write_text
 from flowscope.reporter.plots import group_column
 from flowscope.reporter.run import RunData
 
-__all__ = ["EXPORTS", "summary", "write_exports"]
+__all__ = ["EXPORTS", "settings", "summary", "write_exports"]
 
 EXPORTS = {
     "summary.csv": "verdict and numbers per config / run",
@@ -50,8 +51,9 @@ def summary(
     Example:
         >>> import flowscope as fs
         >>> from flowscope.doctor import diagnose
-        >>> rec = fs.load(run_dir)  # a study run: tanh, init small and xavier
-        >>> table = summary(rec.stats, diagnosis=diagnose(rec.stats, by=["config"]))
+        >>> stats = fs.load(run_dir).stats  # a study run: tanh, init small and xavier
+        >>> stats = stats[stats["seed"] == 0]
+        >>> table = summary(stats, diagnosis=diagnose(stats, by=["config"]))
         >>> table[["verdict", "act_gain", "grad_gain"]].round(2)
              verdict  act_gain  grad_gain
         0  vanishing      0.04       0.04
@@ -107,6 +109,28 @@ def _config_table(configs: Sequence[dict[str, Any]], by: str) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def settings(table: pd.DataFrame, by: str) -> list[list[int]]:
+    """Positions of the :func:`summary` rows per setting, in order: a setting is the sweep
+    axes' values without the seed. Each row is a setting of its own unless one has several
+    seeds (a one-seed study, ``fs.watch`` runs).
+
+    Example:
+        >>> from flowscope.reporter.run import read_run
+        >>> run = read_run(run_dir)  # a study run: tanh, init small and xavier
+        >>> table = summary(run.records.stats, configs=run.configs)
+        >>> [table["init"][rows[0]] for rows in settings(table, "config")]
+        ['small', 'xavier']
+    """
+    skip = {by, "label", "status", "error", "seed", *RUN_COLUMNS}
+    axes = [c for c in table.columns if c not in skip]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, values in enumerate(table[axes].astype(str).itertuples(index=False, name=None)):
+        groups.setdefault(values, []).append(i)
+    if "seed" not in table or all(len(rows) == 1 for rows in groups.values()):
+        return [[i] for i in range(len(table))]
+    return list(groups.values())
 
 
 # -- the CSV files ----------------------------------------------------------------------------
