@@ -101,6 +101,10 @@ def test_across_same_differ_monotone_power():
     rising = {**base, "where": {"norm": False}, "expect": "increasing", "reduce": "mean"}
     mono = evaluate_one(rising, stats, NO_PROBES, ["sigma", "norm"])
     assert mono.held is True
+    # each point along the axis has its interval (one seed here: low = high = the value)
+    assert mono.numbers["interval"] == {
+        f"sigma={s}": [pytest.approx(s), pytest.approx(s)] for s in (0.1, 1.0, 10.0)
+    }
     power = evaluate_one(
         {**base, "where": {"norm": False}, "expect": "power", "reduce": "mean", "power": 1.0},
         stats, NO_PROBES, ["sigma", "norm"],

@@ -8,6 +8,9 @@ on a factor sigma'(8) = 3.4e-4, one whose inputs are ~0 a factor 1/4.
 
 from __future__ import annotations
 
+import itertools
+
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -17,7 +20,7 @@ from flowscope.models.nets import build_net
 from flowscope.study import spec
 from flowscope.study.claims import evaluate_one
 
-NO_PROBES = __import__("pandas").DataFrame(columns=["config", "probe", "step", "layer", "value"])
+NO_PROBES = pd.DataFrame(columns=["config", "probe", "step", "layer", "value"])
 
 
 def claim(study: str, claim_id: str) -> dict:
@@ -106,3 +109,58 @@ def test_the_sigmoid_claims_read_the_local_factor_against_saturation():
     v = evaluate_one(passes, unsaturated.assign(init="xavier"), NO_PROBES, list(axes))
     assert v.status == "held"
     assert all(val == pytest.approx(0.25, rel=1e-4) for val in v.numbers["interval"]["all"])
+
+
+def bn_relu_net(depth: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_net("mlp", in_dim=256, width=256, depth=depth, out_dim=10, activation="relu",
+                    norm="batchnorm")  # fmt: skip
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.1)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def test_the_batchnorm_gain_claim_reads_measured_over_the_mean_field_prediction():
+    from flowscope.study.probes import ProbeContext, meanfield_grad
+
+    net, x = bn_relu_net(), torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
+    running = [b.clone() for b in net.buffers()]
+    predicted = meanfield_grad(ProbeContext(model=net, x=x, initial={}))
+    assert all(torch.equal(a, b) for a, b in zip(running, net.buffers(), strict=True))
+    # the probe's profile: sqrt(pi / (pi - 1)) per layer toward the input (Yang et al. 2019),
+    # each layer's up to its sampled weights' norm (256 x 256 entries: ~0.5% per layer)
+    inner = [predicted[f"layers.{i}.linear"].item() for i in range(1, 9)]
+    gains = [a / b for a, b in itertools.pairwise(inner)]
+    gain = (torch.pi / (torch.pi - 1)) ** 0.5
+    assert gains == pytest.approx([gain] * 7, rel=0.025)
+    assert (inner[0] / inner[-1]) ** (1 / 7) == pytest.approx(gain, rel=0.01)
+    axes = {"norm": "batchnorm", "mode": "train"}
+    stats = stats_of(net, x, **axes)
+    probes = pd.DataFrame(
+        [("c0", "meanfield_grad", 0, name, v.item()) for name, v in predicted.items()],
+        columns=["config", "probe", "step", "layer", "value"],
+    ).assign(seed=0, **axes)  # the engine's probes frame carries the config columns
+    c = claim("batchnorm", "bn-gradient-gain-mean-field")
+    v = evaluate_one(c, stats, probes, list(axes))
+    assert v.status == "held", v.detail  # measured within 3% of the prediction
+    assert v.numbers["predicted"]["c0"] == pytest.approx(1.2112, rel=0.01)
+    assert v.numbers["measured"]["c0"] == pytest.approx(1.2112, rel=0.03)
+    # the old theory's profile (no gain through batchnorm) is caught by the same claim
+    flat = probes.assign(value=1.0)
+    old = evaluate_one(c, stats, flat, list(axes))
+    assert old.status == "not held" and old.numbers["value"]["c0"] > 1.15
+
+
+def test_a_prediction_over_other_layers_than_the_measurement_is_refused():
+    from flowscope.core.errors import FlowscopeError
+
+    axes = {"norm": "batchnorm", "mode": "train"}
+    net, x = bn_relu_net(depth=4), torch.randn(64, 256)
+    stats = stats_of(net, x, **axes)
+    probes = pd.DataFrame([("c0", "meanfield_grad", 0, "layers.1.linear", 1.0)],
+                          columns=["config", "probe", "step", "layer", "value"]
+                          ).assign(seed=0, **axes)  # fmt: skip
+    with pytest.raises(FlowscopeError, match=r"predicts layers \['layers.1.linear'\]"):
+        evaluate_one(claim("batchnorm", "bn-gradient-gain-mean-field"), stats, probes, list(axes))

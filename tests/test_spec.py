@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,24 @@ def test_two_claims_with_one_id_are_refused():
     raw["claim"] = [raw["claim"][0], {**raw["claim"][1], "id": raw["claim"][0]["id"]}]
     with pytest.raises(FlowscopeError, match=r"claims 1 and 2 share the id 'tanh-small"):
         spec.validate(raw, "init-scales.toml")
+
+
+AGAINST_AN_AXIS = {"predicted": "probe.meanfield_grad", "across": "init", "expect": "same",
+                   "below": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"predicted": "gradient.rms"}, "predicted must be probe.NAME, got 'gradient.rms'"),
+        ({"predicted": "probe.meanfield_gard"}, "meanfield_gard"),
+        (AGAINST_AN_AXIS, "predicted goes with below/above/between"),
+    ],
+)
+def test_a_bad_prediction_is_one_clear_line(extra, message):
+    raw = spec.read("init-scales")
+    first = {**raw["claim"][0], **extra}
+    raw["claim"] = [{k: v for k, v in first.items() if v is not None}]
+    with pytest.raises(FlowscopeError, match=re.escape(message)) as err:
+        spec.validate(raw, "init-scales.toml")
+    assert "\n" not in str(err.value)

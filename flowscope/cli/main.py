@@ -64,6 +64,17 @@ def study_schema() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
+@study.command("page")
+@click.argument("name_or_file")
+@clean_errors
+def study_page(name_or_file: str) -> None:
+    """Print a study's page: its sweep and each claim's measured quantity, test and origin
+    (the built-in studies' pages are docs/studies/NAME.md)."""
+    from flowscope.study import pages, spec
+
+    click.echo(pages.study_page(spec.load(name_or_file)), nl=False)
+
+
 @study.command("run")
 @click.argument("name_or_file")
 @click.option(

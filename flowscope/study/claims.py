@@ -119,6 +119,10 @@ def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]
     if "expect" in claim:
         return _across(claim, series, axis_columns, base)
     values = _per_config(series, claim["reduce"])
+    predicted = None
+    if "predicted" in claim:
+        predicted = _predicted(claim, series, index)
+        measured, values = values, (values / predicted).rename("value")
     ok, bound = _condition(claim, values)
     setting = _settings(series, axis_columns)  # config -> its setting's label
     outcomes: dict[str, list[bool]] = {}
@@ -136,9 +140,20 @@ def _evaluate(claim: dict[str, Any], index: ClaimFrames, axis_columns: list[str]
         **bound,
         **_seed_numbers(judged, series),
     }
+    if predicted is not None:
+        base.numbers["measured"] = {k: _num(v) for k, v in measured.items()}
+        base.numbers["predicted"] = {k: _num(v) for k, v in predicted.items()}
+        base.numbers["predicted_by"] = claim["predicted"]
     failed = values[~ok & np.isfinite(values)]
     worst = failed.index[0] if len(failed) else None
     base.detail = _describe(claim, values, bound, worst)
+    if predicted is not None:
+        both = list(zip(measured, predicted, strict=True))[:3]
+        pairs = [f"{_fmt(m)} vs {_fmt(p)}" for m, p in both]
+        base.detail = (
+            f"measured / {claim['predicted']} predicted: " + base.detail
+            + f" (measured vs predicted: {'; '.join(pairs)})"
+        )  # fmt: skip
     if unmeasured:
         base.numbers["unmeasured"] = [_label(c) for c in unmeasured]
         where = ", ".join(map(_label, unmeasured))
@@ -191,6 +206,22 @@ def _divided(claim: dict[str, Any], series: pd.DataFrame, index: ClaimFrames) ->
     with np.errstate(divide="ignore", invalid="ignore"):
         values = series["value"].to_numpy(dtype=float) / den["value"].to_numpy(dtype=float)
     return series.assign(value=values)
+
+
+def _predicted(claim: dict[str, Any], series: pd.DataFrame, index: ClaimFrames) -> pd.Series:
+    """Per config, the ``predicted`` probe's series over the same layers, reduced the same
+    way: what theory says the measured number should be."""
+    pred = index.series({**claim, "of": claim["predicted"]}, where=claim.get("where", {}))
+    mine = series.groupby("config", sort=False)["layer"].apply(tuple)
+    theirs = pred.groupby("config", sort=False)["layer"].apply(tuple).reindex(mine.index)
+    if not mine.equals(theirs):
+        bad = next(c for c in mine.index if mine[c] != theirs[c])
+        got = list(theirs[bad]) if isinstance(theirs[bad], tuple) else []
+        raise FlowscopeError(
+            f"claim {claim['id']}: {claim['predicted']} predicts layers {got} at "
+            f"{_label(bad)}, the claim measures {list(mine[bad])}: they must be the same"
+        )
+    return _per_config(pred, claim["reduce"]).reindex(mine.index)
 
 
 def layer_series(claim: dict[str, Any], stats: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
@@ -357,6 +388,10 @@ def _across(
             outcomes.setdefault(label, []).append(ok)
             if isinstance(number, float | int):
                 judged.setdefault(label, []).append(float(number))
+            else:  # increasing / decreasing: each point along the axis has its interval
+                for point, value in number.items():
+                    at = f"{label},{axis}={point}" if others else f"{axis}={point}"
+                    judged.setdefault(at, []).append(math.nan if value is None else value)
     base.judge(outcomes)
     base.numbers = {
         "value": results,

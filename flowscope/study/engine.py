@@ -77,7 +77,7 @@ def run_study(
         >>> study = spec.load("init-scales", small)
         >>> result = run_study(study, "reports/init-scales")
         >>> result.ran, len(result.claims)
-        (16, 18)
+        (48, 19)
         >>> result.claims[0].id, result.claims[0].held
         ('tanh-small-activations-collapse', True)
 

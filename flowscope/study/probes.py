@@ -11,7 +11,8 @@ returns them as a :class:`flowscope.record.hooks.Hooks`); its ``fn`` runs that p
 (:func:`read_pass`). When a run has
 no training step the end state is the state of the recorded pass, so the engine attaches the
 hooks to that pass instead of running another one: the same hooks on the same forward give
-the same numbers. Torch only.
+the same numbers. Torch only, but ``meanfield_grad`` (numpy, and it reads its anchor on the
+host: one sync per run).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,3 +154,50 @@ def _dead_unit_hooks(model: nn.Module, into: dict[str, torch.Tensor]) -> Hooks:
 )
 def dead_units(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return read_pass(_dead_unit_hooks, ctx.model, ctx.x)
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """The model's buffers (batchnorm running statistics) as they were, after the block."""
+    kept = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
+@_probe(
+    "meanfield_grad",
+    "backward",
+    "mean-field prediction of rms(dL/d Linear output) along each Linear -> [norm] -> activation"
+    " chain, relative to the chain's last Linear (flowscope.theory.predict_chain)",
+)
+def meanfield_grad(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Each chain's predicted gradient profile: the product of ``predict_chain``'s per-link
+    gains from a Linear to the chain's last (1 there), anchored at the first Linear's output
+    mean square on ``x`` (a no-grad pass that leaves the running statistics as they were).
+    Reduced like a measured ``gradient.rms`` series, it is what theory predicts for it."""
+    from flowscope.theory import mlp_chains, predict_chain  # numpy: only when asked for
+
+    chains = mlp_chains(ctx.model)
+    firsts = {chain[0].name for chain in chains}
+    linears = [(n, m) for n, m in _linears(ctx.model) if n in firsts]
+    into: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            into[name] = output.detach().double().pow(2).mean()
+
+        return hook
+
+    with _buffers_kept(ctx.model), forward_hooks(linears, keep), torch.no_grad():
+        ctx.model(ctx.x)
+    out = {}
+    for chain in chains:
+        gain = predict_chain(chain, float(into[chain[0].name]))["grad_gain"][:-1]
+        profile = [*np.cumprod(gain[::-1])[::-1], 1.0]  # rms at link l / rms at the last
+        for link, value in zip(chain, profile, strict=True):
+            out[link.name] = torch.tensor(float(value), dtype=torch.float64, device=ctx.x.device)
+    return out

@@ -181,6 +181,12 @@ class Claim(Table):
         " order, by the same statistic over these layers (e.g. an activation's local factor:"
         " its block's pre-activation gradient over its own output gradient)",
     )
+    predicted: str | None = Field(
+        default=None,
+        description="probe.NAME whose series over the same layers, reduced the same way, is"
+        " theory's value for the measured one (probe.meanfield_grad for gradient.rms); the"
+        " test (below/above/between) then applies to measured / predicted",
+    )
     tensor: str | None = Field(
         default=None, description="weight or bias, of weight kinds (default: weight)"
     )
@@ -221,6 +227,18 @@ class Claim(Table):
             raise unknown("claim 'of' statistic", stat, STAT_COLUMNS)
         return of
 
+    @field_validator("predicted")
+    @classmethod
+    def _known_prediction(cls, predicted: str | None) -> str | None:
+        if predicted is not None:
+            source, _, name = predicted.partition(".")
+            if source != "probe":
+                raise ValueError(f"predicted must be probe.NAME, got {predicted!r}")
+            from flowscope.study.probes import PROBES
+
+            PROBES.get(name)
+        return predicted
+
     @model_validator(mode="after")
     def _one_test(self) -> Claim:
         tests = [k for k in TESTS if getattr(self, k) is not None]
@@ -232,6 +250,8 @@ class Claim(Table):
             raise ValueError(f"expect={self.expect!r} needs across = AXIS")
         if self.expect in ("increasing", "decreasing", "power") and self.reduce is None:
             raise ValueError(f"expect={self.expect!r} needs a reduce")
+        if self.predicted is not None and self.expect is not None:
+            raise ValueError("predicted goes with below/above/between, not expect")
         if self.expect == "power" and self.power is None:
             raise ValueError("expect='power' needs power = EXPONENT")
         return self
