@@ -46,7 +46,7 @@ def run_study_sharded(
         >>> small = ["net.in_dim=16", "net.width=16", "net.depth=3", "data.dim=16"]  # quick
         >>> result = run_study_sharded(spec.load("init-scales", small), "reports/init-scales")
         >>> result.ran, len(result.configs)
-        (16, 16)
+        (48, 48)
 
     Args:
         study: a validated study.
