@@ -1,7 +1,14 @@
 """Mean-field theory of signal propagation: variance maps, gradient gains, predictions for
-a model's Linear -> [norm] -> activation chains (see :mod:`flowscope.theory.meanfield`)."""
+a model's Linear -> [norm] -> activation chains (see :mod:`flowscope.theory.meanfield`);
+depth scales, the correlation map and the edge of chaos (:mod:`flowscope.theory.depthscales`)."""
 
 from flowscope.theory.chains import Link, mlp_chains, predict_chain
+from flowscope.theory.depthscales import (
+    correlation_map,
+    depth_scales,
+    edge_of_chaos,
+    fixed_point,
+)
 from flowscope.theory.meanfield import (
     derivative_moment,
     expect,
@@ -15,8 +22,12 @@ from flowscope.theory.measure import measure_mlp
 
 __all__ = [
     "Link",
+    "correlation_map",
+    "depth_scales",
     "derivative_moment",
+    "edge_of_chaos",
     "expect",
+    "fixed_point",
     "gradient_gain",
     "measure_mlp",
     "mlp_chains",

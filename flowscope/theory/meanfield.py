@@ -49,11 +49,13 @@ from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import INITS
 
 __all__ = [
+    "activation_values",
     "check_q",
     "derivative_moment",
     "expect",
     "gradient_gain",
     "predict_mlp",
+    "quadrature",
     "second_moment",
     "sigma_w2_of",
     "variance_map",
@@ -172,15 +174,40 @@ def expect(activation: ActivationLike, q: float) -> dict[str, float]:
     """
     fn = activation_fn(activation)
     scale = math.sqrt(check_q(q))
-    m = None
+    m = _moments(fn, scale, quadrature(fn, q))
+    return {"phi": float(m[0]), "phi2": float(m[1]), "dphi2": float(m[2])}
+
+
+def quadrature(activation: ActivationLike, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes z and weights w with E[f(z)] ≈ w @ f(z), z ~ N(0, 1): the rule :func:`expect`
+    uses for this activation at input variance q (Gauss–Hermite, or the composite panels
+    when Gauss–Hermite is not exact enough; see the module's docstring).
+
+    Example:
+        >>> z, w = quadrature("tanh", 1.0)
+        >>> round(float(w.sum()), 12), round(float(w @ z**2), 12)
+        (1.0, 1.0)
+    """
+    fn = activation_fn(activation)
+    scale = math.sqrt(check_q(q))
     if scale <= GH_MAX_SCALE:
         m = _moments(fn, scale, _gauss_hermite())
         half = _moments(fn, scale, _gauss_hermite_half())
-        if not np.allclose(m, half, rtol=1e-9, atol=1e-300):
-            m = None
-    if m is None:
-        m = _moments(fn, scale, _panels(scale))
-    return {"phi": float(m[0]), "phi2": float(m[1]), "dphi2": float(m[2])}
+        if np.allclose(m, half, rtol=1e-9, atol=1e-300):
+            return _gauss_hermite()
+    return _panels(scale)
+
+
+def activation_values(activation: ActivationLike, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """φ(u) and φ'(u) in float64 (autograd, or central differences for callables that do
+    not support it).
+
+    Example:
+        >>> phi, dphi = activation_values("relu", np.array([-1.0, 2.0]))
+        >>> phi.tolist(), dphi.tolist()
+        ([0.0, 2.0], [0.0, 1.0])
+    """
+    return _values(activation_fn(activation), np.asarray(u, dtype=np.float64))
 
 
 def second_moment(activation: ActivationLike, q: float) -> float:
