@@ -34,6 +34,7 @@ _LAZY = {
     "compare": "flowscope.doctor",
     "reinit": "flowscope.doctor",
     "lsuv": "flowscope.doctor",
+    "signal_propagation": "flowscope.doctor.signal",
     "run_study": "flowscope.study.engine",
     "report": "flowscope.reporter.page",
     "to_tensorboard": "flowscope.reporter.export",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         lsuv,
         reinit,
     )
+    from flowscope.doctor.signal import signal_propagation  # noqa: F401
     from flowscope.record.frames import Records, load  # noqa: F401
     from flowscope.record.recorder import KINDS, Recorder, watch  # noqa: F401
     from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401

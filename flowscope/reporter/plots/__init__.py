@@ -16,6 +16,8 @@ function redraws that figure's panels in place (much faster than new axes; see
 * :func:`log_heatmap` / :func:`log_heatmap_steps`: the log-magnitude histograms as a heat map
   over layers, or over steps per layer (fastai's "colorful dimension"). In :mod:`.heat`.
 * :func:`saturation_plot`: saturated and zero ("dead") fractions per layer. In :mod:`.curves`.
+* :func:`signal_plot`: the signal-propagation plot of a residual model (stream squared mean
+  and variance, branch variance, against depth). In :mod:`.signal`.
 
 What they share (:mod:`.common`): which rows and layers a figure shows, the panel grid kept
 for a redraw, panel text and ticks. Which layers a figure shows: the activation-function
@@ -46,6 +48,7 @@ from flowscope.reporter.plots.hists import (
     hist_figsize,
     layer_hists,
 )
+from flowscope.reporter.plots.signal import signal_plot
 
 __all__ = [
     "KIND_LABEL",
@@ -62,4 +65,5 @@ __all__ = [
     "panels",
     "saturation_plot",
     "scale_plot",
+    "signal_plot",
 ]
