@@ -36,6 +36,7 @@ _LAZY = {
     "lsuv": "flowscope.doctor",
     "signal_propagation": "flowscope.doctor.signal",
     "run_study": "flowscope.study.engine",
+    "jacobian_spectrum": "flowscope.theory.spectrum",
     "report": "flowscope.reporter.page",
     "to_tensorboard": "flowscope.reporter.export",
     "to_csv": "flowscope.reporter.export",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401
     from flowscope.reporter.page import report  # noqa: F401
     from flowscope.study.engine import run_study  # noqa: F401
+    from flowscope.theory.spectrum import jacobian_spectrum  # noqa: F401
 
 
 # notebook views of the record layer's objects, drawn by the reporter (loaded when shown)

@@ -1,6 +1,7 @@
 """Mean-field theory of signal propagation: variance maps, gradient gains, predictions for
 a model's Linear -> [norm] -> activation chains (see :mod:`flowscope.theory.meanfield`);
-depth scales, the correlation map and the edge of chaos (:mod:`flowscope.theory.depthscales`)."""
+depth scales, the correlation map and the edge of chaos (:mod:`flowscope.theory.depthscales`);
+the spectrum of a model's input-output Jacobian (:mod:`flowscope.theory.spectrum`)."""
 
 from flowscope.theory.chains import Link, mlp_chains, predict_chain
 from flowscope.theory.depthscales import (
@@ -19,6 +20,7 @@ from flowscope.theory.meanfield import (
     variance_map,
 )
 from flowscope.theory.measure import measure_mlp
+from flowscope.theory.spectrum import jacobian_spectrum
 
 __all__ = [
     "Link",
@@ -29,6 +31,7 @@ __all__ = [
     "expect",
     "fixed_point",
     "gradient_gain",
+    "jacobian_spectrum",
     "measure_mlp",
     "mlp_chains",
     "predict_chain",
