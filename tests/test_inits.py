@@ -35,7 +35,7 @@ def test_registry_holds_exactly_the_documented_schemes() -> None:
     assert INITS.names() == sorted(
         [
             *["zeros", "constant", "small", "large", "xavier", "glorot", "he", "orthogonal"],
-            *["normal", "repeated_rows"],
+            *["normal", "repeated_rows", "meanfield"],
         ]
     )
 
@@ -75,6 +75,7 @@ EXPECTED_STD_500 = {
     "glorot": math.sqrt(2 / (500 + 500)),
     "he": math.sqrt(2 / 500),
     "normal": 0.05,
+    "meanfield": 1 / math.sqrt(500),  # sigma_w2 = 1 by default: sqrt(sigma_w2 / n_in)
 }
 
 
@@ -271,3 +272,20 @@ def test_apply_init_on_cuda_draws_on_the_device() -> None:
     assert model.weight.std().item() == pytest.approx(math.sqrt(2 / 500), rel=0.03)
     with pytest.raises(FlowscopeError, match=r"generator is on cpu"):
         apply_init(model, "he", generator=torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["meanfield", "orthogonal"])
+def test_mean_field_schemes_draw_biases_with_variance_sigma_b2(name) -> None:
+    net = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 400))
+    gen = torch.Generator().manual_seed(0)
+    apply_init(net, name, generator=gen, sigma_b2=0.09)
+    for layer in (net[0], net[2]):
+        assert layer.bias.std().item() == pytest.approx(0.3, rel=0.1)
+    apply_init(net, name, generator=gen)  # sigma_b2 = 0 by default: biases 0 as elsewhere
+    assert not net[0].bias.any()
+
+
+def test_meanfield_weights_have_variance_sigma_w2_over_fan_in() -> None:
+    weight = _filled("meanfield", (400, 300), sigma_w2=1.76)
+    assert init_std("meanfield", 300, 400, sigma_w2=1.76) == pytest.approx(math.sqrt(1.76 / 300))
+    assert weight.var().item() == pytest.approx(1.76 / 300, rel=0.03)

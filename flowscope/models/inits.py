@@ -4,7 +4,9 @@ The Gaussian schemes are the ones of the DD2424 lecture 4 init experiment (input
 d=500, ten layers of 500 units): ``small`` N(0, 0.01²), ``large`` N(0, 1), ``xavier``
 N(0, 1/n_in) as that lecture defines it, ``he`` N(0, 2/n_in); plus Glorot's fan-average
 N(0, 2/(n_in+n_out)), a fixed-std ``normal``, and, for the symmetry experiments of the
-CS/DS 541 notes, ``zeros``, ``constant`` and ``orthogonal`` (orthonormal rows).
+CS/DS 541 notes, ``zeros``, ``constant`` and ``orthogonal`` (orthonormal rows); and
+``meanfield``, N(0, σ_w²/n_in) weights with N(0, σ_b²) biases, the random nets of mean-field
+theory (``orthogonal`` takes a ``sigma_b2`` too).
 
 Every scheme fills a weight in place under ``torch.no_grad()`` with an optional
 ``torch.Generator`` that lives on the weight's device, so no data goes through the CPU.
@@ -58,7 +60,8 @@ class InitScheme:
 
     ``std_rule(fan_in, fan_out, params)`` gives the standard deviation the scheme implies
     (None when the scheme is not an i.i.d. zero-mean Gaussian); ``fill(weight, std, params,
-    generator)`` writes the values.
+    generator)`` writes the values; ``bias_std(params)``, where given, the std of the biases
+    :func:`apply_init` draws (the mean-field schemes' σ_b; the others set biases to 0).
     """
 
     name: str
@@ -66,6 +69,7 @@ class InitScheme:
     std_rule: Callable[[int, int, Mapping[str, float]], float | None]
     fill: Callable[[Tensor, float | None, Mapping[str, float], torch.Generator | None], None]
     params: Mapping[str, Param] = field(default_factory=dict)
+    bias_std: Callable[[Mapping[str, float]], float] | None = None  # None: biases set to 0
 
     def resolve(self, params: Mapping[str, object]) -> dict[str, float]:
         """Check ``params`` against this scheme and fill in defaults; raise on anything off."""
@@ -180,10 +184,29 @@ _add(InitScheme("he", "N(0, 2/n_in)", lambda i, o, p: math.sqrt(2 / i), _gaussia
 _add(
     InitScheme(
         "orthogonal",
-        "orthonormal rows (columns when out > in) times `gain` (default 1)",
+        "orthonormal rows (columns when out > in) times `gain` (default 1); biases"
+        " N(0, `sigma_b2`) (default 0)",
         lambda i, o, p: None,
         _orthogonal,
-        {"gain": Param(1.0, _positive, "a finite number > 0")},
+        {
+            "gain": Param(1.0, _positive, "a finite number > 0"),
+            "sigma_b2": Param(0.0, _nonnegative, "a finite number >= 0"),
+        },
+        bias_std=lambda p: math.sqrt(p["sigma_b2"]),
+    )
+)
+_add(
+    InitScheme(
+        "meanfield",
+        "N(0, `sigma_w2`/n_in) weights (default 1) and N(0, `sigma_b2`) biases (default 0):"
+        " the random nets of mean-field theory (Poole et al. 2016)",
+        lambda i, o, p: math.sqrt(p["sigma_w2"] / i),
+        _gaussian,
+        {
+            "sigma_w2": Param(1.0, _nonnegative, "a finite number >= 0"),
+            "sigma_b2": Param(0.0, _nonnegative, "a finite number >= 0"),
+        },
+        bias_std=lambda p: math.sqrt(p["sigma_b2"]),
     )
 )
 _add(
@@ -302,7 +325,9 @@ def apply_init(
         name: a scheme in ``INITS`` (``flowscope.models.inits.INITS.names()``).
         generator: a ``torch.Generator`` on the model's device, for reproducible draws;
             None uses torch's global generator.
-        bias: ``"zeros"`` sets the biases of those layers to 0; None leaves them as they are.
+        bias: ``"zeros"`` sets the biases of those layers to 0 (or draws them N(0, σ_b²) for
+            a scheme given ``sigma_b2`` > 0: ``meanfield``, ``orthogonal``); None leaves them
+            as they are.
         **params: the scheme's parameters, e.g. ``std=0.05`` for ``normal``.
 
     Returns:
@@ -321,11 +346,15 @@ def apply_init(
     for qual, module in targets:
         fans(_weight(module, qual))
         _check_generator(generator, _weight(module, qual), f"layer {qual or '<root>'!r}")
+    bias_std = scheme.bias_std(scheme.resolve(params)) if scheme.bias_std else 0.0
     for qual, module in targets:
         scheme(_weight(module, qual), generator=generator, **params)
         if bias == "zeros" and isinstance(module.bias, Tensor):
             with torch.no_grad():
-                module.bias.zero_()
+                if bias_std > 0:
+                    module.bias.normal_(0.0, bias_std, generator=generator)
+                else:
+                    module.bias.zero_()
     return [qual for qual, _ in targets]
 
 
