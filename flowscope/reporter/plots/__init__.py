@@ -18,6 +18,8 @@ function redraws that figure's panels in place (much faster than new axes; see
 * :func:`saturation_plot`: saturated and zero ("dead") fractions per layer. In :mod:`.curves`.
 * :func:`signal_plot`: the signal-propagation plot of a residual model (stream squared mean
   and variance, branch variance, against depth). In :mod:`.signal`.
+* :func:`coord_plot`: the μP coordinate check, activation size against width per step. In
+  :mod:`.width`.
 
 What they share (:mod:`.common`): which rows and layers a figure shows, the panel grid kept
 for a redraw, panel text and ticks. Which layers a figure shows: the activation-function
@@ -49,11 +51,13 @@ from flowscope.reporter.plots.hists import (
     layer_hists,
 )
 from flowscope.reporter.plots.signal import signal_plot
+from flowscope.reporter.plots.width import coord_plot
 
 __all__ = [
     "KIND_LABEL",
     "activation_hists",
     "clear_panel",
+    "coord_plot",
     "flow_layers",
     "gradient_hists",
     "group_column",
