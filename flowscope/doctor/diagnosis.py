@@ -50,7 +50,7 @@ from flowscope.doctor.rules import check_layers, explain, worst_layer
 from flowscope.doctor.table import layer_table, main_role
 from flowscope.doctor.theory_table import theory_table
 from flowscope.doctor.thresholds import LAYER_COLUMNS, RUN_COLUMNS, VERDICTS, Thresholds
-from flowscope.record.frames import KEYS, records_of
+from flowscope.record.frames import KEYS, expected_passes, records_of
 from flowscope.record.recorder import Recorder
 
 __all__ = ["Diagnosis", "compare", "diagnose"]
@@ -78,12 +78,15 @@ class Diagnosis:
         theory: for models with Linear → [norm] → activation chains (``model=`` given),
             mean-field predictions beside the measurement: ``[*by, layer_idx, layer,
             pred_rms, rms, pred_act_gain, act_gain, pred_grad_gain, grad_gain]``; else None.
+        notes: what the diagnosis left out: of several passes per step it reads the last
+            weight gradient and the first-order dL/dh (``frames.expected_passes``).
     """
 
     layers: pd.DataFrame
     runs: pd.DataFrame
     by: list[str] = field(default_factory=lambda: ["run"])
     theory: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
         """True when every run is healthy."""
@@ -169,6 +172,10 @@ def diagnose(
             ``dead``/``step``, an empty frame, or one without activation or gradient rows.
     """
     stats, rec_model = _stats_of(source)
+    if "kind" in stats.columns:  # several passes per step: judge the one a reader expects
+        stats, passes = expected_passes(stats)
+    else:
+        passes = ""
     by_cols = _check_by(by)
     if thresholds is None:
         thresholds = Thresholds()
@@ -205,7 +212,8 @@ def diagnose(
     layers = layers[[*by_cols, *LAYER_COLUMNS, "reason"]]
     runs = pd.DataFrame(run_rows, columns=[*by_cols, *RUN_COLUMNS])
     theory_frame = pd.concat(theory_frames, ignore_index=True) if theory_frames else None
-    return Diagnosis(layers=layers, runs=runs, by=by_cols, theory=theory_frame)
+    notes = [f"several passes per step: {passes}"] if passes else []
+    return Diagnosis(layers=layers, runs=runs, by=by_cols, theory=theory_frame, notes=notes)
 
 
 def _with_keys(frame: pd.DataFrame, keys: Mapping[str, Any]) -> pd.DataFrame:

@@ -67,6 +67,7 @@ def format_diagnosis(d: DiagnosisFrames, max_layers: int = 60) -> str:
             out += _layer_lines(d, run, max_layers)
     if len(runs) and runs.get("thresholds") is not None:
         out += ["", f"thresholds: {runs['thresholds'].iloc[0]}"]
+    out += [f"note: {note}" for note in getattr(d, "notes", [])]
     return "\n".join(out)
 
 

@@ -5,7 +5,8 @@
 the bucket limits, so histograms of every layer, step and run line up) and the statistics as
 scalars, so TensorBoard dashboards built on ``add_histogram`` keep working without a second
 pass over the tensors. ``to_csv`` writes ``stats.csv`` and ``hists.csv`` next to the Parquet
-files.
+files; :func:`csv_text` is every CSV flowscope writes: text cells a spreadsheet would run as a
+formula (a module named ``=HYPERLINK(...)``) are written with a leading ``'``.
 
 Tags: histograms ``<kind>/<layer>``, scalars ``<kind>.<statistic>/<layer>`` (TensorBoard
 groups on the part before the first ``/``: one section per kind and statistic, one chart per
@@ -40,9 +41,48 @@ from flowscope.record.frames import Records, atomic_write_text, log_edges_of, re
 from flowscope.record.recorder import Recorder
 from flowscope.record.snapshot import LogEdges
 
-__all__ = ["SCALARS", "records_of", "tag_of", "to_csv", "to_tensorboard"]
+__all__ = ["SCALARS", "csv_text", "records_of", "tag_of", "to_csv", "to_tensorboard"]
 
 SCALARS = ("mean", "std", "rms", "absmax", "frac_zero", "frac_saturated", "nonfinite")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's CSV injection list
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """The frame as CSV text, with text cells a spreadsheet would execute neutralised.
+
+    Example:
+        >>> frame = pd.DataFrame({"layer": ['=HYPERLINK("http://x")', "fc"], "min": [-1.5, 2]})
+        >>> print(csv_text(frame), end="")
+        layer,min
+        "'=HYPERLINK(""http://x"")",-1.5
+        fc,2.0
+
+    A text cell (and a column name) starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return gets a leading ``'`` (OWASP's rule), so Excel, LibreOffice and Google
+    Sheets show it as text; numbers are written as numbers, negative ones unquoted. The
+    Parquet files keep the raw names.
+    """
+    out = frame.copy(deep=False)
+    carriage_return = False
+    for i in range(frame.shape[1]):
+        series = frame.iloc[:, i]
+        if series.dtype.kind in "biufcmM":  # numbers, booleans and times are not text
+            continue
+        flagged = series.map(_is_formula).to_numpy(dtype=bool)
+        if flagged.any():
+            series = series.astype(object)  # a categorical cannot take the new text
+            fixed = series.where(~flagged, "'" + series[flagged].astype(str))
+            out.isetitem(i, fixed.to_numpy(dtype=object))
+        carriage_return |= bool(series.map(lambda v: isinstance(v, str) and "\r" in v).any())
+    out.columns = pd.Index(["'" + c if _is_formula(c) else c for c in frame.columns], dtype=object)
+    # csv quotes a cell holding a character of the line ending: with a CR in some cell, end
+    # lines with CRLF (RFC 4180) so that cell is quoted instead of splitting its row
+    return out.to_csv(index=False, lineterminator="\r\n" if carriage_return else "\n")
+
+
+def _is_formula(value: Any) -> bool:
+    """True for text a spreadsheet would read as a formula."""
+    return isinstance(value, str) and value.startswith(FORMULA_STARTS)
 
 
 def tag_of(layer: str, kind: str, call: int, tensor: str, stat: str | None = None) -> str:
@@ -203,6 +243,6 @@ def to_csv(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, frame in (("stats.csv", records.stats), ("hists.csv", records.hists)):
-        atomic_write_text(out / name, frame.to_csv(index=False))
+        atomic_write_text(out / name, csv_text(frame))
         paths.append(out / name)
     return paths

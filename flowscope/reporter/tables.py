@@ -23,6 +23,7 @@ import pandas as pd
 
 from flowscope.doctor import RUN_COLUMNS
 from flowscope.record.frames import atomic_write_text
+from flowscope.reporter.export import csv_text
 from flowscope.reporter.plots import group_column
 from flowscope.reporter.run import RunData
 
@@ -177,7 +178,7 @@ def write_exports(
     for name, frame in frames.items():
         if frame is None:
             continue
-        atomic_write_text(out / name, frame.to_csv(index=False))
+        atomic_write_text(out / name, csv_text(frame))
         links.append({"href": quote(name), "name": name, "what": EXPORTS[name]})
     return links
 

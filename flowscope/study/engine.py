@@ -236,7 +236,7 @@ def _measure(
                 opt.step()
                 opt.zero_grad()
                 _probe(probes, "step", ctx, step + 1, rows)
-                rec.step()
+                rec.step(record=step + 2 == run["steps"])  # the last step is always recorded
     _probe(probes, "end", ctx, run["steps"], rows, ready)
     return rec.snapshots(), {**rec.meta, "run": config.id}, _to_host(rows)
 
