@@ -4,6 +4,7 @@ one forward/backward pass under ``fs.watch`` and hands the records to ``diagnose
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -17,7 +18,7 @@ from flowscope.doctor.thresholds import Thresholds
 from flowscope.record.hooks import forward_hooks
 from flowscope.record.recorder import KINDS, ROOT, Recorder, watch
 
-__all__ = ["DeadUnits", "call_model", "default_loss", "examine"]
+__all__ = ["DeadUnits", "call_model", "default_loss", "examine", "model_state_kept"]
 
 
 def _can_die(module: nn.Module) -> bool:
@@ -153,6 +154,43 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+@contextmanager
+def model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, on exit, what a measuring pass changes besides the records: every buffer
+    (BatchNorm running statistics, ``num_batches_tracked``), each module's train/eval flag
+    and each parameter's ``.grad``.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with model_state_kept(bn):
+        ...     _ = bn(torch.randn(8, 3))
+        >>> int(bn.num_batches_tracked), float(bn.running_mean.abs().sum())
+        (0, 0.0)
+
+    Buffers are copied back into the same tensor objects (a buffer the forward pass replaced
+    is put back as well); buffers and parameters are restored also when the body raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    buffers = [
+        (module, key, buf, buf.detach().clone())
+        for module in model.modules()
+        for key, buf in module._buffers.items()  # the tensor objects themselves, also None
+        if buf is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, key, buf, copy in buffers:
+                buf.copy_(copy)
+                module._buffers[key] = buf
+        for module, mode in modes:
+            module.training = mode
+        for param, grad in grads:
+            param.grad = grad
+
+
 def examine(
     model: nn.Module,
     inputs: Any,
@@ -171,7 +209,9 @@ def examine(
         (['doctor'], True)
 
     Args:
-        model: any module (its ``.grad`` fields are restored afterwards).
+        model: any module; its buffers (BatchNorm running statistics), train/eval flags and
+            ``.grad`` fields are restored afterwards (:func:`model_state_kept`), so its
+            state dict and eval outputs are bit-identical before and after.
         inputs: a tensor, a tuple/list of positional inputs, or a mapping of keyword inputs.
         loss: output → scalar tensor; default :func:`default_loss`.
         thresholds: passed to :func:`diagnose`.
@@ -188,17 +228,15 @@ def examine(
     if not isinstance(model, nn.Module):
         raise FlowscopeError(f"examine() needs a torch.nn.Module, got {type(model).__name__}")
     loss_fn = loss or default_loss
-    saved = [(p, p.grad) for p in model.parameters()]
-    rec = watch(model, name=name, kinds=kinds)
-    try:
-        with DeadUnits(model) as dead:
-            value = loss_fn(call_model(model, inputs))
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                raise FlowscopeError(f"the loss must be a scalar tensor, got {value!r:.80}")
-            if value.requires_grad:
-                value.backward()
-    finally:
-        rec.close()
-        for param, grad in saved:
-            param.grad = grad
+    with model_state_kept(model):
+        rec = watch(model, name=name, kinds=kinds)
+        try:
+            with DeadUnits(model) as dead:
+                value = loss_fn(call_model(model, inputs))
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise FlowscopeError(f"the loss must be a scalar tensor, got {value!r:.80}")
+                if value.requires_grad:
+                    value.backward()
+        finally:
+            rec.close()
     return rec, diagnose(rec, thresholds=thresholds, model=model, dead=dead.frame())
