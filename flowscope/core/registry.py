@@ -29,8 +29,9 @@ class Registry(Generic[T]):
         ['double']
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, internal: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.internal = internal  # arguments the caller supplies, never a study file
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -53,10 +54,28 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise unknown(self.kind, name, self._entries, where) from None
 
-    def check_args(self, name: str, kwargs: Mapping[str, object], where: str = "") -> T:
-        """The entry ``name`` after checking ``kwargs`` against its signature (did-you-mean)."""
+    def arguments(self, name: str, internal: bool = False) -> list[str]:
+        """The keyword arguments of entry ``name``; the ``internal`` ones only when asked.
+
+        Example:
+            >>> data: Registry[object] = Registry("data", internal=("device",))
+            >>> _ = data.register("ones")(lambda *, n=1, device=None: [1] * n)
+            >>> data.arguments("ones"), data.arguments("ones", internal=True)
+            (['n'], ['n', 'device'])
+        """
+        params = list(inspect.signature(self.get(name)).parameters)  # type: ignore[arg-type]
+        return params if internal else [p for p in params if p not in self.internal]
+
+    def check_args(
+        self, name: str, kwargs: Mapping[str, object], where: str = "", internal: bool = False
+    ) -> T:
+        """The entry ``name`` after checking ``kwargs`` against its signature (did-you-mean).
+
+        Arguments in ``internal`` (a device, a generator: what the caller makes) are refused
+        unless ``internal=True``, so a study file can set only the documented ones.
+        """
         entry = self.get(name, where)
-        allowed = list(inspect.signature(entry).parameters)  # type: ignore[arg-type]
+        allowed = self.arguments(name, internal)
         for key in kwargs:
             if key not in allowed:
                 raise unknown(f"{self.kind} {name!r} argument", key, allowed, where)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.core.limits import check_fits
 from flowscope.core.registry import Registry
 
 __all__ = ["DATA", "TEACHERS", "Batch", "gaussian", "images", "make_data", "teacher"]
@@ -51,7 +52,8 @@ class Batch:
     task: str
 
 
-DATA: Registry[Callable[..., Batch]] = Registry("data")
+DATA: Registry[Callable[..., Batch]] = Registry("data", internal=("device", "generator"))
+"""The data sets; ``device`` and ``generator`` come from the run, never from a study file."""
 
 
 def _count(where: str, name: str, value: object, low: int = 1) -> int:
@@ -59,6 +61,11 @@ def _count(where: str, name: str, value: object, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise FlowscopeError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _fits(where: str, *shape: int) -> None:
+    """Refuse a batch larger than this machine's memory before drawing it."""
+    check_fits(f"{where}: a batch of shape {shape}", math.prod(shape))
 
 
 def _source(
@@ -94,10 +101,12 @@ def gaussian(
     n: int = 256,
     dim: int = 500,
     classes: int = 10,
+    std: float = 1.0,
     device: str | torch.device | None = None,
     generator: torch.Generator | None = None,
 ) -> Batch:
-    """Inputs x ~ N(0, 1) of shape (n, dim) and random labels (DD2424's experiment input).
+    """Inputs x ~ N(0, std²) of shape (n, dim) and random labels (DD2424's experiment input:
+    std 1).
 
     Example:
         >>> import torch
@@ -109,6 +118,8 @@ def gaussian(
         n: batch size.
         dim: input features (500 in the lecture).
         classes: number of label values, >= 2.
+        std: the inputs' standard deviation (> 0): mean-field studies start the first
+            layer at a chosen variance q_1 = σ_w² std² + σ_b².
         device: where to create the batch; defaults to the generator's device, else CPU.
         generator: a ``torch.Generator`` on ``device``; None means a fresh one seeded 0.
 
@@ -116,13 +127,19 @@ def gaussian(
         A ``Batch`` with float32 ``x`` and int64 ``y`` (labels independent of ``x``).
 
     Raises:
-        FlowscopeError: a size below its minimum, a bad device, a generator elsewhere.
+        FlowscopeError: a size below its minimum or beyond this machine's memory, a bad
+            device, a generator elsewhere.
     """
     where = "data 'gaussian'"
     n, dim = _count(where, "n", n), _count(where, "dim", dim)
     classes = _count(where, "classes", classes, low=2)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+        raise FlowscopeError(f"{where}: std must be a finite number > 0, got {std!r}")
+    _fits(where, n, dim)
     dev, gen = _source(where, device, generator)
     x = torch.randn(n, dim, device=dev, generator=gen)
+    if std != 1:
+        x = x.mul_(std)
     return Batch(x, _labels(n, classes, dev, gen), "classification")
 
 
@@ -167,13 +184,15 @@ def teacher(
         A ``Batch`` with float32 ``x`` and int64 ``y`` = the teacher's argmax class.
 
     Raises:
-        FlowscopeError: a size below its minimum, an unknown kind, a bad device or generator.
+        FlowscopeError: a size below its minimum or beyond this machine's memory, an
+            unknown kind, a bad device or generator.
     """
     where = "data 'teacher'"
     n, dim = _count(where, "n", n), _count(where, "dim", dim)
     classes, hidden = _count(where, "classes", classes, low=2), _count(where, "hidden", hidden)
     if kind not in TEACHERS:
         raise unknown("teacher kind", kind, TEACHERS, where)
+    _fits(where, n, dim)
     dev, gen = _source(where, device, generator)
     if kind == "linear":
         w = torch.randn(classes, dim, device=dev, generator=gen) / math.sqrt(dim)
@@ -217,11 +236,13 @@ def images(
         A ``Batch`` with float32 ``x`` and int64 ``y`` (labels independent of ``x``).
 
     Raises:
-        FlowscopeError: a size below its minimum, a bad device, a generator elsewhere.
+        FlowscopeError: a size below its minimum or beyond this machine's memory, a bad
+            device, a generator elsewhere.
     """
     where = "data 'images'"
     n, channels = _count(where, "n", n), _count(where, "channels", channels)
     size, classes = _count(where, "size", size), _count(where, "classes", classes, low=2)
+    _fits(where, n, channels, size, size)
     dev, gen = _source(where, device, generator)
     x = torch.randn(n, channels, size, size, device=dev, generator=gen)
     return Batch(x, _labels(n, classes, dev, gen), "classification")
@@ -244,4 +265,4 @@ def make_data(name: str, **kwargs: object) -> Batch:
     Raises:
         FlowscopeError: unknown data or argument name (with did-you-mean), bad values.
     """
-    return DATA.check_args(name, kwargs)(**kwargs)
+    return DATA.check_args(name, kwargs, internal=True)(**kwargs)

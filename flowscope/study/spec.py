@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.core.limits import check_fits
 from flowscope.study.spec_errors import parse
 from flowscope.study.spec_models import EXPECTS as EXPECTS
 from flowscope.study.spec_models import REDUCERS as REDUCERS
@@ -282,7 +283,8 @@ def check_config(study: Study, config: Config, where: str) -> None:
     for section, model in (("net", Net), ("init", Init), ("data", Data), ("run", Run)):
         parse(model, getattr(config, section), where, (section,))  # sweeps set these per config
     net = dict(config.net)
-    _try_build(NETS.check_args(net.pop("name"), net, where), net, "meta", where)
+    name = net.pop("name")
+    _try_build(NETS.check_args(name, net, where), net, "meta", where, config.run["dtype"])
     data = dict(config.data)
     _try_build(DATA.check_args(data.pop("name"), data, where), data, "cpu", where)
     init = dict(config.init)
@@ -305,24 +307,42 @@ def check_config(study: Study, config: Config, where: str) -> None:
 
 
 _BUILT: set[str] = set()
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2}
 
 
-def _try_build(factory: Any, kwargs: dict[str, Any], device: str, where: str) -> None:
-    """Build once to check the values: nets on the meta device (free), data on the CPU."""
+def _try_build(
+    factory: Any, kwargs: dict[str, Any], device: str, where: str, dtype: str = "float32"
+) -> None:
+    """Build once to check the values: nets on the meta device (free; their parameters
+    must fit in this machine's memory), data on the CPU."""
     import torch
 
-    key = json.dumps([getattr(factory, "__name__", ""), kwargs, device], sort_keys=True)
+    name = getattr(factory, "__name__", "")
+    label = f"{'net' if device == 'meta' else 'data'} {name!r} with {_args(kwargs)}"
+    key = json.dumps([name, kwargs, device, dtype], sort_keys=True)
     if key in _BUILT:
         return
     try:
         if device == "meta":
             with torch.device("meta"):
-                factory(**kwargs)
+                net = factory(**kwargs)
+            size = sum(p.numel() for p in net.parameters())
+            check_fits(f"{label}: its parameters", size, _ITEMSIZE.get(dtype, 4), dtype)
         else:
             factory(**kwargs, device=torch.device("cpu"))
     except FlowscopeError as err:
         raise FlowscopeError(f"{where}: {err}") from None
+    except (RuntimeError, OverflowError, MemoryError) as err:  # torch's size checks
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise FlowscopeError(
+            f"{where}: {label} cannot be built: {type(err).__name__}: {first}"
+        ) from None
     _BUILT.add(key)
+
+
+def _args(kwargs: dict[str, Any]) -> str:
+    """``width=8, depth=2``: arguments as the message shows them."""
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
 
 
 def matches(glob: str | None, name: str) -> bool:
