@@ -18,6 +18,7 @@ from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.record.fields import HistSpec, LogEdges
 
 __all__ = [
+    "HIST_LIMITS",
     "KINDS",
     "ROOT",
     "ModuleSelector",
@@ -33,19 +34,27 @@ __all__ = [
 KINDS = ("activation", "gradient", "weight", "weight_grad")
 ROOT = "<root>"
 
+# allowed histogram settings: a row holds bins + 2 * 60 * per_decade + 5 counts per snapshot,
+# and a sample is staged whole; beyond these a typo (bins=10**7) would exhaust memory
+HIST_LIMITS = {"bins": (1, 4096), "hist_sample": (16, 1 << 24), "log_bins_per_decade": (1, 100)}
+
 ModuleSelector = type[nn.Module] | str
 SaturationMap = Mapping[type[nn.Module] | str, tuple[float, float] | None]
 
 
 def hist_spec(bins: int, sample: int, per_decade: int, prefix: str = "") -> HistSpec:
     """Validated histogram settings (``prefix`` names them as the caller does: ``run.``)."""
-    for label, value, low in (
-        ("bins", bins, 1),
-        ("hist_sample", sample, 16),
-        ("log_bins_per_decade", per_decade, 1),
+    for label, value, (low, high) in (
+        ("bins", bins, HIST_LIMITS["bins"]),
+        ("hist_sample", sample, HIST_LIMITS["hist_sample"]),
+        ("log_bins_per_decade", per_decade, HIST_LIMITS["log_bins_per_decade"]),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise FlowscopeError(f"{prefix}{label} must be an integer >= {low}, got {value!r}")
+        if value > high:
+            raise FlowscopeError(
+                f"{prefix}{label} must be an integer in [{low}, {high}], got {value!r}"
+            )
     return HistSpec(bins=bins, sample=sample, log=LogEdges(per_decade=per_decade))
 
 
@@ -110,6 +119,11 @@ def select_modules(
             if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
         ]
     selectors = [modules] if isinstance(modules, str | type) else list(modules)
+    if not selectors:
+        raise FlowscopeError(
+            "modules is empty: nothing would be recorded; pass module types or name patterns,"
+            " or None for every leaf module"
+        )
     chosen: set[str] = set()
     for sel in selectors:
         if isinstance(sel, str):
