@@ -16,7 +16,10 @@ checks, per group of rows (``by``, default ``["run"]``) at its latest step:
 - **dead**: units of a ReLU-like layer that are zero for the whole batch (measured per unit
   with :class:`DeadUnits` where the model is at hand), else the share of exact zeros
   (``frac_zero``), an upper bound on the dead share;
-- **non-finite**: any NaN or Inf in activations, gradients, weights or weight gradients.
+- **non-finite**: any NaN or Inf in activations, gradients, weights or weight gradients;
+- **no data**: a layer whose activations and dL/dh hold no value (an empty batch); a run is
+  ``no data`` when no layer holds one, or when every value is exactly 0 (nothing else
+  found), so an empty batch or an all-zero net is never called healthy.
 
 Example:
     >>> import torch, flowscope as fs
@@ -40,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -49,7 +53,7 @@ from flowscope.doctor.render import format_diagnosis
 from flowscope.doctor.rules import check_layers, explain, worst_layer
 from flowscope.doctor.table import layer_table, main_role
 from flowscope.doctor.theory_table import theory_table
-from flowscope.doctor.thresholds import LAYER_COLUMNS, RUN_COLUMNS, VERDICTS, Thresholds
+from flowscope.doctor.thresholds import LAYER_COLUMNS, NO_DATA, RUN_COLUMNS, VERDICTS, Thresholds
 from flowscope.record.frames import KEYS, expected_passes, records_of
 from flowscope.record.recorder import Recorder
 
@@ -71,7 +75,7 @@ class Diagnosis:
             check, verdict, value, threshold, reason]``. Checks: ``act_scale`` (value: rms
             over the role's first layer's), ``grad_scale`` (dL/dh rms over the role's last
             layer's), ``saturated``, ``dead_units`` (measured share), ``zero_share`` (bound),
-            ``non-finite`` (count).
+            ``non-finite`` (count), ``values`` (0: a layer without any value, ``no data``).
         runs: one row per group: ``[*by, verdict, act_gain, grad_gain, grad_ratio,
             worst_layer, saturated, dead, nonfinite, reason, fix, thresholds]``.
         by: the grouping columns.
@@ -272,8 +276,18 @@ def _verdict(
     """One ``runs`` row (without the group keys)."""
     flagged = rows[rows["verdict"] != "healthy"]
     found = set(flagged["verdict"])
+    if table["values"].sum() > 0:  # some layers have values: judged on those
+        found.discard(NO_DATA)
     parts = [v for v in VERDICTS if v in found]
     gains = main_role(table)
+    reason = explain(parts, flagged, gains, th)
+    scales = table[["act_rms", "grad_rms"]].to_numpy(float)
+    if not parts and not (np.isfinite(scales) & (scales > 0)).any():
+        parts = [NO_DATA]  # values, but every one exactly 0: no scale to judge
+        reason = (
+            "every activation and dL/dh value is exactly 0 (constant zero tensors: zero "
+            "weights or a zero input?): there is no scale to judge"
+        )
     measured = rows[rows["check"] == "dead_units"]
     sat_rows = rows[rows["check"] == "saturated"]
     return {
@@ -285,7 +299,7 @@ def _verdict(
         "saturated": float(sat_rows["value"].max()) if len(sat_rows) else 0.0,
         "dead": float(measured["value"].max()) if len(measured) else math.nan,
         "nonfinite": int(table["nonfinite"].sum()),
-        "reason": explain(parts, flagged, gains, th),
+        "reason": reason,
         "fix": prescribe(parts, table, flagged, gains, model, theory),
         "thresholds": th.describe(),
     }

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from flowscope.doctor.thresholds import VERDICTS
+from flowscope.doctor.thresholds import NO_DATA, VERDICTS
 
 __all__ = ["DiagnosisFrames", "format_diagnosis"]
 
@@ -44,9 +44,11 @@ def format_diagnosis(d: DiagnosisFrames, max_layers: int = 60) -> str:
     """
     runs = d.runs
     healthy = int((runs["verdict"] == "healthy").sum())
+    empty = int((runs["verdict"] == NO_DATA).sum())
     out = [
-        f"flowscope doctor: {len(runs)} run(s), {healthy} healthy, {len(runs) - healthy} "
-        "with problems"
+        f"flowscope doctor: {len(runs)} run(s), {healthy} healthy, "
+        f"{len(runs) - healthy - empty} with problems"
+        + (f", {empty} without data" if empty else "")
     ]
     for _, run in runs.iterrows():
         keys = ", ".join(f"{c}={run[c]!s}" for c in d.by if c in run.index)

@@ -1,8 +1,9 @@
 """The checks: the per-layer table becomes rows of ``Diagnosis.layers``, and their summary.
 
 :func:`check_layers` runs every check on every layer it applies to (``act_scale``,
-``grad_scale``, ``saturated``, ``dead_units``, ``zero_share``, ``non-finite``), one row
-each with the value, the threshold and the reason. :func:`worst_layer` and :func:`explain`
+``grad_scale``, ``saturated``, ``dead_units``, ``zero_share``, ``non-finite``, and
+``values`` for a layer whose activations and dL/dh hold no value at all: verdict ``no data``),
+one row each with the value, the threshold and the reason. :func:`worst_layer` and :func:`explain`
 read those rows back for a run: where it is worst, and the numbers behind its verdict.
 """
 
@@ -17,7 +18,7 @@ import pandas as pd
 
 from flowscope.core.activations import activation_type
 from flowscope.doctor.table import scale_pool
-from flowscope.doctor.thresholds import LAYER_COLUMNS, Thresholds
+from flowscope.doctor.thresholds import LAYER_COLUMNS, NO_DATA, Thresholds
 
 __all__ = ["check_layers", "explain", "top_row", "worst_layer"]
 
@@ -46,6 +47,12 @@ def check_layers(table: pd.DataFrame, th: Thresholds) -> pd.DataFrame:
         if len(members) >= 2:
             rows += _scale_rows(members, th)
     for _, layer in table.iterrows():
+        if layer.get("values") == 0:  # recorded, but empty: nothing to judge
+            rows.append(
+                _row(layer, "values", NO_DATA, 0, 1,
+                     "its activations and dL/dh hold no value (an empty batch or an empty "
+                     "output): nothing to judge")
+            )  # fmt: skip
         rows += _share_rows(layer, th)
         count = int(layer["nonfinite"])
         bad = count > th.nonfinite
@@ -173,7 +180,7 @@ def worst_layer(table: pd.DataFrame, rows: pd.DataFrame) -> str:
         if first.empty:
             first = table[table["nonfinite"] > 0].iloc[::-1]
         return str(first["layer"].iloc[0])
-    checked = rows[rows["check"] != "non-finite"]
+    checked = rows[~rows["check"].isin(["non-finite", "values"])]
     if checked.empty:
         return ""
     severity = checked.apply(_severity, axis=1)
@@ -214,6 +221,15 @@ def explain(
                 f"{len(hits)} layer(s) with {label} above {top['threshold']:.0%}, most in "
                 f"{top['layer']!r} ({top['value']:.1%})"
             )
+    empty = flagged[flagged["check"] == "values"]
+    if NO_DATA in parts:
+        bits.append(
+            "no activation or dL/dh value was recorded in any layer (a batch of size 0?): "
+            "nothing to judge"
+        )
+    elif len(empty):
+        names = ", ".join(repr(n) for n in empty["layer"].head(3))
+        bits.append(f"{len(empty)} layer(s) without any value, not judged: {names}")
     bad = flagged[flagged["check"] == "non-finite"]
     if len(bad):
         bits.insert(0, f"{int(bad['value'].sum())} NaN/Inf values in {len(bad)} layer(s)")

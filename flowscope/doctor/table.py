@@ -31,7 +31,8 @@ def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         In execution order: ``layer, layer_idx, module_type, nonfinite, act_nonfinite,
-        act_rms, grad_rms`` (rms over the finite values), ``zero, sat`` (activation shares),
+        values`` (values in its activation and dL/dh rows; NaN without such rows), ``act_rms,
+        grad_rms`` (rms over the finite values), ``zero, sat`` (activation shares),
         ``weight_std, weight_count, units, dead, samples`` (NaN where not recorded), ``pre``
         (a pre-activation layer) and ``role``.
     """
@@ -47,6 +48,8 @@ def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
     acts = g[g["kind"] == "activation"]
     base["act_nonfinite"] = acts.groupby("layer", sort=False)["nonfinite"].sum()
     base["act_nonfinite"] = base["act_nonfinite"].fillna(0)
+    flows = g[g["kind"].isin(["activation", "gradient"])]
+    base["values"] = flows.groupby("layer", sort=False)["count"].sum()
     for kind, prefix in (("activation", "act"), ("gradient", "grad")):
         rows = g[g["kind"] == kind]
         weighted = rows.assign(

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from flowscope.core.errors import FlowscopeError
 
-__all__ = ["LAYER_COLUMNS", "RUN_COLUMNS", "VERDICTS", "Thresholds"]
+__all__ = ["LAYER_COLUMNS", "NO_DATA", "RUN_COLUMNS", "VERDICTS", "Thresholds"]
 
-VERDICTS = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
+VERDICTS = ("non-finite", "exploding", "vanishing", "saturated", "dead", "no data", "healthy")
+NO_DATA = "no data"  # nothing to judge: the activations and dL/dh hold no value (a batch of 0)
 LAYER_COLUMNS = ["layer_idx", "layer", "module_type", "check", "verdict", "value", "threshold"]
 RUN_COLUMNS = [
     "verdict",
