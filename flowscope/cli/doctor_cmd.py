@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -27,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from flowscope.cli.errors import clean_errors
+from flowscope.cli.errors import check_out_dir, clean_errors, one_line
 from flowscope.core.errors import FlowscopeError, unknown
+from flowscope.core.limits import check_fits
 
 if TYPE_CHECKING:
     from torch import nn
@@ -71,11 +73,7 @@ def load_factory(target: str) -> tuple[Callable[[], Any], str]:
         FlowscopeError: a target without ``:``, a module that does not import (with the
             reason), or a missing attribute (with did-you-mean and the callables there).
     """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise FlowscopeError(
-            f"expected MODULE:FACTORY such as mypkg.models:make_net, got {target!r}"
-        )
+    module_name, attr = _split_target(target)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -93,6 +91,59 @@ def load_factory(target: str) -> tuple[Callable[[], Any], str]:
     if not callable(obj):
         raise FlowscopeError(f"{target!r} is a {type(obj).__name__}, not a callable factory")
     return obj, attr.split(".")[-1]
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """``("package.module", "callable")`` of a ``MODULE:FACTORY`` target, checked."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise FlowscopeError(
+            f"expected MODULE:FACTORY such as mypkg.models:make_net, got {target!r}"
+        )
+    return module_name, attr
+
+
+def _device(name: str) -> str:
+    """``--device`` checked before any work: a torch device type that is usable here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise click.BadParameter(
+            f"{name!r} is not a torch device; use cpu, cuda, cuda:N (or mps, xpu where torch "
+            "has them)",
+            param_hint="'--device'",
+        ) from None
+    if device.type == "meta":
+        raise click.BadParameter(
+            "'meta' tensors hold no values to measure; use cpu or cuda", param_hint="'--device'"
+        )
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise FlowscopeError(
+            f"--device {name!r} is not available here: {one_line(str(err))[:160]} "
+            f"(torch {torch.__version__}); use --device cpu"
+        ) from None
+    return name
+
+
+def _check_fix(fix: str) -> None:
+    """``--fix`` checked before any work: ``lsuv`` or an init scheme usable without
+    parameters."""
+    from flowscope.models.inits import INITS
+
+    if fix == "lsuv":
+        return
+    if fix not in INITS:
+        raise unknown("init", fix, [*INITS.names(), "lsuv"], "--fix")
+    try:
+        INITS.get(fix).resolve({})
+    except FlowscopeError as err:
+        raise FlowscopeError(
+            f"--fix {fix!r}: {err}; --fix takes schemes without parameters"
+        ) from None
 
 
 def _build(factory: Callable[[], Any], target: str) -> nn.Module:
@@ -133,9 +184,10 @@ def _inputs(
         try:
             return torch.load(path, weights_only=True, map_location="cpu")
         except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise FlowscopeError(
                 f"cannot load --input {path!r} with torch.load(weights_only=True): "
-                f"{type(err).__name__}: {err}"
+                f"{type(err).__name__}: {first}"
             ) from err
     assert shape is not None
     gen = torch.Generator().manual_seed(seed)
@@ -208,13 +260,18 @@ def _examine(model: nn.Module, inputs: Any, target: str, th: Thresholds, name: s
 
 def _save(rec: Any, diagnosis: Diagnosis, out: Path) -> None:
     """Records (``Recorder.save``) plus the diagnosis as text and JSON."""
-    rec.save(out)
-    (out / "diagnosis.txt").write_text(str(diagnosis) + "\n")
     payload = {
         "runs": json.loads(diagnosis.runs.to_json(orient="records")),
         "layers": json.loads(diagnosis.layers.to_json(orient="records")),
     }
-    (out / "diagnosis.json").write_text(json.dumps(payload, indent=1))
+    try:
+        rec.save(out)
+        (out / "diagnosis.txt").write_text(str(diagnosis) + "\n")
+        (out / "diagnosis.json").write_text(json.dumps(payload, indent=1))
+    except OSError as err:  # the folder was checked first; a full disk can still say no
+        raise FlowscopeError(
+            f"cannot write the records to {str(out)!r}: {err.strerror or err}"
+        ) from err
 
 
 @click.command("doctor")
@@ -280,7 +337,17 @@ def doctor_cmd(
     if (shape is None) == (input_file is None):
         raise click.UsageError("give exactly one of --input-shape and --input")
     dims = parse_shape(shape) if shape is not None else None
+    if dims is not None:
+        check_fits(f"--input-shape {shape!r}", math.prod(dims))
     thresholds = _thresholds(threshold_pairs)
+    name = _split_target(target)[1].split(".")[-1]
+    if fix is not None:
+        _check_fix(fix)
+    device = _device(device)
+    out = Path(out_dir or Path("reports") / f"doctor-{name}")
+    check_out_dir(out)
+    if fix is not None:
+        check_out_dir(f"{out}-{fix}", "--out (with --fix)")
     factory, name = load_factory(target)
 
     import torch
@@ -292,7 +359,6 @@ def doctor_cmd(
     inputs = _to(_inputs(model, dims, input_file, vocab, seed), device)
     click.echo(f"flowscope doctor: {target} on input {_describe(inputs)}", err=True)
     rec, diagnosis = _examine(model, inputs, target, thresholds, name)
-    out = Path(out_dir or Path("reports") / f"doctor-{name}")
     click.echo(str(diagnosis))
     _save(rec, diagnosis, out)
     click.echo(f"records: {out}", err=True)

@@ -1,14 +1,30 @@
-"""What every click command of flowscope shares (imports click and errors only, no torch)."""
+"""What every click command of flowscope shares (imports click and errors only, no torch):
+one ``Error:`` line for flowscope's errors, and the output-folder check made before work."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
 
 from flowscope.core.errors import FlowscopeError
+
+__all__ = ["check_out_dir", "clean_errors", "one_line"]
+
+
+def one_line(text: str) -> str:
+    """A message on one line: its lines joined with spaces (blank ones dropped).
+
+    Example:
+        >>> one_line("bad value\\n\\n  see the docs")
+        'bad value see the docs'
+    """
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -19,6 +35,52 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FlowscopeError as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(one_line(str(err))) from err
 
     return wrapper
+
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as a folder that exists or can be created, and can be written; checked
+    before any work starts, leaving nothing behind (folders made to try are removed).
+
+    Example:
+        >>> check_out_dir("/proc/flowscope-x")
+        Traceback (most recent call last):
+        ...
+        click.exceptions.BadParameter: '/proc/flowscope-x' cannot be created: No such file or \
+directory; give a folder that exists or can be created, and can be written
+
+    Raises:
+        click.BadParameter: (exit status 2) naming the option, the path and why.
+    """
+    out = Path(path)
+    missing = []
+    try:
+        if out.exists() and not out.is_dir():
+            _bad(option, f"{str(out)!r} is a file, not a folder")
+        probe = out
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        if not probe.is_dir():
+            _bad(option, f"{str(out)!r} cannot be created: {str(probe)!r} is a file")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        verb = "created" if missing else "written"
+        _bad(option, f"{str(out)!r} cannot be {verb}: {err.strerror or err}")
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return out
+
+
+def _bad(option: str, what: str) -> None:
+    """Raise the usage error for an output folder."""
+    raise click.BadParameter(
+        f"{what}; give a folder that exists or can be created, and can be written",
+        param_hint=f"'{option}'",
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from flowscope import __version__
-from flowscope.cli.errors import clean_errors
+from flowscope.cli.errors import check_out_dir, clean_errors
 from flowscope.core.errors import FlowscopeError
 
 
@@ -114,7 +114,7 @@ def study_run(
     from tqdm import tqdm
 
     from flowscope.study import spec
-    from flowscope.study.engine import run_study
+    from flowscope.study.engine import resolve_device, run_study
 
     extra = list(overrides)
     if seeds is not None:
@@ -123,7 +123,9 @@ def study_run(
         except ValueError:
             raise FlowscopeError(f"--seeds takes integers like 0,1,2; got {seeds!r}") from None
     loaded = spec.load(name_or_file, extra)
-    out = Path(out_dir or Path("reports") / loaded.name)
+    for name in sorted({device} if device else {c.run["device"] for c in loaded.configs()}):
+        resolve_device(name)  # CUDA asked for where there is none: before any work
+    out = check_out_dir(out_dir or Path("reports") / loaded.name)
     with tqdm(
         total=len(loaded.configs()), desc=loaded.name, unit="config", file=sys.stderr, disable=None
     ) as bar:

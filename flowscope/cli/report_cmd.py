@@ -9,9 +9,11 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from flowscope.cli.errors import clean_errors
+from flowscope.cli.errors import check_out_dir, clean_errors
 
 
 @click.command("report")
@@ -32,4 +34,8 @@ def report_cmd(run_dir: str, out_dir: str | None) -> None:
     """
     from flowscope.reporter.page import report
 
+    if out_dir is not None:
+        check_out_dir(out_dir)
+    elif Path(run_dir).is_dir():  # the report goes into RUN_DIR itself
+        check_out_dir(run_dir, "RUN_DIR")
     click.echo(str(report(run_dir, out_dir)))
