@@ -1,6 +1,10 @@
 """Column names of flowscope's frames (no dependencies: shared by frames, spec and claims)."""
 
-KEYS = ["run", "step", "layer_idx", "layer", "module_type", "kind", "call", "tensor"]
+# forward / backward / order: which forward pass (micro-batch) and which backward pass of the
+# step a row came from, and the order of the gradient (see record/recorder.py::_Passes)
+PASS_KEYS = ["forward", "backward", "order"]
+PASS_DEFAULTS = {"forward": 0, "backward": -1, "order": 0}  # files written before them
+KEYS = ["run", "step", "layer_idx", "layer", "module_type", "kind", "call", *PASS_KEYS, "tensor"]
 STATS = [
     "count",
     "nan",

@@ -30,12 +30,14 @@ Example:
     1
     >>> float(rec.stats["max"].iloc[0])  # d(sum)/d(output) is 1 everywhere
     1.0
+    >>> rec.close()
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,7 @@ def unscale_pending(
         2
         >>> rec.stats["max"].tolist()
         [1.0, 1.0]
+        >>> rec.close()
 
     Args:
         rec: the recorder.
@@ -279,6 +282,43 @@ class Session:
         return self.written
 
     def abort(self) -> None:
-        """Remove the hooks without writing (training raised)."""
+        """Remove the hooks without writing."""
         if self.recorder is not None:
             self.recorder.close()
+
+    def crash(self, error: BaseException | None = None) -> Path | None:
+        """Training raised: remove the hooks and write what was recorded, with no merge
+        across ranks (the other ranks may be gone: a collective could wait forever). One
+        process writes ``dirpath``; under ``torch.distributed`` each rank writes
+        ``dirpath/rank<r>``. A report that fails only warns: the training error is the one
+        that propagates. Returns the folder written (None: nothing was recorded)."""
+        rec = self.recorder
+        if rec is None or self.written is not None:
+            self.abort()
+            return self.written
+        unscale_pending(rec, self._scale, kinds=self._scaled_kinds)  # a step cut short
+        self._scale = None
+        rec.close()
+        if not rec.recorded:
+            return None
+        rank, world = rank_and_world()
+        out = self.dirpath if world == 1 else self.dirpath / f"rank{rank}"
+        rec.save(str(out))
+        self.written = out
+        what = type(error).__name__ if error is not None else "training stopped"
+        warnings.warn(
+            f"flowscope: {what} during training: the hooks were removed and the"
+            f" {rec.recorded} snapshots recorded up to step {rec.step_index} written to {out}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if self.report:
+            try:
+                from flowscope.reporter.page import report
+
+                report(out)
+            except Exception as err:  # the training error matters more than the page
+                warnings.warn(
+                    f"flowscope: no report for {out}: {err}", RuntimeWarning, stacklevel=2
+                )
+        return out

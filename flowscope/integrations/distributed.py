@@ -81,7 +81,10 @@ __all__ = [
 ]
 
 REPLICATED = ("weight", "weight_grad")
-_MATCH_FIELDS = ("step", "layer_idx", "layer", "module_type", "kind", "call", "tensor", "dtype")
+_MATCH_FIELDS = (
+    *("step", "layer_idx", "layer", "module_type", "kind", "call"),
+    *("forward", "backward", "order", "tensor", "dtype"),
+)
 _SUMMED = ("numel", "nonfinite", "nan", "nonzero", "saturated")
 _RTOL = 1e-5  # replicated snapshots agree to this relative tolerance on every raw field
 

@@ -12,12 +12,24 @@ does not hand it to callbacks): the gradients seen during backward are divided b
 at the end of the step (see :mod:`flowscope.integrations`). On CPU the Trainer uses bf16,
 which needs no scaler.
 
+When training raises, the Trainer calls no callback (there is no ``on_exception``). So at
+``on_train_begin`` the callback finds its Trainer (the caller of the callback handler) and
+wraps that Trainer's ``training_step``: an exception there (the forward, the loss, the
+backward) removes the hooks and writes what was recorded (:meth:`Session.crash`) before it
+propagates; the wrapper goes at ``on_train_end``. As a last resort, a finalizer on the
+Trainer does the same when it is garbage-collected with training unfinished (an exception
+elsewhere, e.g. in the optimizer step).
+
 Imports ``transformers``; ``import flowscope`` never does.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import weakref
+from types import FrameType
 from typing import Any
 
 from flowscope.integrations import Session
@@ -73,6 +85,7 @@ class FlowscopeTrainerCallback(TrainerCallback):
             dirpath, every=every, report=report, name=name, watch_kwargs=watch_kwargs
         )
         self.scaler = scaler
+        self._trainer: weakref.ref[Any] | None = None
 
     @property
     def recorder(self) -> Recorder | None:
@@ -84,6 +97,33 @@ class FlowscopeTrainerCallback(TrainerCallback):
         if model is None:
             raise TypeError("on_train_begin got no model: is this callback in a Trainer?")
         self.session.start(model)
+        trainer = _calling_trainer(self)
+        if trainer is not None:
+            self._guard(trainer)
+
+    def _guard(self, trainer: Any) -> None:
+        """Wrap ``trainer.training_step``: an exception there writes what was recorded."""
+        _unwrap(trainer)  # a second train() after a crash: wrap the method, not the wrapper
+        step, session = trainer.training_step, self.session
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return step(*args, **kwargs)
+            except BaseException as err:
+                session.crash(err)
+                raise
+
+        training_step._flowscope_guard = True  # type: ignore[attr-defined]
+        trainer.training_step = training_step
+        self._trainer = weakref.ref(trainer)
+        weakref.finalize(trainer, session.crash)  # a no-op once finish() or crash() wrote
+
+    def _unguard(self) -> None:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            _unwrap(trainer)
+        self._trainer = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.session.resume()
@@ -96,4 +136,28 @@ class FlowscopeTrainerCallback(TrainerCallback):
         self.session.end_step(state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._unguard()
         self.session.finish()
+
+
+def _unwrap(trainer: Any) -> None:
+    """Take the callback's wrapper off ``trainer.training_step`` (nothing else)."""
+    if getattr(vars(trainer).get("training_step"), "_flowscope_guard", False):
+        del trainer.training_step  # the class's method again
+
+
+def _calling_trainer(callback: Any, depth: int = 8) -> Any:
+    """The object up the call stack whose callback handler holds ``callback`` (the Trainer
+    running ``on_train_begin``), or None."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)
+        if callback in getattr(handler, "callbacks", ()) and callable(
+            getattr(owner, "training_step", None)
+        ):
+            return owner
+        frame = frame.f_back
+    return None

@@ -3,7 +3,9 @@
 Watches the LightningModule when training starts (after the sanity check), records every
 ``every``-th optimizer step (``trainer.global_step``; validation batches are not recorded),
 and at the end of training merges the ranks (DDP), writes the records on rank 0 and
-``report.html``. Under ``precision="16-mixed"`` the
+``report.html``. When training raises (``on_exception``, Ctrl-C included) the hooks are
+removed and what was recorded is written all the same (:meth:`Session.crash`). Under
+``precision="16-mixed"`` the
 gradients seen during backward are scaled by the GradScaler; the callback reads the scale in
 ``on_after_backward`` and divides that step's gradient snapshots by it (see
 :mod:`flowscope.integrations`). Under DDP it re-reads the averaged parameter gradients in
@@ -109,4 +111,4 @@ class FlowscopeCallback(Callback):
         self.session.finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.session.abort()
+        self.session.crash(exception)  # hooks off, what was recorded written

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowscope.core.columns import EXTRA, HIST_COLUMNS, KEYS, STATS
+from flowscope.core.columns import EXTRA, HIST_COLUMNS, KEYS, PASS_DEFAULTS, PASS_KEYS, STATS
 from flowscope.core.errors import FlowscopeError
 from flowscope.record.snapshot import RAW, HistSpec, LogEdges
 
@@ -31,7 +31,7 @@ FILES = ("stats.parquet", "hists.parquet", "meta.json")
 SNAPSHOTS_FILE = "snapshots.parquet"  # a study config's folder (see Snapshots)
 # the key columns of a snapshot: ``run``, then the fields of ``recorder.SnapKey``
 SNAP_KEYS = [*KEYS, "dtype", "device"]
-INT_KEYS = frozenset({"step", "layer_idx", "call"})
+INT_KEYS = frozenset({"step", "layer_idx", "call", *PASS_KEYS})
 
 
 @dataclass
@@ -91,6 +91,7 @@ def load(run_dir: str | os.PathLike[str]) -> Records:
         hists = pq.read_table(folder / "hists.parquet").to_pandas()
     except (OSError, ValueError, pa.ArrowException) as err:
         raise FlowscopeError(f"cannot read flowscope records in {str(folder)!r}: {err}") from err
+    stats, hists = (_with_pass_keys(frame) for frame in (stats, hists))
     absent = [c for c in KEYS + STATS if c not in stats.columns]
     if absent:
         raise FlowscopeError(f"{str(folder / 'stats.parquet')!r} lacks columns {absent}")
@@ -254,10 +255,16 @@ class Snapshots:
         """What :meth:`save` wrote, and its metadata."""
         table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-        missing = [c for c in [*SNAP_KEYS, *RAW, "linear", "log"] if c not in table.column_names]
+        need = [c for c in [*SNAP_KEYS, *RAW, "linear", "log"] if c not in PASS_DEFAULTS]
+        missing = [c for c in need if c not in table.column_names]
         if missing:
             raise ValueError(f"{path.name} lacks columns {missing}")
-        keys = {k: table[k].to_numpy(zero_copy_only=False) for k in SNAP_KEYS}
+        keys = {
+            k: table[k].to_numpy(zero_copy_only=False)
+            if k in table.column_names
+            else np.full(len(table), PASS_DEFAULTS[k], dtype=np.int64)  # written before them
+            for k in SNAP_KEYS
+        }
         raw = np.column_stack([table[name].to_numpy() for name in RAW]).reshape(-1, len(RAW))
         counts = []
         for name in ("linear", "log"):
@@ -293,6 +300,64 @@ def records_from(
     }
     hists = pd.concat([key_columns.take(rows).reset_index(drop=True), pd.DataFrame(bins)], axis=1)
     return Records(stats=stats, hists=hists, meta=meta)
+
+
+def _with_pass_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame written before the pass columns, with their one-pass values after ``call``."""
+    missing = [c for c in PASS_KEYS if c not in frame.columns]
+    if not missing or "call" not in frame.columns:
+        return frame
+    at = list(frame.columns).index("call") + 1
+    for offset, name in enumerate(missing):
+        frame.insert(at + offset, name, np.int64(PASS_DEFAULTS[name]))
+    return frame
+
+
+def expected_passes(stats: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows a reader of one pass per step expects, and a sentence saying what was left out
+    (the doctor and the report read these; ``stats`` or ``hists`` frames).
+
+    With gradient accumulation, ``retain_graph`` or a gradient penalty a step holds several
+    passes (columns ``forward``, ``backward``, ``order``). Kept: every activation and weight
+    row (all micro-batches); ``gradient`` rows of order 1 (dL/dh, not a gradient penalty's
+    backward through a ``create_graph`` graph); per parameter the ``weight_grad`` row of the
+    last backward of the step (the accumulated gradient the optimizer applies). A one-pass
+    frame comes back unchanged, with an empty sentence.
+
+    Example:
+        >>> frame = pd.DataFrame({"step": [0, 0], "layer": ["0", "0"], "kind": ["weight_grad"] * 2,
+        ...                       "tensor": ["weight"] * 2, "backward": [0, 1], "order": [1, 1]})
+        >>> rows, note = expected_passes(frame)
+        >>> rows["backward"].tolist()
+        [1]
+        >>> note.split(", ")[-1]
+        '1 earlier row left out'
+    """
+    if "backward" not in stats.columns or "order" not in stats.columns or stats.empty:
+        return stats, ""
+    kind = stats["kind"]
+    second = (kind == "gradient") & (stats["order"] > 1)
+    wgrad = kind == "weight_grad"
+    earlier = pd.Series(False, index=stats.index)
+    if wgrad.any():
+        rows = stats[wgrad]
+        by = [c for c in rows.columns if c not in {*STATS, *EXTRA, *PASS_KEYS, *HIST_COLUMNS}]
+        last = rows.groupby(by, sort=False, dropna=False)["backward"].transform("max")
+        earlier.loc[rows.index] = rows["backward"] < last
+    notes = []
+    if second.any():
+        notes.append(
+            f"gradients dL/dh: first order only, {int(second.sum())} rows of backward passes"
+            " after a create_graph backward (a gradient penalty's) left out"
+        )
+    if earlier.any():
+        notes.append(
+            "weight gradients: the last backward pass of each step (the accumulated gradient),"
+            f" {int(earlier.sum())} earlier row{'s' if earlier.sum() > 1 else ''} left out"
+        )
+    if not notes:
+        return stats, ""
+    return stats[~(second | earlier)].reset_index(drop=True), "; ".join(notes)
 
 
 def moments(raw: np.ndarray) -> pd.DataFrame:

@@ -28,6 +28,9 @@ class SnapKey(NamedTuple):
     module_type: str
     kind: str
     call: int
+    forward: int  # the step's forward pass (micro-batch) it came from
+    backward: int  # the step's backward pass (-1: activation, weight)
+    order: int  # 1: dL/dh, dL/dW; 2: after a create_graph backward; 0: activation, weight
     tensor: str
     dtype: str
     device: str

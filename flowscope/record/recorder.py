@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,13 +156,21 @@ class Recorder:
         self.name = name
         self._drop_zeros = drop_zeros
         self._saturation = saturation_table(saturation)
+        self._selector = modules
         self.targets = select_modules(model, modules)
         self.step_index = 0
+        self.max_step_rows = MAX_STEP_ROWS
         self._closed = False
         self._paused = False
+        self._forced = False  # this step is recorded whatever ``every`` says (step(record=))
         self._hooks = Hooks()  # on modules and parameters: until close()
         self._tensor_hooks = Hooks()  # on this step's outputs (their gradients): until step()
+        self._module_hooks: dict[str, Any] = {}  # qualname -> its forward hook's handle
+        self._params: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}  # -> (param, handle)
         self._calls: dict[str, int] = {}
+        self._passes = _Passes()
+        self._step_rows = 0
+        self._warned: set[str] = set()
         self._layer_idx: dict[str, int] = {}
         # calls of this step whose outputs had no gradient to hook (a reentrant checkpoint's
         # first forward runs under no_grad), matched by recomputes; see _recompute
@@ -169,6 +180,12 @@ class Recorder:
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
         self.started = time.time()
+        # a recorder dropped without close(): its hooks leave with it (they hold it weakly)
+        self._finalizer = weakref.finalize(
+            self, _dropped, self._hooks, self._tensor_hooks, type(model).__name__
+        )
+        self._finalizer.atexit = False
+        _reset_compiled(model, self.targets)
         self._attach()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -180,8 +197,10 @@ class Recorder:
         self.close()
 
     def close(self) -> None:
-        """Remove every hook (module, tensor and parameter hooks). Idempotent."""
+        """Remove every hook (module, tensor and parameter hooks; the inert stand-ins in deep
+        copies of the model). Idempotent."""
         self._closed = True
+        self._finalizer.detach()
         self._hooks.remove()
         self._tensor_hooks.remove()
         self._reader.close()
@@ -193,7 +212,9 @@ class Recorder:
     @property
     def active(self) -> bool:
         """True when the current step is recorded."""
-        return not (self._closed or self._paused) and self.step_index % self.every == 0
+        return not (self._closed or self._paused) and (
+            self.step_index % self.every == 0 or self._forced
+        )
 
     @property
     def paused(self) -> bool:
@@ -208,58 +229,125 @@ class Recorder:
         """Record again after :meth:`pause`."""
         self._paused = False
 
-    def step(self) -> None:
-        """Advance to the next training step (call once per optimizer step)."""
+    def step(self, *, record: bool = False) -> None:
+        """Advance to the next training step (call once per optimizer step).
+
+        Args:
+            record: record the new step whatever ``every`` says (a loop's last step).
+        """
         self.step_index += 1
+        self._forced = record
         self._calls.clear()
+        self._passes = _Passes()
+        self._step_rows = 0
         self._recomputes.clear()
         self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
         self._reader.new_step()
+        if self.active:
+            self._check_modules()
 
     # -- hooks -------------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        seen: set[int] = set()
         try:
+            self._hooks.forward_pre(self.model, _eager(_root_hook(weakref.ref(self))))
             for qualname, module in self.targets:
-                self._hooks.forward(module, self._forward_hook(qualname, module))
-                if "weight_grad" not in self.kinds:
-                    continue
-                for pname, param in module.named_parameters(recurse=False):
-                    if param.requires_grad and id(param) not in seen:
-                        seen.add(id(param))
-                        phook = self._param_hook(qualname, module, pname, param)
-                        self._hooks.post_accumulate_grad(param, phook)
+                self._hook_module(qualname, module)
         except BaseException:  # no recorder is returned: leave no hook behind (Ctrl-C too)
             self.close()
             raise
 
-    def _forward_hook(self, qualname: str, target: nn.Module) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if module is not target or not self.active:  # a deepcopy carries hooks along
-                return
-            if _in_backward():  # activation checkpointing re-runs the forward in backward
-                self._recompute(qualname, module, output)
-                return
-            call = self._calls.get(qualname, -1) + 1
-            self._calls[qualname] = call
-            self._layer_idx.setdefault(qualname, len(self._layer_idx))
-            if call == 0 and "weight" in self.kinds:
-                for pname, param in module.named_parameters(recurse=False):
-                    self._record(param, self._key(qualname, module, "weight", 0, pname, param))
-            no_grad = False
-            for path, tensor in float_tensors(output):
-                key = self._key(qualname, module, "activation", call, path, tensor)
-                if "activation" in self.kinds:
-                    self._record(tensor, key, module)
-                if "gradient" in self.kinds and tensor.requires_grad:
-                    gkey = key._replace(kind="gradient")
-                    self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))
-                no_grad |= not tensor.requires_grad
-            if no_grad and "gradient" in self.kinds:
-                self._recomputes.awaiting(qualname, call)
+    def _hook_module(self, qualname: str, module: nn.Module) -> None:
+        """The forward hook of one target, and the gradient hooks of its parameters."""
+        hook = _forward_hook(weakref.ref(self), qualname, module)
+        self._module_hooks[qualname] = self._hooks.forward(module, hook)
+        if "weight_grad" in self.kinds:
+            for pname, param in module.named_parameters(recurse=False):
+                self._hook_param(qualname, module, pname, param)
 
-        return _eager(hook)
+    def _hook_param(self, qualname: str, module: nn.Module, pname: str, param: Any) -> None:
+        """The post-accumulate-grad hook of a parameter (tied ones: once)."""
+        old = self._params.pop((qualname, pname), None)
+        if old is not None:
+            old[1].remove()
+        if not (isinstance(param, nn.Parameter) and param.requires_grad):
+            return
+        if any(p is param for p, _ in self._params.values()):  # tied: hooked under its first
+            return
+        phook = _param_hook(weakref.ref(self), qualname, module, pname, param)
+        handle = self._hooks.post_accumulate_grad(param, phook)
+        self._params[(qualname, pname)] = (param, handle)
+
+    def _on_forward(self, qualname: str, module: nn.Module, output: Any) -> None:
+        """A target's forward ran on a recorded step: its outputs, their gradients, weights."""
+        if _in_backward():  # activation checkpointing re-runs the forward in backward
+            self._recompute(qualname, module, output)
+            return
+        call = self._calls.get(qualname, -1) + 1
+        self._calls[qualname] = call
+        self._layer_idx.setdefault(qualname, len(self._layer_idx))
+        if call == 0:
+            self._first_call(qualname, module)
+        no_grad = False
+        for path, tensor in float_tensors(output):
+            plain = _plain(tensor)
+            key = self._key(qualname, module, "activation", call, path, tensor)
+            if plain is not tensor:  # a torch.func transform's tensor: its values only
+                self._skip("functorch", _FUNCTORCH)
+                if plain is not None and "activation" in self.kinds:
+                    with torch._C._DisableFuncTorch():  # plain tensors in, plain rows out
+                        self._record(plain, key, module)
+                continue
+            if "activation" in self.kinds:
+                self._record(tensor, key, module)
+            if "gradient" in self.kinds and tensor.requires_grad and self._room():
+                gkey = key._replace(kind="gradient", backward=0, order=1)
+                self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))
+            no_grad |= not tensor.requires_grad
+        if no_grad and "gradient" in self.kinds:
+            self._recomputes.awaiting(qualname, call)
+
+    def _first_call(self, qualname: str, module: nn.Module) -> None:
+        """A target's first call of a recorded step: its weights; replaced parameters."""
+        for pname, param in module.named_parameters(recurse=False):
+            plain = _plain(param)
+            if (
+                "weight_grad" in self.kinds
+                and plain is param
+                and isinstance(param, nn.Parameter)
+                and self._params.get((qualname, pname), (param,))[0] is not param
+            ):
+                self._replaced(f"parameter {_qual(qualname, pname)!r}")
+                self._hook_param(qualname, module, pname, param)
+            if "weight" in self.kinds and plain is not None:
+                with torch._C._DisableFuncTorch():
+                    self._record(plain, self._key(qualname, module, "weight", 0, pname, param))
+
+    def _check_modules(self) -> None:
+        """Targets replaced inside the watch (``model.fc = nn.Linear(...)``): hook the new."""
+        try:
+            now = select_modules(self.model, self._selector)
+        except FlowscopeError:  # the selector matches nothing any more: keep what is hooked
+            return
+        hooked = dict(self.targets)
+        for qualname, module in now:
+            if hooked.get(qualname) is module:
+                continue
+            if qualname in hooked:
+                self._module_hooks.pop(qualname).remove()  # the old module records no more
+                self._replaced(f"module {qualname!r}")
+            else:
+                self._replaced(f"module {qualname!r}", "added")
+            self._hook_module(qualname, module)
+        self.targets = now
+
+    def _replaced(self, what: str, how: str = "replaced") -> None:
+        """Warn, once per name, that a target changed inside the watch."""
+        self._skip(
+            what,
+            f"{what} was {how} inside the watch (noticed at step {self.step_index}): the new"
+            " one is hooked from now on; what it did before was not recorded",
+        )
 
     def _recompute(self, qualname: str, module: nn.Module, output: Any) -> None:
         """A forward re-run by activation checkpointing: no new call, no second activation.
@@ -269,6 +357,7 @@ class Recorder:
         no_grad and the backward through the recomputed outputs: their gradient is recorded
         under the call they recompute (see :class:`~flowscope.record.checkpoint.Recomputes`).
         """
+        self._passes.recomputing()  # its inner backward is part of this one
         call = self._recomputes.match(qualname) if "gradient" in self.kinds else None
         if call is None:
             return
@@ -278,23 +367,19 @@ class Recorder:
                 self._tensor_hooks.tensor(tensor, self._grad_hook(key, module))
 
     def _grad_hook(self, key: SnapKey, module: nn.Module) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if not (self._closed or self._paused):
-                self._record(grad, key, module)
+        return _eager(_grad_hook(weakref.ref(self), key, module))
 
-        return _eager(hook)
+    def _on_grad(self, grad: torch.Tensor, key: SnapKey, module: nn.Module) -> None:
+        """dL/d(output) of a recorded output, filed under the backward pass it came from."""
+        backward, order = self._passes.current()
+        self._record(grad, key._replace(backward=backward, order=order), module)
 
-    def _param_hook(
-        self, qualname: str, module: nn.Module, pname: str, target: torch.Tensor
-    ) -> Any:
-        def hook(param: torch.Tensor) -> None:
-            if param is target and self.active and param.grad is not None:
-                self._layer_idx.setdefault(qualname, len(self._layer_idx))
-                self._record(
-                    param.grad, self._key(qualname, module, "weight_grad", 0, pname, param)
-                )
-
-        return _eager(hook)
+    def _on_param_grad(self, qualname: str, module: nn.Module, pname: str, param: Any) -> None:
+        """A parameter's gradient accumulated: one row per backward pass."""
+        self._layer_idx.setdefault(qualname, len(self._layer_idx))
+        key = self._key(qualname, module, "weight_grad", 0, pname, param)
+        backward, order = self._passes.current()
+        self._record(param.grad, key._replace(backward=backward, order=order))
 
     def _key(
         self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
@@ -306,6 +391,9 @@ class Recorder:
             module_type=type(module).__name__,
             kind=kind,
             call=call,
+            forward=max(self._passes.forward, 0),
+            backward=-1,
+            order=0,
             tensor=path,
             dtype=dtype_name(t.dtype),
             device=device_name(t.device),
@@ -313,11 +401,34 @@ class Recorder:
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
         """Reduce one tensor on its device and keep the result (no host transfer)."""
+        if not self._room():
+            return
         row = self.snapshot_row(t, key, module)
         if row is not None:
             self._pending.rows.append(row)
             self._pending.keys.append(key)
+            self._step_rows += 1
             self._frames = None
+
+    def _room(self) -> bool:
+        """Whether this step may take one more snapshot (``max_step_rows``): a watch left
+        running without ``step()`` (an inference loop, a forgotten ``close()``) stops
+        recording with a warning instead of growing without bound."""
+        if self._step_rows < self.max_step_rows:
+            return True
+        self._skip(
+            "cap",
+            f"{self._step_rows} snapshots in step {self.step_index} without rec.step(): nothing"
+            " more is recorded until rec.step() (call it after each optimizer step, close the"
+            " watch when done, or raise rec.max_step_rows)",
+        )
+        return False
+
+    def _skip(self, what: str, message: str) -> None:
+        """Warn once per recorder about something it could not record."""
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(f"flowscope: {message}", RuntimeWarning, stacklevel=3)
 
     def snapshot_row(
         self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None
@@ -327,6 +438,10 @@ class Recorder:
         device and not kept; None for a tensor with no float values (meta, int, bool)."""
         if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
             return None
+        plain = _plain(t)
+        if plain is None:
+            return None
+        t = plain
         if t.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True))
             t = t.to_dense()
         if t.dtype.itemsize == 1:  # float8: snapshots count it in float32, as fp16/bf16
@@ -368,6 +483,8 @@ class Recorder:
 
     def flush(self) -> None:
         """Move pending snapshots to the host: one transfer per device and buffer."""
+        if not self._closed:
+            self._check_modules()
         self._reader.finish()
         pending, self._pending = self._pending, Pending()
         self._reader.new_rows()  # the old row blocks go with the old rows
@@ -449,6 +566,160 @@ def _flowscope_version() -> str:
     from flowscope import __version__
 
     return __version__
+
+
+MAX_STEP_ROWS = 100_000  # snapshots one step may take (Recorder.max_step_rows): ~110 MB
+_FUNCTORCH = (
+    "under torch.func transforms (vmap, grad, jacrev, functional_call with them) only the"
+    " values are recorded, unwrapped (a vmapped batch as one tensor); dL/dh and the"
+    " transforms' gradients are not recorded"
+)
+
+
+class _Passes:
+    """The forward and backward passes of one step, as the key columns name them.
+
+    ``forward``: calls of the watched model's root this step, minus one (a micro-batch of
+    gradient accumulation is one). A backward pass is one autograd graph task (a
+    ``backward()`` or an ``autograd.grad`` call), numbered 0, 1, ... in the order its first
+    snapshot came; its ``order`` is 2 when a backward with ``create_graph=True`` ran earlier
+    since the last forward (a gradient penalty differentiates through that one's graph), else
+    1. A reentrant checkpoint's inner backward belongs to the backward that recomputed it.
+    """
+
+    def __init__(self) -> None:
+        self.forward = -1
+        self._tasks: dict[int, tuple[int, int]] = {}  # graph task id -> (backward, order)
+        self._graph_built = False  # a create_graph backward ran since the last forward
+        self._alias: tuple[int, int] | None = None  # for a reentrant checkpoint's inner task
+
+    def new_forward(self) -> None:
+        self.forward += 1
+        self._graph_built = False
+
+    def current(self) -> tuple[int, int]:
+        """(backward, order) of the backward running now (in a gradient hook)."""
+        task = int(torch._C._current_graph_task_id())
+        known = self._tasks.get(task)
+        if known is None:
+            if self._alias is not None:
+                known = self._alias
+            else:
+                known = (len(set(self._tasks.values())), 2 if self._graph_built else 1)
+            self._tasks[task] = known
+        elif self._alias is not None and known != self._alias:
+            self._alias = None  # back in an outer pass: the nested one is over
+        if torch.is_grad_enabled():  # create_graph: a later backward may be of second order
+            self._graph_built = True
+        return known
+
+    def recomputing(self) -> None:
+        """A checkpoint recompute runs in this backward: a new task next is its inner one."""
+        self._alias = None
+        self._alias = self.current()
+
+
+def _forward_hook(ref: weakref.ref[Recorder], qualname: str, target: nn.Module) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        rec = ref()  # weak: a dropped recorder's hooks record nothing and leave with it
+        if rec is not None and module is target and rec.active:
+            rec._on_forward(qualname, module, output)
+
+    return _eager(hook)
+
+
+def _root_hook(ref: weakref.ref[Recorder]) -> Any:
+    def hook(module: nn.Module, args: Any) -> None:
+        rec = ref()
+        if rec is not None and rec.active and not _in_backward():
+            rec._passes.new_forward()
+
+    return hook
+
+
+def _grad_hook(ref: weakref.ref[Recorder], key: SnapKey, module: nn.Module) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        rec = ref()
+        if rec is not None and not (rec._closed or rec._paused):
+            rec._on_grad(grad, key, module)
+
+    return hook
+
+
+def _param_hook(
+    ref: weakref.ref[Recorder], qualname: str, module: nn.Module, pname: str, target: Any
+) -> Any:
+    def hook(param: torch.Tensor) -> None:
+        rec = ref()
+        if rec is not None and param is target and rec.active and param.grad is not None:
+            rec._on_param_grad(qualname, module, pname, param)
+
+    return _eager(hook)
+
+
+def _dropped(hooks: Hooks, tensor_hooks: Hooks, model: str) -> None:
+    """A recorder collected without ``close()``: take its hooks off, say so once."""
+    count = len(hooks) + len(tensor_hooks)
+    hooks.remove()
+    tensor_hooks.remove()
+    warnings.warn(
+        f"flowscope: a Recorder watching a {model} was dropped without close(); its {count}"
+        " hooks were removed. Use `with fs.watch(model) as rec:` or call rec.close()",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``, or the values under a torch.func transform's wrappers; None if unreadable."""
+    functorch = torch._C._functorch
+    if not functorch.is_functorch_wrapped_tensor(t):
+        return t
+    try:
+        while functorch.is_functorch_wrapped_tensor(t):
+            t = functorch.get_unwrapped(t)
+    except RuntimeError:
+        return None
+    return t
+
+
+def _qual(qualname: str, pname: str) -> str:
+    return pname if qualname == ROOT else f"{qualname}.{pname}"
+
+
+def _reset_compiled(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Drop compiled code made before the watch: its graphs would skip the new hooks.
+
+    Dynamo does not guard on hooks added after it traced a module, so a model compiled and
+    run before ``watch`` would silently record only weight gradients. Compiled code of this
+    process is reset (it recompiles at its next call, with the hooks) and a warning says so.
+    """
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    if convert is None:  # nothing was ever compiled in this process
+        return
+    try:
+        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+        codes = [c() for c in convert.input_codes.seen]
+        cached = sum(len(entries(c)) for c in codes if c is not None)
+    except (AttributeError, TypeError, RuntimeError):  # another torch: assume there is some
+        cached = 1
+    compiled = type(model).__name__ == "OptimizedModule" or any(
+        getattr(m, "_compiled_call_impl", None) is not None
+        for m in (model, *dict(targets).values())
+    )
+    if not cached:
+        return
+    from torch import _dynamo  # only once something was compiled: it is slow to import
+
+    _dynamo.reset()
+    what = f"this {type(model).__name__} was compiled" if compiled else "compiled code is cached"
+    warnings.warn(
+        f"flowscope: {what} (torch.compile) before the watch; graphs compiled before it would"
+        " skip flowscope's hooks, so torch._dynamo.reset() dropped them: compiled models"
+        " recompile at their next call, with the hooks",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _in_backward() -> bool:

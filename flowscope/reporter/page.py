@@ -495,6 +495,7 @@ def render(
             overview=_overview(run, table, groups, rows, theory),
             theory_note=THEORY_NOTE if theory is not None else "",
             problem=problem,
+            passes_note=run.passes_note,
             data_links=data_links,
             exports=exports,
             generated=time.strftime("%Y-%m-%d %H:%M"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flowscope.core.errors import FlowscopeError
-from flowscope.record.frames import Records, load, records_of
+from flowscope.record.frames import Records, expected_passes, load, records_of
 from flowscope.reporter.plots import group_column
 
 __all__ = ["DATA_FILES", "STUDY_FILES", "RunData", "read_run", "resolve_source"]
@@ -39,6 +39,7 @@ class RunData:
     claims: list[dict[str, Any]] | None = None
     configs: list[dict[str, Any]] | None = None
     files: list[str] = field(default_factory=list)
+    passes_note: str = ""  # what of several passes per step was left out (expected_passes)
 
     @property
     def by(self) -> str:
@@ -59,6 +60,9 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
     """
     path = Path(folder)
     records = load(path)
+    stats, note = expected_passes(records.stats)
+    if note:  # several passes per step: the page shows the one a reader expects, and says so
+        records = Records(stats, expected_passes(records.hists)[0], records.meta)
     extra: dict[str, Any] = {}
     for name in ("spec.json", "claims.json", "configs.json"):
         if (path / name).is_file():
@@ -67,7 +71,7 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
             except (OSError, ValueError) as err:
                 raise FlowscopeError(f"cannot read {str(path / name)!r}: {err}") from err
     files = [f for f in DATA_FILES if (path / f).is_file()]
-    return RunData(folder=path, records=records, files=files, **extra)
+    return RunData(folder=path, records=records, files=files, passes_note=note, **extra)
 
 
 def resolve_source(source: Any, out_dir: str | os.PathLike[str] | None) -> tuple[RunData, Path]:
