@@ -165,11 +165,13 @@ def _write_report(out: Path) -> None:
 
 
 def _register() -> None:
+    from flowscope.cli.coord_cmd import coord_cmd
     from flowscope.cli.doctor_cmd import doctor_cmd
     from flowscope.cli.report_cmd import report_cmd
 
     main.add_command(report_cmd)
     main.add_command(doctor_cmd)
+    main.add_command(coord_cmd)
 
 
 _register()
