@@ -76,12 +76,20 @@ def _adds_to_input(node: Any, source: fx.Node) -> bool:
     return any(a is source or _adds_to_input(a, source) for a in operands)
 
 
+class _Shallow(fx.Tracer):
+    """Traces a module's own forward only: every submodule call is one node (a leaf), so a
+    stage of 100 blocks costs one node per block, not a trace of each block's insides."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
 def _is_residual(module: nn.Module) -> bool | None:
     """The rule: the module's traced forward returns ``x + branch(x)`` (the add's operand is
     the forward's first input, unchanged), possibly with more branches added to that sum.
     None when torch.fx cannot trace it."""
     try:
-        graph = fx.Tracer().trace(module)
+        graph = _Shallow().trace(module)
     except Exception:  # data-dependent control flow, unsupported ops: the user declares blocks
         return None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]

@@ -116,6 +116,8 @@ def scale_plot(
     for ax, kind in zip(axes, ("activation", "gradient"), strict=True):
         for color, g in zip(palette, groups, strict=True):
             s = series[g][kind]
+            if s.empty:  # this kind was not recorded (a study of activations only)
+                continue
             label = label_text((labels or {}).get(g, g))
             ax.plot(s["pos"], s[stat], marker="o", ms=3, lw=1.4, color=color, label=label, zorder=2)
             if "lo" in s:

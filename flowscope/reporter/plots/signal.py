@@ -58,5 +58,6 @@ def signal_plot(
             log_y(ax)
     if by is not None:
         axes[-1].legend(fontsize=7, title=by, title_fontsize=7)
-    fig.tight_layout()
+    if hasattr(fig, "tight_layout"):  # a report's subfigure is laid out by its canvas
+        fig.tight_layout()
     return fig

@@ -49,5 +49,6 @@ def coord_plot(
         ax.set_xlabel("width")
     axes[0].set_ylabel("activation rms")
     axes[-1].legend(fontsize=6, title="layer", title_fontsize=6, loc="best")
-    fig.tight_layout()
+    if hasattr(fig, "tight_layout"):  # a report's subfigure is laid out by its canvas
+        fig.tight_layout()
     return fig
