@@ -36,6 +36,7 @@ from torch import nn
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.models.inits import INIT_TARGETS, apply_init
+from flowscope.models.mup import apply_parametrization, param_groups
 from flowscope.models.nets import build_net
 from flowscope.record import frames
 from flowscope.record.recorder import watch
@@ -218,7 +219,7 @@ def _measure(
         name=config.id,
     )
     loss_fn = LOSSES[run["loss"]]
-    opt = torch.optim.SGD(model.parameters(), lr=run["lr"]) if run["steps"] else None
+    opt = optimizer_for(model, config) if run["steps"] else None
     # without a training step the end state is the recorded pass's: end probes that read a
     # forward pass hook into that one instead of running their own
     ready: dict[str, dict[str, torch.Tensor]] = {}
@@ -239,6 +240,27 @@ def _measure(
                 rec.step(record=step + 2 == run["steps"])  # the last step is always recorded
     _probe(probes, "end", ctx, run["steps"], rows, ready)
     return rec.snapshots(), {**rec.meta, "run": config.id}, _to_host(rows)
+
+
+def optimizer_for(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The config's optimizer: SGD or Adam at ``run.lr``; under ``run.parametrization =
+    "mup"`` (Adam only) the model's readout is rescaled and the learning rates set per layer
+    by :mod:`flowscope.models.mup`, with ``net.width / run.base_width`` as the multiplier."""
+    run = config.run
+    if run.get("parametrization", "sp") == "sp":
+        kind = torch.optim.Adam if run.get("optimizer") == "adam" else torch.optim.SGD
+        return kind(model.parameters(), lr=run["lr"])
+    width, base = config.net.get("width"), run.get("base_width")
+    if run.get("optimizer") != "adam" or not isinstance(width, int) or base is None:
+        raise FlowscopeError(
+            f"config {config.id}: run.parametrization = 'mup' needs run.optimizer = 'adam', "
+            f"run.base_width and a net with a width; got optimizer={run.get('optimizer')!r}, "
+            f"base_width={base!r}, net.width={width!r}"
+        )
+    apply_parametrization(model, "mup", width / base)
+    return torch.optim.Adam(
+        param_groups(model, lr=run["lr"], parametrization="mup", width_mult=width / base)
+    )
 
 
 def _forward(

@@ -114,7 +114,9 @@ class Source(BaseModel):
 class Run(Table):
     """[run]: how every config runs and what it records."""
 
-    steps: int = Field(default=0, ge=0, description="SGD steps; 0 = one forward/backward at init")
+    steps: int = Field(
+        default=0, ge=0, description="optimizer steps; 0 = one forward/backward at init"
+    )
     seeds: Annotated[list[int], Field(min_length=1)] | int = Field(
         default=[0], description="one config per seed (one integer is a list of one)"
     )
@@ -127,7 +129,15 @@ class Run(Table):
     )
     lr: Annotated[
         int | float, Field(gt=0), WithJsonSchema({"type": "number", "exclusiveMinimum": 0})
-    ] = Field(default=0.1, description="SGD learning rate")
+    ] = Field(default=0.1, description="the learning rate (the base one under muP)")
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="the training optimizer")
+    parametrization: Literal["sp", "mup"] = Field(
+        default="sp",
+        description="sp: as initialised, one lr; mup: muP for Adam (flowscope.models.mup)",
+    )
+    base_width: int | None = Field(
+        default=None, ge=1, description="muP's base width (width multiplier = net.width / this)"
+    )
     record_every: int = Field(
         default=1, ge=1, description="with steps > 0: every k-th step (and the last)"
     )
@@ -153,6 +163,15 @@ class Run(Table):
     @classmethod
     def _one_seed_is_a_list(cls, seeds: list[int] | int) -> list[int]:
         return [seeds] if isinstance(seeds, int) else seeds
+
+    @model_validator(mode="after")
+    def _mup_needs_adam(self) -> Run:
+        if self.parametrization == "mup" and (self.optimizer != "adam" or self.base_width is None):
+            raise ValueError(
+                "parametrization 'mup' needs optimizer = 'adam' and a base_width "
+                f"(got optimizer = {self.optimizer!r}, base_width = {self.base_width!r})"
+            )
+        return self
 
     @field_validator("probes")
     @classmethod
