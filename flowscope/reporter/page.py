@@ -39,6 +39,7 @@ from flowscope.doctor import RUN_COLUMNS
 from flowscope.record.frames import Records, atomic_write_text
 from flowscope.reporter.figures import THEORY_NOTE, all_figures, overview_figure, theory_frame
 from flowscope.reporter.run import RunData, resolve_source
+from flowscope.reporter.study_figures import study_figures
 from flowscope.reporter.tables import settings, summary, write_exports
 
 if TYPE_CHECKING:
@@ -493,6 +494,7 @@ def render(
             claims_held=sum(c["held"] is True for c in claims),
             claims_inconclusive=sum(c.get("status") == "inconclusive" for c in claims),
             overview=_overview(run, table, groups, rows, theory),
+            study_figures=study_figures(run),
             theory_note=THEORY_NOTE if theory is not None else "",
             problem=problem,
             passes_note=run.passes_note,
