@@ -90,7 +90,24 @@ def test_relu_correlation_map_is_the_arc_cosine_kernel():
     # Cho & Saul 2009: E[relu(u1) relu(u2)] = q (sqrt(1-c^2) + (pi - arccos c) c) / (2 pi)
     c = np.array([-0.9, -0.3, 0.0, 0.4, 0.8, 0.99])
     exact = (np.sqrt(1 - c**2) + (np.pi - np.arccos(c)) * c) / np.pi  # at sigma_w^2 = 2
-    assert correlation_map("relu", 2.0, 0.0, c, q=1.0) == pytest.approx(exact, abs=2e-5)
+    assert correlation_map("relu", 2.0, 0.0, c, q=1.0) == pytest.approx(exact, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "phi"),
+    [("relu", lambda u: np.maximum(u, 0)), ("leaky_relu", lambda u: np.where(u > 0, u, 0.01 * u))],
+)
+def test_kinked_correlation_maps_match_monte_carlo(name, phi):
+    # the closed forms flowscope uses for positively homogeneous activations, sampled
+    rng = np.random.default_rng(3)
+    z1, z2 = rng.standard_normal((2, 4_000_000))
+    for c in (-0.5, 0.3, 0.9):
+        u1, u2 = 1.7 * z1, 1.7 * (c * z1 + math.sqrt(1 - c**2) * z2)
+        mc = (1.5 * np.mean(phi(u1) * phi(u2)) + 0.1) / 1.7**2
+        assert correlation_map(name, 1.5, 0.1, c, q=1.7**2) == pytest.approx(mc, abs=3e-3)
+    assert depth_scales(name, 1.5, 0.1)["chi_1"] == pytest.approx(
+        1.5 * (0.5 if name == "relu" else (1 + 0.01**2) / 2)
+    )
 
 
 def test_erf_has_an_edge_of_chaos():
@@ -174,3 +191,16 @@ def test_xi_q_is_the_decay_rate_of_the_variance():
         gaps.append(abs(q - s["q_star"]))
     ratio = gaps[-1] / gaps[-2]
     assert -1 / math.log(ratio) == pytest.approx(s["xi_q"], rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "sigmoid"])
+@pytest.mark.parametrize("q", [0.3, 3.2, 30.0])
+def test_pair_rule_at_c_1_is_the_one_dimensional_rule(name, q):
+    # the coarser 2-D rule must give E[phi(u)^2] and chi_1 / sigma_w^2 where u1 = u2
+    from flowscope.theory import expect
+
+    one = expect(name, q)
+    assert correlation_map(name, 1.0, 0.0, 1.0, q=q) * q == pytest.approx(one["phi2"], rel=1e-9)
+    s = depth_scales(name, 2.0, 0.0)
+    if s["phase"] == "ordered":
+        assert s["xi_c"] == pytest.approx(-1 / math.log(s["chi_1"]), rel=1e-9)

@@ -35,7 +35,7 @@ def test_registry_holds_exactly_the_documented_schemes() -> None:
     assert INITS.names() == sorted(
         [
             *["zeros", "constant", "small", "large", "xavier", "glorot", "he", "orthogonal"],
-            *["normal", "repeated_rows", "meanfield"],
+            *["normal", "repeated_rows", "meanfield", "meanfield_orthogonal"],
         ]
     )
 
@@ -274,7 +274,7 @@ def test_apply_init_on_cuda_draws_on_the_device() -> None:
         apply_init(model, "he", generator=torch.Generator())
 
 
-@pytest.mark.parametrize("name", ["meanfield", "orthogonal"])
+@pytest.mark.parametrize("name", ["meanfield", "meanfield_orthogonal", "orthogonal"])
 def test_mean_field_schemes_draw_biases_with_variance_sigma_b2(name) -> None:
     net = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 400))
     gen = torch.Generator().manual_seed(0)
@@ -289,3 +289,8 @@ def test_meanfield_weights_have_variance_sigma_w2_over_fan_in() -> None:
     weight = _filled("meanfield", (400, 300), sigma_w2=1.76)
     assert init_std("meanfield", 300, 400, sigma_w2=1.76) == pytest.approx(math.sqrt(1.76 / 300))
     assert weight.var().item() == pytest.approx(1.76 / 300, rel=0.03)
+
+
+def test_meanfield_orthogonal_is_orthogonal_times_sqrt_sigma_w2() -> None:
+    weight = _filled("meanfield_orthogonal", (300, 300), sigma_w2=1.5).double()
+    assert torch.allclose(weight @ weight.T, 1.5 * torch.eye(300, dtype=torch.float64), atol=1e-5)

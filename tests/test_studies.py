@@ -19,6 +19,8 @@ REDUCED = {
     "activations": ["net.width=64", "net.in_dim=64", "data.dim=64"],
     "depth": ["sweep.net.depth=[5, 10, 20]", "net.width=32", "net.in_dim=32", "data.dim=32"],
     "batchnorm": ["net.width=64", "net.in_dim=64", "data.dim=64", "data.n=256", "run.warmup=100"],
+    "isometry": ["net.width=24", "net.in_dim=24", "data.dim=24", "run.seeds=[0]"],
+    "edge-of-chaos": ["net.width=48", "net.in_dim=48", "data.dim=48", "data.n=16", "run.seeds=[0]"],
 }
 
 

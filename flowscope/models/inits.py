@@ -6,7 +6,8 @@ N(0, 1/n_in) as that lecture defines it, ``he`` N(0, 2/n_in); plus Glorot's fan-
 N(0, 2/(n_in+n_out)), a fixed-std ``normal``, and, for the symmetry experiments of the
 CS/DS 541 notes, ``zeros``, ``constant`` and ``orthogonal`` (orthonormal rows); and
 ``meanfield``, N(0, σ_w²/n_in) weights with N(0, σ_b²) biases, the random nets of mean-field
-theory (``orthogonal`` takes a ``sigma_b2`` too).
+theory, and ``meanfield_orthogonal``, the same σ_w² and σ_b² with orthogonal weights
+(``orthogonal`` takes a ``sigma_b2`` too).
 
 Every scheme fills a weight in place under ``torch.no_grad()`` with an optional
 ``torch.Generator`` that lives on the weight's device, so no data goes through the CPU.
@@ -152,6 +153,13 @@ def _orthogonal(
     nn.init.orthogonal_(weight, gain=params["gain"], generator=gen)
 
 
+def _orthogonal_sigma(
+    weight: Tensor, std: float | None, params: Mapping[str, float], gen: torch.Generator | None
+) -> None:
+    """Fill with a (semi-)orthogonal matrix times √params['sigma_w2']."""
+    nn.init.orthogonal_(weight, gain=math.sqrt(params["sigma_w2"]), generator=gen)
+
+
 def _add(scheme: InitScheme) -> None:
     INITS.register(scheme.name)(scheme)
 
@@ -204,6 +212,20 @@ _add(
         _gaussian,
         {
             "sigma_w2": Param(1.0, _nonnegative, "a finite number >= 0"),
+            "sigma_b2": Param(0.0, _nonnegative, "a finite number >= 0"),
+        },
+        bias_std=lambda p: math.sqrt(p["sigma_b2"]),
+    )
+)
+_add(
+    InitScheme(
+        "meanfield_orthogonal",
+        "orthogonal weights times √`sigma_w2` (default 1) and N(0, `sigma_b2`) biases"
+        " (default 0): meanfield's σ_w² with orthogonal weights (Pennington et al. 2017)",
+        lambda i, o, p: None,
+        _orthogonal_sigma,
+        {
+            "sigma_w2": Param(1.0, _positive, "a finite number > 0"),
             "sigma_b2": Param(0.0, _nonnegative, "a finite number >= 0"),
         },
         bias_std=lambda p: math.sqrt(p["sigma_b2"]),

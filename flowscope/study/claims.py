@@ -344,6 +344,11 @@ def reduce_series(v: np.ndarray, how: str) -> float:
             return float((v[0] / v[-1]) ** (1.0 / max(v.size - 1, 1)))
         if how == "spread":
             return float(np.max(v) / np.min(v))
+        if how == "depth_scale":  # layers over which the series shrinks by e (ξ of e^(-l/ξ))
+            ratio = float(v[-1] / v[0]) if v.size > 1 else math.nan
+            if not ratio > 0:  # a sign change, a zero or a single layer: no scale
+                return math.nan
+            return math.inf if ratio == 1 else -(v.size - 1) / math.log(ratio)
     raise unknown("reduce", how, REDUCERS)
 
 

@@ -40,6 +40,7 @@ REDUCE_WORDS = {
     "gain": "the geometric-mean factor per layer, forward",
     "gain_to_input": "the geometric-mean factor per layer walking back toward the input",
     "spread": "largest / smallest layer value",
+    "depth_scale": "the layers over which the series shrinks by e, -(n-1) / log(last/first)",
 }
 ORIGIN_WORDS = {
     "lecture": "the source",
@@ -101,6 +102,16 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _source_line(src: dict) -> str:
+    """The source: a lecture file of the seeds, or a paper (a ``url`` key: its sections)."""
+    if "url" in src:
+        return f"Source: {src.get('what', '')} (<{src['url']}>, {src.get('lines', '')})."
+    return (
+        f"Source: {src.get('what', '')} (`../shared/seeds/{src.get('file', '')}`, lines "
+        f"{src.get('lines', '')})."
+    )
+
+
 def study_page(study: Study) -> str:
     """Markdown for one study: its sweep, then one section per claim.
 
@@ -123,8 +134,7 @@ def study_page(study: Study) -> str:
         "",
         study.description.strip(),
         "",
-        f"Source: {src.get('what', '')} (`../shared/seeds/{src.get('file', '')}`, lines "
-        f"{src.get('lines', '')}).",
+        _source_line(src),
         "",
         "| axis | values |",
         "| --- | --- |",

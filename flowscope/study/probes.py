@@ -17,6 +17,7 @@ host: one sync per run).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,3 +202,299 @@ def meanfield_grad(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         for link, value in zip(chain, profile, strict=True):
             out[link.name] = torch.tensor(float(value), dtype=torch.float64, device=ctx.x.device)
     return out
+
+
+# -- Jacobian spectra and free probability (the isometry study) ---------------------------------
+
+SPECTRUM_INPUTS = 8  # inputs of x whose Jacobians the spectrum probes pool
+
+
+@dataclass
+class _Slot:
+    """One probe context's derived values, shared by the probes that read them (a strong
+    reference to the context: an id could be reused by the next config's)."""
+
+    ctx: ProbeContext | None = None
+    values: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+_SPECTRA, _FREE, _PAIRS = _Slot(), _Slot(), _Slot()
+
+
+def _activation_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and activation_type(m) is not None]
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+
+
+def _spectrum_moments(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
+    """Mean and variance of λ, the squared singular values of the Jacobian from the input to
+    each activation module's output, over the first SPECTRUM_INPUTS inputs."""
+    if _SPECTRA.ctx is not ctx or _SPECTRA.values is None:
+        from flowscope.theory import jacobian_moments  # torch.func: only when asked for
+
+        names = _activation_names(ctx.model)
+        moments = jacobian_moments(ctx.model, ctx.x[:SPECTRUM_INPUTS], layers=names)
+        assert isinstance(moments, dict)
+        values: dict[str, dict[str, torch.Tensor]] = {"mean": {}, "var": {}, "cv2": {}}
+        for name, m in moments.items():
+            assert isinstance(m, dict)
+            values["mean"][name] = _scalar(m["mean"], ctx.x)
+            values["var"][name] = _scalar(m["var"], ctx.x)
+            values["cv2"][name] = _scalar(m["var"] / m["mean"] ** 2, ctx.x)
+        _SPECTRA.values, _SPECTRA.ctx = values, ctx
+    return _SPECTRA.values
+
+
+@_probe(
+    "jacobian_mean",
+    "end",
+    "mean of the squared singular values of the Jacobian from the input to each activation"
+    f" module's output (flowscope.theory.jacobian_moments, the first {SPECTRUM_INPUTS} inputs)",
+)
+def jacobian_mean(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spectrum_moments(ctx)["mean"]
+
+
+@_probe(
+    "jacobian_var",
+    "end",
+    "variance of the squared singular values of the Jacobian from the input to each"
+    f" activation module's output (the first {SPECTRUM_INPUTS} inputs pooled)",
+)
+def jacobian_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spectrum_moments(ctx)["var"]
+
+
+@_probe(
+    "jacobian_cv2",
+    "end",
+    "variance / mean² of the squared singular values of the Jacobian from the input to each"
+    " activation module's output: the spread of the spectrum whatever its scale",
+)
+def jacobian_cv2(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spectrum_moments(ctx)["cv2"]
+
+
+def _chain_and_acts(model: nn.Module) -> tuple[list, list[str]]:
+    """The model's first Linear -> activation chain and its activation modules' names."""
+    from flowscope.core.errors import FlowscopeError
+    from flowscope.theory import mlp_chains
+
+    chains = mlp_chains(model)
+    acts = _activation_names(model)
+    if not chains or len(chains[0]) != len(acts):
+        raise FlowscopeError(
+            "the free-probability probes need an MLP whose activations all follow one chain"
+            f" of Linear layers; found chains {[len(c) for c in chains]} and {len(acts)}"
+            " activation modules"
+        )
+    return chains[0], acts
+
+
+def _is_orthogonal(weight: torch.Tensor) -> bool:
+    """Whether W Wᵀ (or Wᵀ W) is a multiple of the identity, to float precision."""
+    w = weight.detach().double()
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    scale = gram.diagonal().mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return bool((gram - scale * eye).abs().max() <= 1e-5 * scale)
+
+
+def _free_moments(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
+    """isometry_moments at the net's own σ_w², σ_b² (pooled over its layers), weights
+    orthogonal or not as they are, from the input's mean square."""
+    if _FREE.ctx is ctx and _FREE.values is not None:
+        return _FREE.values
+    from flowscope.theory import isometry_moments
+
+    chain, acts = _chain_and_acts(ctx.model)
+    modules = dict(ctx.model.named_modules())
+    orthogonal = all(_is_orthogonal(modules[link.name].weight) for link in chain)
+    sw2 = float(np.mean([link.sigma_w2 for link in chain]))
+    sb2 = float(np.mean([link.sigma_b2 for link in chain]))
+    q1 = chain[0].sigma_w2 * float(ctx.x.detach().double().pow(2).mean()) + chain[0].sigma_b2
+    m = isometry_moments(chain[0].activation, sw2, sb2, q1, len(chain), orthogonal=orthogonal)
+    m["cv2"] = m["var"] / m["mean"] ** 2
+    _FREE.values = {
+        key: {n: _scalar(v, ctx.x) for n, v in zip(acts, m[key], strict=True)}
+        for key in ("mean", "var", "cv2")
+    }
+    _FREE.ctx = ctx
+    return _FREE.values
+
+
+@_probe(
+    "isometry_mean",
+    "end",
+    "free-probability mean of λ for each activation output (flowscope.theory"
+    ".isometry_moments at the net's own σ_w², σ_b²): ∏ σ_w² E[φ'²]",
+)
+def isometry_mean(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _free_moments(ctx)["mean"]
+
+
+@_probe(
+    "isometry_var",
+    "end",
+    "free-probability variance of λ for each activation output (Pennington, Schoenholz,"
+    " Ganguli 2017): mean² × Σ (E[φ'⁴]/E[φ'²]² − 1 + 1 if Gaussian weights)",
+)
+def isometry_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _free_moments(ctx)["var"]
+
+
+@_probe(
+    "isometry_cv2",
+    "end",
+    "free-probability variance / mean² of λ for each activation output: Σ over the layers of"
+    " E[φ'⁴]/E[φ'²]² − 1, plus 1 per Gaussian weight matrix",
+)
+def isometry_cv2(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _free_moments(ctx)["cv2"]
+
+
+# -- pairs of inputs through the net (the edge-of-chaos study) ----------------------------------
+
+
+def pair_cosines(output: torch.Tensor) -> torch.Tensor:
+    """Mean over the pairs (rows 0 and 1, 2 and 3, ...) of the cosine between their vectors:
+    the correlation c = q_ab / √(q_aa q_bb) of mean-field theory."""
+    flat = output.detach().double().reshape(output.shape[0], -1)
+    a, b = flat[0 : flat.shape[0] // 2 * 2 : 2], flat[1 : flat.shape[0] // 2 * 2 : 2]
+    return ((a * b).sum(1) / (a.pow(2).sum(1) * b.pow(2).sum(1)).sqrt()).mean()
+
+
+def _pair_hooks(gap: bool) -> ProbeHooks:
+    def attach(model: nn.Module, into: dict[str, torch.Tensor]) -> Hooks:
+        def keep(name: str) -> Callable:
+            def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+                c = pair_cosines(output)
+                into[name] = 1 - c if gap else c
+
+            return hook
+
+        return forward_hooks(_linears(model), keep)
+
+    return attach
+
+
+@_probe(
+    "pair_correlation",
+    "end",
+    "correlation c of the outputs of each Linear for pairs of inputs (rows 0/1, 2/3, ...),"
+    " averaged over the pairs",
+    hooks=_pair_hooks(gap=False),
+)
+def pair_correlation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return read_pass(_pair_hooks(gap=False), ctx.model, ctx.x)
+
+
+@_probe(
+    "decorrelation",
+    "end",
+    "1 - c for pairs of inputs at each Linear's output (pair_correlation's complement: it"
+    " decays like exp(-l / ξ_c) in the ordered phase)",
+    hooks=_pair_hooks(gap=True),
+)
+def decorrelation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return read_pass(_pair_hooks(gap=True), ctx.model, ctx.x)
+
+
+def _pair_theory(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
+    """The mean-field q_l and c_l along the model's chain, per link at its own σ_w², σ_b²,
+    from the first Linear's measured mean square and pair correlation; and exp(-l / ξ_c)
+    with ξ_c = depth_scales at the chain's pooled σ_w², σ_b² (and its c*)."""
+    if _PAIRS.ctx is ctx and _PAIRS.values is not None:
+        return _PAIRS.values
+    from flowscope.theory import correlation_map, depth_scales, expect, mlp_chains
+
+    chain = mlp_chains(ctx.model)[0]
+    first = dict(ctx.model.named_modules())[chain[0].name]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            seen["q"], seen["c"] = output.detach().double().pow(2).mean(), pair_cosines(output)
+
+        return hook
+
+    hooks = forward_hooks([(chain[0].name, first)], keep)
+    with _buffers_kept(ctx.model), hooks, torch.no_grad():
+        ctx.model(ctx.x)
+    q, c = float(seen["q"]), min(float(seen["c"]), 1.0)  # one sync, like meanfield_grad
+    qs, cs = [q], [c]
+    for link, nxt in itertools.pairwise(chain):
+        q_next = nxt.sigma_w2 * expect(link.activation, q)["phi2"] + nxt.sigma_b2
+        c = correlation_map(link.activation, nxt.sigma_w2, nxt.sigma_b2, c, q=q) * q / q_next
+        c, q = min(max(c, -1.0), 1.0), q_next  # rounding may step past 1
+        qs.append(q)
+        cs.append(c)
+    sw2 = float(np.mean([link.sigma_w2 for link in chain[1:]]))
+    sb2 = float(np.mean([link.sigma_b2 for link in chain[1:]]))
+    scales = depth_scales(chain[0].activation, sw2, sb2)
+    names = [link.name for link in chain]
+    series = {
+        "rms": np.sqrt(qs),
+        "c": np.array(cs),
+        "gap": 1 - np.array(cs),
+        "xi": np.exp(-np.arange(len(chain)) / scales["xi_c"]),
+        "c_star": np.full(len(chain), scales["c_star"]),
+    }
+    _PAIRS.values = {
+        key: {n: _scalar(v, ctx.x) for n, v in zip(names, values, strict=True)}
+        for key, values in series.items()
+    }
+    _PAIRS.ctx = ctx
+    return _PAIRS.values
+
+
+@_probe(
+    "meanfield_pre_rms",
+    "end",
+    "mean-field √q_l of each Linear's output along the chain (each layer's own σ_w², σ_b²;"
+    " anchored at the first Linear's measured mean square): it converges to √q*",
+)
+def meanfield_pre_rms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _pair_theory(ctx)["rms"]
+
+
+@_probe(
+    "meanfield_correlation",
+    "end",
+    "mean-field c_l of pairs of inputs at each Linear (the correlation map, flowscope.theory"
+    ".correlation_map, from the first Linear's measured c): it converges to c*",
+)
+def meanfield_correlation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _pair_theory(ctx)["c"]
+
+
+@_probe(
+    "meanfield_decorrelation",
+    "end",
+    "1 - meanfield_correlation: mean-field theory's value of the probe decorrelation",
+)
+def meanfield_decorrelation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _pair_theory(ctx)["gap"]
+
+
+@_probe(
+    "meanfield_xi_c",
+    "end",
+    "exp(-l / ξ_c) at Linear l, ξ_c = flowscope.theory.depth_scales at the chain's pooled"
+    " σ_w², σ_b²: its depth_scale is ξ_c (NaN where ξ_c is not defined)",
+)
+def meanfield_xi_c(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _pair_theory(ctx)["xi"]
+
+
+@_probe(
+    "meanfield_c_star",
+    "end",
+    "c* of flowscope.theory.depth_scales at the chain's pooled σ_w², σ_b², at every Linear:"
+    " the correlation deep layers converge to (1 in the ordered phase)",
+)
+def meanfield_c_star(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _pair_theory(ctx)["c_star"]

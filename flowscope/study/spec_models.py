@@ -35,7 +35,7 @@ from flowscope.core.errors import unknown
 
 Reducer = Literal[
     "first", "last", "mean", "min", "max", "last/first", "first/last", "gain", "gain_to_input",
-    "spread",
+    "spread", "depth_scale",
 ]  # fmt: skip
 Expect = Literal["increasing", "decreasing", "same", "differ", "power"]
 StatKind = Literal["activation", "gradient", "weight", "weight_grad"]

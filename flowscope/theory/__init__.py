@@ -20,7 +20,7 @@ from flowscope.theory.meanfield import (
     variance_map,
 )
 from flowscope.theory.measure import measure_mlp
-from flowscope.theory.spectrum import jacobian_spectrum
+from flowscope.theory.spectrum import isometry_moments, jacobian_moments, jacobian_spectrum
 
 __all__ = [
     "Link",
@@ -31,6 +31,8 @@ __all__ = [
     "expect",
     "fixed_point",
     "gradient_gain",
+    "isometry_moments",
+    "jacobian_moments",
     "jacobian_spectrum",
     "measure_mlp",
     "mlp_chains",

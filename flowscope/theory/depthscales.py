@@ -23,7 +23,9 @@ c* = 1, ξ_c = -1/log χ₁, which diverges at the edge of chaos: signals propag
 depth ~ξ_c, and Schoenholz et al. find nets trainable up to depth ~6 ξ_c.
 
 One-dimensional expectations use :func:`flowscope.theory.meanfield.quadrature` (the rule of
-:func:`~flowscope.theory.meanfield.expect`); the two-dimensional ones its tensor product.
+:func:`~flowscope.theory.meanfield.expect`); the two-dimensional ones its tensor product,
+or a coarser composite rule where that would be a million points (``_pair_nodes``), and
+closed forms (arc-cosine kernels) for ReLU-like activations.
 
 **ReLU** (and other positively homogeneous φ: linear, leaky ReLU) has no transition in the
 usual sense: χ₁ = σ_w² E[φ'²] does not depend on q (σ_w²/2 for ReLU), the variance map is
@@ -50,9 +52,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.theory.meanfield import (
+    GH_NODES,
     ActivationLike,
     activation_fn,
     activation_values,
@@ -135,24 +139,66 @@ def fixed_point(
         a, ga = b, gb
 
 
-def _pair_rule(fn: Callable, q: float, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(u₁, u₂, weights) on the tensor-product rule: the joint Gaussian of two inputs of
-    variance q and correlation c."""
+def _pair_nodes(fn: Callable, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """1-D nodes and weights for the tensor-product rule at variance q: Gauss–Hermite where
+    :func:`quadrature` trusts it; else composite 8-node Gauss–Legendre panels at most 1 wide
+    in z (|z| <= 9) with edges also every 1 in u = √q z (|u| <= 8): coarser than the 1-D
+    rule, whose square would be a million points, and as exact for a smooth φ (tested
+    against the 1-D rule at c = 1 in tests/test_depthscales.py)."""
     z, w = quadrature(fn, q)
-    s = math.sqrt(q)
-    c = min(max(c, -1.0), 1.0)
-    u1 = np.broadcast_to(s * z[:, None], (z.size, z.size))
+    if z.size <= GH_NODES:
+        return z, w
+    edges = np.arange(-9.0, 9.5, 1.0)
+    u_edges = np.arange(-8.0, 8.5, 1.0) / math.sqrt(q)
+    edges = np.unique(np.concatenate([edges, u_edges[np.abs(u_edges) < 9.0]]))
+    x, gl = np.polynomial.legendre.leggauss(8)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    nodes = (lo + hi) / 2 + (hi - lo) / 2 * x
+    weights = (hi - lo) / 2 * gl * np.exp(-(nodes**2) / 2) / math.sqrt(2 * math.pi)
+    return nodes.ravel(), weights.ravel()
+
+
+def _phi(fn: Callable, u: np.ndarray) -> np.ndarray:
+    """φ(u) in float64, without its derivative."""
+    with torch.no_grad():
+        return torch.as_tensor(fn(torch.from_numpy(u)), dtype=torch.float64).numpy()
+
+
+def _pair_moments(fn: Callable, q: float, c: float, slopes: bool = True) -> tuple[float, float]:
+    """(E[φ(u₁)φ(u₂)], E[φ'(u₁)φ'(u₂)]) at variance q and correlation c (the second NaN
+    unless ``slopes``)."""
+    sides = _homogeneous_sides(fn)
+    if sides is not None:
+        return _kinked_pair(*sides, q, c)
+    z, w = _pair_nodes(fn, q)
+    s, c = math.sqrt(q), min(max(c, -1.0), 1.0)
+    u1 = s * z
     u2 = s * (c * z[:, None] + math.sqrt(max(1.0 - c * c, 0.0)) * z[None, :])
-    return u1, u2, w[:, None] * w[None, :]
-
-
-def _pair_moments(fn: Callable, q: float, c: float) -> tuple[float, float]:
-    """(E[φ(u₁)φ(u₂)], E[φ'(u₁)φ'(u₂)]) at variance q and correlation c."""
-    u1, u2, w = _pair_rule(fn, q, c)
-    phi1, dphi1 = activation_values(fn, u1[:, 0])
+    ww = w[:, None] * w[None, :]
+    if not slopes:
+        phi1, phi2 = _phi(fn, u1), _phi(fn, u2.ravel()).reshape(u2.shape)
+        return float((ww * phi1[:, None] * phi2).sum()), math.nan
+    phi1, dphi1 = activation_values(fn, u1)
     phi2, dphi2 = activation_values(fn, u2.ravel())
     phi2, dphi2 = phi2.reshape(u2.shape), dphi2.reshape(u2.shape)
-    return float((w * phi1[:, None] * phi2).sum()), float((w * dphi1[:, None] * dphi2).sum())
+    return float((ww * phi1[:, None] * phi2).sum()), float((ww * dphi1[:, None] * dphi2).sum())
+
+
+def _kinked_pair(a: float, b: float, q: float, c: float) -> tuple[float, float]:
+    """The pair moments of φ(u) = a·relu(u) + b·relu(-u) in closed form: the arc-cosine
+    kernels of Cho & Saul 2009, K(c) = E[relu(u₁)relu(u₂)] = q (√(1-c²) + (π - arccos c) c)
+    / 2π and P(c) = P(u₁ > 0, u₂ > 0) = (π - arccos c) / 2π; relu(-u₂) has correlation -c."""
+    c = min(max(c, -1.0), 1.0)
+
+    def k(r: float) -> float:
+        return q * (math.sqrt(max(1 - r * r, 0.0)) + (math.pi - math.acos(r)) * r) / (2 * math.pi)
+
+    def p(r: float) -> float:
+        return (math.pi - math.acos(r)) / (2 * math.pi)
+
+    phi = (a * a + b * b) * k(c) + 2 * a * b * k(-c)
+    dphi = (a * a + b * b) * p(c) - 2 * a * b * p(-c)  # φ' = a on u > 0, -b on u < 0
+    return phi, dphi
 
 
 def correlation_map(
@@ -187,7 +233,7 @@ def correlation_map(
     cs = np.atleast_1d(np.asarray(c, dtype=np.float64))
     if not np.all(np.abs(cs) <= 1):
         raise FlowscopeError(f"c must be correlations in [-1, 1], got {c!r}")
-    out = np.array([(sw2 * _pair_moments(fn, q, float(v))[0] + sb2) / q for v in cs])
+    out = np.array([(sw2 * _pair_moments(fn, q, float(v), False)[0] + sb2) / q for v in cs])
     return float(out[0]) if np.ndim(c) == 0 else out
 
 
@@ -196,7 +242,7 @@ def _correlation_fixed_point(fn: Callable, sw2: float, sb2: float, q: float) -> 
     just... below 1 f < c since f'(1) = χ₁ > 1)."""
 
     def g(c: float) -> float:
-        return (sw2 * _pair_moments(fn, q, c)[0] + sb2) / q - c
+        return (sw2 * _pair_moments(fn, q, c, False)[0] + sb2) / q - c
 
     g0 = g(0.0)
     if g0 <= 0:  # odd φ without bias: c = 0 is fixed
@@ -298,10 +344,17 @@ def _dphi2(fn: Callable, q: float) -> float:
 
 def _homogeneous(fn: Callable) -> bool:
     """Whether φ(a u) = a φ(u) for a > 0 (ReLU, leaky ReLU, linear): checked on values."""
-    u = np.array([-2.0, -0.5, 0.3, 1.7])
+    return _homogeneous_sides(fn) is not None
+
+
+def _homogeneous_sides(fn: Callable) -> tuple[float, float] | None:
+    """(a, b) with φ(u) = a·relu(u) + b·relu(-u) when φ is positively homogeneous (checked
+    on values), else None."""
+    u = np.array([-2.0, -0.5, 0.3, 1.7, 1.0, -1.0])
     phi, _ = activation_values(fn, u)
-    phi3, _ = activation_values(fn, 3 * u)
-    return bool(np.allclose(phi3, 3 * phi, rtol=1e-12, atol=1e-15))
+    a, b = float(phi[4]), float(phi[5])
+    line = np.where(u > 0, a * u, -b * u)
+    return (a, b) if np.allclose(phi, line, rtol=1e-12, atol=1e-15) else None
 
 
 def edge_of_chaos(activation: ActivationLike, sigma_b2: float) -> float:

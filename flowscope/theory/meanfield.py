@@ -304,7 +304,8 @@ def sigma_w2_of(init: str, fan_in: int, fan_out: int | None = None, **init_param
         4.0
 
     ``orthogonal`` rows have unit norm, so it acts as σ_w² = gain² (× fan_in/fan_out when
-    the matrix is wider than tall); ``constant`` is not random and has no mean-field limit.
+    the matrix is wider than tall; ``meanfield_orthogonal``: its ``sigma_w2``); ``constant``
+    is not random and has no mean-field limit.
 
     Raises:
         FlowscopeError: unknown scheme or parameter, a bad fan, or ``constant``.
@@ -315,9 +316,10 @@ def sigma_w2_of(init: str, fan_in: int, fan_out: int | None = None, **init_param
     std = init_std(init, fan_in, fan_out, **init_params)
     if std is not None:
         return fan_in * std**2
-    if init == "orthogonal":
-        gain = INITS.get("orthogonal").resolve(init_params)["gain"]
-        return gain**2 * min(1.0, fan_in / fan_out)
+    if init in ("orthogonal", "meanfield_orthogonal"):
+        params = INITS.get(init).resolve(init_params)
+        gain2 = params["gain"] ** 2 if init == "orthogonal" else params["sigma_w2"]
+        return gain2 * min(1.0, fan_in / fan_out)
     raise FlowscopeError(
         f"init {init!r} is not an i.i.d. random scheme; mean-field theory needs one of "
         f"{', '.join(n for n in INITS.names() if n != 'constant')}"

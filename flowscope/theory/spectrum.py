@@ -31,7 +31,7 @@ Torch and numpy only.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,8 +40,16 @@ from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from flowscope.core.errors import FlowscopeError
 from flowscope.record.hooks import forward_hooks
+from flowscope.theory.meanfield import (
+    ActivationLike,
+    activation_fn,
+    activation_values,
+    check_q,
+    quadrature,
+    second_moment,
+)
 
-__all__ = ["FULL_MAX", "jacobian_spectrum"]
+__all__ = ["FULL_MAX", "isometry_moments", "jacobian_moments", "jacobian_spectrum"]
 
 FULL_MAX = 2**22  # Jacobian entries of one input up to which "auto" computes J exactly
 METHODS = ("auto", "full", "power")
@@ -109,7 +117,8 @@ def jacobian_spectrum(
         if names:
             raise FlowscopeError("per-layer spectra (layers=...) need method 'full'")
         return _power(f, x, min(k, n_in, n_out), iters, seed)
-    spectra = _full(f, x, forward=bool(names) or n_out > n_in, entries=n_in * n_out)
+    entries = n_in * sum(o.numel() for o in outs)
+    spectra = _full(f, x, forward=bool(names) or n_out > n_in, entries=entries)
     if not names:
         return spectra[0]
     return dict(zip(names, spectra, strict=True))
@@ -160,21 +169,79 @@ def _function(model: nn.Module, x: Tensor, names: list[str]) -> Callable[[Tensor
     return per_layer
 
 
-def _full(f: Callable, x: Tensor, forward: bool, entries: int) -> list[np.ndarray]:
-    """Every squared singular value of each output's Jacobian, inputs pooled."""
+def _jacobians(f: Callable, x: Tensor, forward: bool, entries: int) -> Iterator[list[Tensor]]:
+    """Per chunk of inputs, each output's Jacobians (chunk, n_out, n_in), ``entries`` being
+    the Jacobian entries of one input (all outputs)."""
     jac = vmap(jacfwd(f) if forward else jacrev(f))
     chunk = max(1, FULL_MAX // max(entries, 1))
-    pooled: list[list[np.ndarray]] = []
     for start in range(0, x.shape[0], chunk):
         xs = x[start : start + chunk]
         with torch.no_grad():
             js = jac(xs)
+        yield [j.reshape(xs.shape[0], j.shape[1], -1) for j in js]
+
+
+def _full(f: Callable, x: Tensor, forward: bool, entries: int) -> list[np.ndarray]:
+    """Every squared singular value of each output's Jacobian, inputs pooled."""
+    pooled: list[list[np.ndarray]] = []
+    for js in _jacobians(f, x, forward, entries):
+        if not pooled:
+            pooled = [[] for _ in js]
         for i, j in enumerate(js):
-            s = torch.linalg.svdvals(j.reshape(xs.shape[0], j.shape[1], -1).double())
-            if start == 0:
-                pooled.append([])
+            s = torch.linalg.svdvals(j.double())
             pooled[i].append((s**2).cpu().numpy().reshape(-1))
     return [np.concatenate(p) for p in pooled]
+
+
+def jacobian_moments(
+    model: nn.Module, x: Tensor, *, layers: list[str] | None = None
+) -> dict[str, dict[str, float]] | dict[str, float]:
+    """Mean and variance of the squared singular values λ that :func:`jacobian_spectrum`
+    returns (method ``full``), from traces, without a singular value decomposition:
+    Σλ = ‖J‖²_F and Σλ² = ‖JJᵀ‖²_F per input (over its min(n_in, n_out) values).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(5, 5), nn.Tanh())
+        >>> x = torch.randn(3, 5)
+        >>> m, s = jacobian_moments(net, x), jacobian_spectrum(net, x)
+        >>> bool(abs(m["mean"] - s.mean()) < 1e-9), bool(abs(m["var"] - s.var()) < 1e-9)
+        (True, True)
+
+    Args:
+        model, x, layers: as for :func:`jacobian_spectrum`.
+
+    Returns:
+        ``{"mean": ..., "var": ...}`` (the population variance of the pooled values); with
+        ``layers``, a dict from module name to such a dict.
+
+    Raises:
+        FlowscopeError: as :func:`jacobian_spectrum`.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise FlowscopeError("x must be a batch of at least one input (a tensor, batch first)")
+    names = _layer_names(model, layers)
+    f = _function(model, x, names)
+    with torch.no_grad():
+        outs = f(x[0])
+    n_in, n_out = x[0].numel(), sum(o.numel() for o in outs)
+    forward = bool(names) or n_out > n_in
+    sums: list[list[float]] = []
+    for js in _jacobians(f, x, forward, n_in * n_out):
+        if not sums:
+            sums = [[0.0, 0.0, 0.0] for _ in js]
+        for i, j in enumerate(js):
+            j = j.double()
+            gram = j @ j.mT if j.shape[1] <= j.shape[2] else j.mT @ j
+            sums[i][0] += float(j.pow(2).sum())
+            sums[i][1] += float(gram.pow(2).sum())
+            sums[i][2] += j.shape[0] * min(j.shape[1], j.shape[2])
+    moments = []
+    for total, squares, count in sums:
+        mean = total / count
+        moments.append({"mean": mean, "var": max(squares / count - mean**2, 0.0)})
+    return dict(zip(names, moments, strict=True)) if names else moments[0]
 
 
 def _power(f: Callable, x: Tensor, k: int, iters: int, seed: int) -> np.ndarray:
@@ -211,3 +278,68 @@ def _orthonormal(block: Tensor) -> Tensor:
     flat = block.reshape(block.shape[0], -1)
     q, _ = torch.linalg.qr(flat.double().T)
     return q.T.to(block.dtype).reshape(block.shape)
+
+
+def isometry_moments(
+    activation: ActivationLike,
+    sigma_w2: float,
+    sigma_b2: float,
+    q1: float,
+    depth: int,
+    *,
+    orthogonal: bool = False,
+) -> dict[str, np.ndarray]:
+    """Free-probability mean and variance of the squared singular values λ of the Jacobian
+    from the input to each layer's activation output (Pennington, Schoenholz, Ganguli 2017).
+
+    Example:
+        >>> m = isometry_moments("linear", 1.0, 0.0, 1.0, 4)       # Gaussian: var = L
+        >>> m["mean"].tolist(), m["var"].round(12).tolist()
+        ([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+        >>> isometry_moments("relu", 2.0, 0.0, 1.0, 3, orthogonal=True)["var"].round(9).tolist()
+        [1.0, 2.0, 3.0]
+
+    The net: ``depth`` square layers ``h_l = W_l φ(h_{l-1}) + b_l`` (the first on the input),
+    weights of variance σ_w²/n (i.i.d. Gaussian, or √σ_w² × orthogonal), biases N(0, σ_b²).
+    Jᵀ J is a product of the freely independent factors W_lᵀ D_l² W_l with D_l = diag φ'(h_l)
+    and h_l of variance q_l (the variance map from q_1). Each factor has mean
+    m_l = σ_w² E[φ'(√q_l z)²] and normalized variance v_l = E[φ'⁴] / E[φ'²]² − 1 + s_W,
+    s_W = 1 for a square Gaussian W (Marchenko–Pastur) and 0 for an orthogonal one; under
+    free multiplicative convolution means multiply and normalized variances add, so
+
+        mean_L = ∏ m_l,    var_L = mean_L² · Σ v_l.
+
+    At the edge of chaos (∏ m_l = 1) with orthogonal weights, var_L = L · (E[φ'⁴]/E[φ'²]² − 1)
+    at q*: it vanishes as q* → 0 for tanh (dynamical isometry), and is L for ReLU
+    (φ'² ∈ {0, 1}) whatever the init: ReLU nets cannot be made isometric.
+
+    Args:
+        activation: a name in ``ACTIVATIONS`` or an elementwise callable.
+        sigma_w2, sigma_b2: the weights' σ_w² and the biases' variance.
+        q1: the variance of the first layer's pre-activations.
+        depth: the number of layers (>= 1).
+        orthogonal: orthogonal weights instead of i.i.d. Gaussian ones.
+
+    Returns:
+        ``{"mean": ..., "var": ..., "q": ...}``: arrays over the layers 1..depth.
+
+    Raises:
+        FlowscopeError: a bad argument.
+    """
+    fn = activation_fn(activation)
+    sw2, sb2, q = check_q(sigma_w2, "sigma_w2"), check_q(sigma_b2, "sigma_b2"), check_q(q1, "q1")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise FlowscopeError(f"depth must be an integer >= 1, got {depth!r}")
+    mean, spread = 1.0, 0.0
+    out: dict[str, list[float]] = {"mean": [], "var": [], "q": []}
+    for _ in range(depth):
+        z, w = quadrature(fn, q)
+        _, dphi = activation_values(fn, np.sqrt(q) * z)
+        m2, m4 = float(w @ dphi**2), float(w @ dphi**4)
+        mean *= sw2 * m2
+        spread += (m4 / m2**2 - 1 if m2 > 0 else np.nan) + (0.0 if orthogonal else 1.0)
+        out["mean"].append(mean)
+        out["var"].append(mean**2 * spread)
+        out["q"].append(q)
+        q = sw2 * second_moment(fn, q) + sb2
+    return {key: np.asarray(value) for key, value in out.items()}

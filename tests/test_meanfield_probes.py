@@ -1,0 +1,92 @@
+"""The probes of the isometry and edge-of-chaos studies against direct computations, and
+free probability (isometry_moments) against measured Jacobian spectra of wide nets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowscope.models.inits import apply_init
+from flowscope.models.nets import mlp
+from flowscope.study.claims import reduce_series
+from flowscope.study.probes import PROBES, ProbeContext, pair_cosines
+from flowscope.theory import edge_of_chaos, isometry_moments, jacobian_moments, jacobian_spectrum
+
+
+def net(activation, init, width=64, depth=6, seed=0, **params):
+    model = mlp(in_dim=width, width=width, depth=depth, activation=activation).double()
+    apply_init(model, init, generator=torch.Generator().manual_seed(seed), **params)
+    return model
+
+
+def context(model, x):
+    return ProbeContext(model=model, x=x, initial={})
+
+
+def test_depth_scale_reducer_recovers_xi():
+    assert reduce_series(np.exp(-np.arange(12) / 3.5), "depth_scale") == pytest.approx(3.5)
+    assert math.isinf(reduce_series(np.ones(5), "depth_scale"))
+    assert math.isnan(reduce_series(np.array([1.0, 0.0]), "depth_scale"))
+
+
+def test_pair_cosines_is_the_mean_correlation_of_rows_0_1_2_3():
+    h = torch.randn(5, 7, dtype=torch.float64)  # the odd last row has no partner
+    a, b = h.numpy()[[0, 2]], h.numpy()[[1, 3]]
+    want = np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert float(pair_cosines(h)) == pytest.approx(want, rel=1e-12)
+
+
+def test_pair_probes_read_the_linear_outputs():
+    model = net("tanh", "meanfield", sigma_w2=2.0, sigma_b2=0.1)
+    x = torch.randn(8, 64, dtype=torch.float64)
+    ctx = context(model, x)
+    measured = PROBES.get("pair_correlation").fn(ctx)
+    gaps = PROBES.get("decorrelation").fn(ctx)
+    h = x
+    for i, block in enumerate(model.layers):
+        h = block.linear(h if i == 0 else torch.tanh(h))
+        name = f"layers.{i}.linear"
+        assert float(measured[name]) == pytest.approx(float(pair_cosines(h)), rel=1e-12)
+        assert float(gaps[name]) == pytest.approx(1 - float(pair_cosines(h)), rel=1e-9)
+    theory = PROBES.get("meanfield_correlation").fn(ctx)
+    first = "layers.0.linear"  # the theory starts from the measured first layer
+    assert float(theory[first]) == pytest.approx(float(measured[first]), rel=1e-12)
+    assert list(theory) == list(measured)
+
+
+def test_jacobian_probes_agree_with_the_spectrum():
+    model = net("tanh", "meanfield_orthogonal", sigma_w2=1.2, sigma_b2=0.01)
+    x = torch.randn(10, 64, dtype=torch.float64)
+    ctx = context(model, x)
+    mean, cv2 = PROBES.get("jacobian_mean").fn(ctx), PROBES.get("jacobian_cv2").fn(ctx)
+    spectra = jacobian_spectrum(model, x[:8], layers=["layers.*.act"])
+    for name, s in spectra.items():
+        assert float(mean[name]) == pytest.approx(s.mean(), rel=1e-9)
+        assert float(cv2[name]) == pytest.approx(s.var() / s.mean() ** 2, rel=1e-7)
+    moments = jacobian_moments(model, x[:8])
+    assert moments["mean"] == pytest.approx(spectra["layers.5.act"].mean(), rel=1e-9)
+
+
+@pytest.mark.parametrize("init", ["meanfield", "meanfield_orthogonal"])
+def test_free_probability_matches_wide_tanh_nets_at_the_edge_of_chaos(init):
+    # Pennington, Schoenholz, Ganguli 2017: the moments of J^T J at the edge of chaos; a
+    # 256-wide, 8-deep tanh net, inputs at q* (so q_l = q* throughout), 2 seeds x 8 inputs
+    sb2 = 1e-3
+    sw2 = edge_of_chaos("tanh", sb2)
+    q1 = 0.1072923561475335  # depth_scales("tanh", sw2, 1e-3)["q_star"]
+    theory = isometry_moments("tanh", sw2, sb2, q1, 8, orthogonal=init != "meanfield")
+    means, cv2s = [], []
+    for seed in range(2):
+        model = net("tanh", init, width=256, depth=8, seed=seed, sigma_w2=sw2, sigma_b2=sb2)
+        x = torch.randn(8, 256, dtype=torch.float64) * math.sqrt((q1 - sb2) / sw2)
+        m = jacobian_moments(model, x)
+        means.append(m["mean"])
+        cv2s.append(m["var"] / m["mean"] ** 2)
+    assert theory["mean"][-1] == pytest.approx(1.0, abs=0.01)  # critical: chi_1 = 1
+    assert np.mean(means) == pytest.approx(theory["mean"][-1], rel=0.1)
+    cv2 = theory["var"][-1] / theory["mean"][-1] ** 2
+    assert np.mean(cv2s) == pytest.approx(cv2, rel=0.2)
+    assert cv2 == pytest.approx(8.35 if init == "meanfield" else 0.35, abs=0.05)
