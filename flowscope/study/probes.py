@@ -498,3 +498,78 @@ def meanfield_xi_c(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 )
 def meanfield_c_star(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return _pair_theory(ctx)["c_star"]
+
+
+# -- signal propagation of residual nets (the residual study) ------------------------------------
+
+_SPP = _Slot()
+
+
+def _spp(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
+    """The signal-propagation numbers of the model's residual blocks on ``x``
+    (:func:`flowscope.doctor.signal.signal_propagation`), one pass shared by the spp probes."""
+    if _SPP.ctx is not ctx or _SPP.values is None:
+        from flowscope.doctor.signal import signal_propagation
+
+        frame = signal_propagation(ctx.model, ctx.x).iloc[1:]  # depth 0 is the input
+        second = frame.channel_mean_sq + frame.channel_var
+        values: dict[str, dict[str, torch.Tensor]] = {
+            "m2": dict(zip(frame.block, second, strict=True)),
+            "var": dict(zip(frame.block, frame.channel_var, strict=True)),
+            "branch": dict(zip(frame.block, frame.branch_var, strict=True)),
+        }
+        _SPP.values = {
+            key: {name: _scalar(v, ctx.x) for name, v in vals.items()}
+            for key, vals in values.items()
+        }
+        _SPP.ctx = ctx
+    return _SPP.values
+
+
+@_probe(
+    "spp_second_moment",
+    "end",
+    "the residual stream's second moment after each residual block (average channel squared"
+    " mean + average channel variance: flowscope.doctor.signal_propagation)",
+)
+def spp_second_moment(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spp(ctx)["m2"]
+
+
+@_probe(
+    "spp_channel_var",
+    "end",
+    "the residual stream's average channel variance after each residual block",
+)
+def spp_channel_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spp(ctx)["var"]
+
+
+@_probe(
+    "spp_branch_var",
+    "end",
+    "the average channel variance of each residual branch's output (what the block adds)",
+)
+def spp_branch_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    return _spp(ctx)["branch"]
+
+
+@_probe(
+    "spp_growth_theory",
+    "end",
+    "the growth law's second moment after each block of a resmlp net, from the input's"
+    " (flowscope.theory.residual.stream_second_moment)",
+)
+def spp_growth_theory(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    from flowscope.core.errors import FlowscopeError
+    from flowscope.doctor.signal import residual_blocks
+    from flowscope.theory.residual import stream_second_moment
+
+    variant, alpha = getattr(ctx.model, "variant", None), getattr(ctx.model, "alpha", None)
+    if not isinstance(variant, str) or not isinstance(alpha, float):
+        raise FlowscopeError("probe spp_growth_theory needs a 'resmlp' net (its variant and alpha)")
+    names = [name for name, _ in residual_blocks(ctx.model)]
+    x = ctx.x.detach().double()
+    m0 = float(x.mean(0).pow(2).mean() + x.var(0, unbiased=False).mean())
+    law = stream_second_moment(variant, len(names), alpha=alpha, m0=m0)
+    return {name: _scalar(v, ctx.x) for name, v in zip(names, law, strict=True)}
