@@ -103,6 +103,11 @@ def test_residual_study_small(residual_run):
     skip = [v for k, v in growth.items() if "skipinit" in k]
     assert skip and all(v == pytest.approx(1.0, abs=1e-9) for v in skip)
     assert claims["no-norm-gradients-explode"]["status"] in ("held", "not held")
+    # one depth only: a claim across depth has nothing to compare (it was a poorly
+    # conditioned one-point fit, judged as if measured)
+    linear = claims["bn-variance-linear-in-depth"]
+    assert linear["status"] == "not measured" and linear["held"] is None
+    assert linear["numbers"]["value"] == {"all": "one value of depth"}
 
 
 def test_reports_draw_the_study_figures(residual_run, tmp_path):

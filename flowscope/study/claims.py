@@ -382,13 +382,18 @@ def _across(
     results: dict[str, Any] = {}
     outcomes: dict[str, list[bool]] = {}
     judged: dict[str, list[float]] = {}
+    unmeasured = 0
     for key, group in groups:
         keys = key if isinstance(key, tuple) else (key,)
         label = ",".join(f"{c}={v}" for c, v in zip(others, keys, strict=False)) or "all"
         for seed in seeds:  # the axis is compared within one seed; seeds judged together
             one = group if seed is None else group[group["seed"] == seed]
-            ok, number = _expect(claim, one, axis)
             tag = label if len(seeds) == 1 else f"{label},seed={seed}"
+            if one[axis].nunique() < 2:  # one point: nothing to compare along the axis
+                results[tag] = f"one value of {axis}"
+                unmeasured += 1
+                continue
+            ok, number = _expect(claim, one, axis)
             results[tag] = number
             outcomes.setdefault(label, []).append(ok)
             if isinstance(number, float | int):
@@ -397,7 +402,7 @@ def _across(
                 for point, value in number.items():
                     at = f"{label},{axis}={point}" if others else f"{axis}={point}"
                     judged.setdefault(at, []).append(math.nan if value is None else value)
-    base.judge(outcomes)
+    base.judge(outcomes, unmeasured)
     base.numbers = {
         "value": results,
         "expect": claim["expect"],
