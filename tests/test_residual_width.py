@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -124,3 +125,50 @@ def test_reports_draw_the_study_figures(residual_run, tmp_path):
     assert "<h2>Coordinate check, parametrization=sp</h2>" in html
     assert "<h2>Coordinate check, parametrization=mup</h2>" in html
     assert "Slope of log rms vs log width by step: layers.2.act" in html
+
+
+@pytest.fixture
+def res_factories(tmp_path, monkeypatch):
+    (tmp_path / "res_models.py").write_text(
+        "import torch\n"
+        "from flowscope.models.inits import apply_init\n"
+        "from flowscope.models.nets import build_net\n\n"
+        "def make(variant):\n"
+        "    torch.manual_seed(0)\n"
+        "    net = build_net('resmlp', width=64, depth=16, variant=variant)\n"
+        "    apply_init(net, 'he')\n"
+        "    return net\n\n"
+        "def plain():\n    return make('none')\n\n"
+        "def bn():\n    return make('batchnorm')\n\n"
+        "def mlp():\n    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_doctor_reads_the_residual_stream(res_factories):
+    from click.testing import CliRunner
+
+    from flowscope.cli.main import main
+    from flowscope.reporter.page import report
+
+    runner = CliRunner()
+    plain = runner.invoke(main, ["doctor", "res_models:plain", "--input-shape", "128,64"])
+    assert plain.exit_code == 1
+    line = next(s for s in plain.output.splitlines() if s.startswith("residual stream"))
+    assert "over 16 blocks (without normalisation)" in line and "exponential growth" in line
+    out = res_factories / "reports" / "doctor-plain"
+    spp = pd.read_parquet(out / "signal.parquet")
+    m = spp.channel_mean_sq + spp.channel_var
+    assert (m.iloc[-1] / m.iloc[0]) ** (1 / 16) == pytest.approx(2.0, rel=0.15)  # 2^k law
+    assert line in (out / "diagnosis.txt").read_text()
+    assert "<h2>Signal propagation</h2>" in report(out).read_text()
+
+    bn = runner.invoke(main, ["doctor", "res_models:bn", "--input-shape", "128,64"])
+    line = next(s for s in bn.output.splitlines() if s.startswith("residual stream"))
+    assert "(normalised)" in line and "linear growth, as theory predicts" in line
+
+    mlp = runner.invoke(main, ["doctor", "res_models:mlp", "--input-shape", "128,64"])
+    assert "residual stream" not in mlp.output
+    assert not (res_factories / "reports" / "doctor-mlp" / "signal.parquet").exists()

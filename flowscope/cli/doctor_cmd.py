@@ -361,13 +361,50 @@ def doctor_cmd(
     rec, diagnosis = _examine(model, inputs, target, thresholds, name)
     click.echo(str(diagnosis))
     _save(rec, diagnosis, out)
+    residual_problem = _residual(model, inputs, out)
     click.echo(f"records: {out}", err=True)
     if fix is not None:
         after = _apply_fix(model, inputs, fix, seed, device, target, thresholds, name, out)
         click.echo(f"\nafter fix {fix!r}:\n{after}")
         click.echo("\n" + compare(diagnosis, after).to_string(index=False))
-    if not diagnosis.ok():
+    if not diagnosis.ok() or residual_problem:
         ctx.exit(1)
+
+
+def _residual(model: nn.Module, inputs: Any, out: Path) -> bool:
+    """For a model with residual blocks: its signal-propagation numbers (``signal.parquet``
+    and ``signal.csv`` in ``out``, drawn by the report) and the doctor's line on the
+    stream's growth; True when that growth is a problem. Models without blocks: nothing."""
+    from torch import nn
+
+    from flowscope.doctor.signal import residual_blocks, residual_growth, signal_propagation
+    from flowscope.reporter.export import csv_text
+
+    try:
+        blocks = residual_blocks(model)
+    except FlowscopeError:
+        return False  # no residual block: nothing to say
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    conv = any(isinstance(m, convs) for _, block in blocks for m in block.modules())
+    try:  # channels: dim 1 of conv maps, the last dim of (N, C) and (N, T, C)
+        spp = signal_propagation(
+            model, inputs, blocks=[n for n, _ in blocks], channel_dim=1 if conv else -1
+        )
+    except FlowscopeError as err:
+        click.echo(f"residual stream: not measured: {err}")
+        return False
+    problem, line = residual_growth(spp, blocks)
+    click.echo(line)
+    try:
+        spp.to_parquet(out / "signal.parquet", index=False)
+        (out / "signal.csv").write_text(csv_text(spp))
+        with (out / "diagnosis.txt").open("a") as text:
+            text.write(line + "\n")
+    except OSError as err:  # the folder was checked first; a full disk can still say no
+        raise FlowscopeError(
+            f"cannot write the signal propagation to {str(out)!r}: {err.strerror or err}"
+        ) from err
+    return problem
 
 
 def _apply_fix(

@@ -54,7 +54,7 @@ from flowscope.core.errors import FlowscopeError
 from flowscope.doctor.measure import call_model, model_state_kept
 from flowscope.record.hooks import Hooks
 
-__all__ = ["SPP_COLUMNS", "residual_blocks", "signal_propagation"]
+__all__ = ["SPP_COLUMNS", "residual_blocks", "residual_growth", "signal_propagation"]
 
 SPP_COLUMNS = ["depth", "block", "channel_mean_sq", "channel_var", "branch_var"]
 
@@ -219,3 +219,49 @@ def signal_propagation(
         ],
         columns=SPP_COLUMNS,
     )
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def residual_growth(
+    spp: pd.DataFrame, blocks: Sequence[tuple[str, nn.Module]] | None = None
+) -> tuple[bool, str]:
+    """The doctor's reading of a signal-propagation frame: (a problem?, one line).
+
+    The stream's second moment m_k (squared mean + variance) is compared with the growth
+    laws (docs/RESIDUAL_AND_WIDTH.md): normalised blocks add about the same amount per block
+    (linear growth: m_L / m_{L/2} <= 2), NF / SkipInit / 1/sqrt(depth) blocks stay within a
+    few times m_0; unscaled, unnormalised blocks double it per block. A problem: exponential
+    growth, m_L / m_{L/2} above 2.5 with m_L above 10 m_0 (from 4 blocks on).
+
+    Example:
+        >>> frame = pd.DataFrame({"depth": range(9), "channel_mean_sq": 0.0,
+        ...                       "channel_var": [2.0**k for k in range(9)]})
+        >>> residual_growth(frame)[0]
+        True
+    """
+    m = (spp["channel_mean_sq"] + spp["channel_var"]).to_numpy(dtype=float)
+    depth = len(m) - 1
+    if depth < 1 or not (m > 0).all():
+        return False, "residual stream: too few blocks or a zero stream to judge its growth"
+    per_block = (m[-1] / m[0]) ** (1 / depth)
+    half = m[-1] / m[depth // 2] if depth >= 4 else float("nan")
+    normed = blocks is not None and any(
+        isinstance(sub, _NORMS) for _, block in blocks for sub in block.modules()
+    )
+    kind = "normalised" if normed else "without normalisation" if blocks is not None else ""
+    head = (
+        f"residual stream over {depth} blocks{f' ({kind})' if kind else ''}: second moment "
+        f"{m[0]:.3g} -> {m[-1]:.3g} (x{per_block:.3g} per block"
+        + (f", x{half:.3g} over the second half)" if depth >= 4 else ")")
+    )
+    if depth >= 4 and half > 2.5 and m[-1] > 10 * m[0]:
+        why = (
+            "exponential growth: each branch adds about what the stream holds; theory for "
+            "normalised (BatchNorm) blocks is linear growth, about +1 per block"
+        )
+        fix = "scale the branches (SkipInit: a zero gain; NF: x + alpha f(x / beta); 1/sqrt(depth))"
+        return True, f"{head}: {why}; fix: {fix}"
+    law = "linear growth, as theory predicts for normalised blocks" if normed else "bounded"
+    return False, f"{head}: {law if m[-1] > 2 * m[0] else 'flat'}"

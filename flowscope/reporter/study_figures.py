@@ -3,6 +3,8 @@
 * **signal propagation** when the study ran the ``spp_*`` probes (the ``residual`` study):
   :func:`flowscope.reporter.plots.signal_plot` — one figure per value of a ``depth`` axis
   (or one in all), a line per setting of the other axes, the median over the seeds;
+* **signal propagation of one model** when ``flowscope doctor`` found residual blocks
+  (``signal.parquet`` beside the records);
 * **the coordinate check** when the study sweeps ``width`` and recorded activations at two
   or more steps (the ``width`` study): :func:`flowscope.reporter.plots.coord_plot` — one
   figure per setting of the other axes, activation rms against width per step (median over
@@ -44,6 +46,9 @@ def study_figures(run: RunData) -> list[dict[str, str]]:
         probes = pd.read_parquet(probes_file)
         if set(_SPP) <= set(probes["probe"].unique()):
             out += _signal(probes, axes)
+    signal_file = run.folder / "signal.parquet"  # written by `flowscope doctor`
+    if signal_file.exists():
+        out.append(_one_signal(pd.read_parquet(signal_file)))
     stats = run.records.stats
     if "width" in axes and not stats.empty:
         acts = stats[stats["kind"] == "activation"]
@@ -106,6 +111,20 @@ def _signal(probes: pd.DataFrame, axes: list[str]) -> list[dict[str, str]]:
             }
         )
     return figures
+
+
+def _one_signal(frame: pd.DataFrame) -> dict[str, str]:
+    sub = frame.assign(setting="model")
+    return {
+        "title": "Signal propagation",
+        "src": figure_png(functools.partial(_draw_signal, sub), (12.0, 3.4)),
+        "caption": (
+            "Per residual block of the model at init, on the doctor's input: the stream's "
+            "average channel squared mean, its average channel variance and the variance of "
+            "what each block's branch adds (Brock, De & Smith 2021); log y axes. The doctor's "
+            "reading of the growth is in diagnosis.txt."
+        ),
+    }
 
 
 def _coord(acts: pd.DataFrame, others: list[str]) -> list[dict[str, str]]:
