@@ -45,6 +45,23 @@ def test_skipinit_is_the_identity_and_no_norm_doubles():
     assert gain == pytest.approx(2.0, rel=0.06)  # He branches add what the stream holds
 
 
+def test_resconv_nf_and_skipinit_laws_on_conv_maps():
+    """Correlated positions do not change what an NF block adds (alpha^2 from a
+    unit-variance branch) nor SkipInit's identity."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16, 8, 8)
+    for variant, rtol in (("nf", 0.03), ("skipinit", 1e-12)):
+        net = build_net("resconv", channels=16, image_size=8, depth=6, variant=variant)
+        apply_init(net, "he")
+        spp = signal_propagation(net, x).iloc[1:]
+        m = (spp.channel_mean_sq + spp.channel_var).to_numpy()
+        law = stream_second_moment(variant, 6, m0=float(x.double().pow(2).mean()))
+        np.testing.assert_allclose(m, law, rtol=rtol)
+    assert net(x).shape == (32, 10)
+    with pytest.raises(FlowscopeError, match="net 'resconv': image_size must be an integer"):
+        build_net("resconv", image_size=0)
+
+
 def test_growth_law_closed_forms():
     np.testing.assert_allclose(stream_second_moment("batchnorm", 4, m0=2.0), [3, 4, 5, 6])
     np.testing.assert_allclose(stream_second_moment("none", 3), [2, 4, 8])

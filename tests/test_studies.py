@@ -23,6 +23,7 @@ REDUCED = {
     "edge-of-chaos": ["net.width=48", "net.in_dim=48", "data.dim=48", "data.n=16", "run.seeds=[0]"],
     "residual": ["net.width=64", "data.dim=64", "data.n=64", "sweep.net.depth=[4, 8]"],
     "width": ["sweep.net.width=[32, 64, 128]", "run.base_width=32", "run.steps=2", "run.seeds=[0]"],
+    "residual-conv": ["net.channels=8", "data.channels=8", "data.n=16", "run.seeds=[0]"],
 }
 
 

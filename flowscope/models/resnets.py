@@ -1,6 +1,8 @@
-"""Residual MLPs for the ``residual`` study (registry entry ``resmlp``): pre-activation blocks
-``x + branch(x)`` with the normalisation and branch scalings of Brock, De & Smith 2021
-("Characterizing signal propagation to close the performance gap in unnormalized ResNets").
+"""Residual MLPs and CNNs for the ``residual`` studies (registry entries ``resmlp`` and
+``resconv``): pre-activation blocks ``x + branch(x)`` with the normalisation and branch
+scalings of Brock, De & Smith 2021 ("Characterizing signal propagation to close the
+performance gap in unnormalized ResNets"). ``resconv`` has 3×3 convolutions (circular
+padding) and BatchNorm2d where ``resmlp`` has Linear layers and BatchNorm1d.
 
 Every block is a module whose forward returns its input plus its branch, so
 :func:`flowscope.doctor.signal.residual_blocks` finds it. The branch has two Linear layers
@@ -38,7 +40,9 @@ from torch import Tensor, nn
 from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.models.nets import NETS
 
-__all__ = ["RES_VARIANTS", "ResBlock", "ResMLP", "WSLinear", "build_resmlp"]
+__all__ = [
+    "RES_VARIANTS", "ResBlock", "ResMLP", "WSConv2d", "WSLinear", "build_resconv", "build_resmlp",
+]  # fmt: skip
 
 RES_VARIANTS = ("batchnorm", "none", "nf", "skipinit", "sqrt_depth")
 RELU_GAIN = math.sqrt(2 / (1 - 1 / math.pi))  # Var(g relu(z)) = 1 for z ~ N(0, 1)
@@ -56,20 +60,43 @@ class WSLinear(nn.Linear):
         return nn.functional.linear(x, centred * scale, self.bias)
 
 
-class ResBlock(nn.Module):
-    """``x + branch(x)`` (see the module's table)."""
+class WSConv2d(nn.Conv2d):
+    """A 3×3 convolution with scaled weight standardisation: each filter (over input
+    channels and taps) shifted to mean 0 and scaled to norm 1 in the forward pass."""
 
-    def __init__(self, width: int, variant: str, alpha: float, beta: float, depth: int):
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        centred = w - w.mean((1, 2, 3), keepdim=True)
+        scale = centred.pow(2).sum((1, 2, 3), keepdim=True).add(1e-12).rsqrt()
+        return self._conv_forward(x, centred * scale, self.bias)
+
+
+def _layer(width: int, variant: str, conv: bool) -> nn.Module:
+    """The branch's affine layer: Linear, or a 3×3 circular-padded conv (every pixel has
+    the full fan-in, so the growth laws hold at the borders too); standardised for NF."""
+    if conv:
+        kind = WSConv2d if variant == "nf" else nn.Conv2d
+        return kind(width, width, 3, padding=1, padding_mode="circular", bias=False)
+    return (WSLinear if variant == "nf" else nn.Linear)(width, width, bias=False)
+
+
+class ResBlock(nn.Module):
+    """``x + branch(x)`` (see the module's table); ``conv``: 3×3 convolutions and
+    BatchNorm2d on ``(N, C, H, W)`` maps instead of Linear layers and BatchNorm1d."""
+
+    def __init__(
+        self, width: int, variant: str, alpha: float, beta: float, depth: int, conv: bool = False
+    ):
         super().__init__()
         self.variant, self.alpha, self.beta = variant, alpha, beta
         self.depth_scale = 1 / math.sqrt(depth)
-        linear = WSLinear if variant == "nf" else nn.Linear
+        norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
         if variant == "batchnorm":
-            self.norm_a = nn.BatchNorm1d(width)
-        self.fc_a = linear(width, width, bias=False)
+            self.norm_a = norm(width)
+        self.fc_a = _layer(width, variant, conv)
         if variant == "batchnorm":
-            self.norm_b = nn.BatchNorm1d(width)
-        self.fc_b = linear(width, width, bias=False)
+            self.norm_b = norm(width)
+        self.fc_b = _layer(width, variant, conv)
         if variant == "skipinit":
             self.gain = nn.Parameter(torch.zeros(()))
 
@@ -88,18 +115,29 @@ class ResBlock(nn.Module):
 
 
 class ResMLP(nn.Module):
-    """``blocks`` (a ModuleList of :class:`ResBlock`) then a Linear ``head``."""
+    """``blocks`` (a ModuleList of :class:`ResBlock`) then a Linear ``head``; on conv maps
+    (``image_size`` given) global average pooling before the head."""
 
-    def __init__(self, blocks: list[ResBlock], head: nn.Linear, variant: str, alpha: float):
+    def __init__(
+        self,
+        blocks: list[ResBlock],
+        head: nn.Linear,
+        variant: str,
+        alpha: float,
+        image_size: int | None = None,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.variant, self.alpha = variant, alpha
-        self.input_shape = (head.in_features,)
+        width = head.in_features
+        self.input_shape = (width,) if image_size is None else (width, image_size, image_size)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
+        if x.dim() == 4:
+            x = x.mean((2, 3))
         out: Tensor = self.head(x)
         return out
 
@@ -114,16 +152,45 @@ def build_resmlp(
     Raises:
         FlowscopeError: a size below 1, an unknown variant, alpha not above 0.
     """
-    where = "net 'resmlp'"
-    for key, value in {"width": width, "depth": depth, "out_dim": out_dim}.items():
+    return _build("resmlp", width, depth, out_dim, variant, alpha, None)
+
+
+@NETS.register("resconv")
+def build_resconv(
+    *, channels: int = 16, image_size: int = 8, depth: int = 10, out_dim: int = 10,
+    variant: str = "batchnorm", alpha: float = 0.2,
+) -> ResMLP:  # fmt: skip
+    """A residual CNN on ``(N, channels, image_size, image_size)`` maps: ``depth`` blocks of
+    two 3×3 convolutions (stride 1, circular padding), global average pooling, ``head``.
+
+    Example:
+        >>> import torch
+        >>> build_resconv(channels=4, image_size=6, depth=2)(torch.randn(3, 4, 6, 6)).shape
+        torch.Size([3, 10])
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise FlowscopeError(
+            f"net 'resconv': image_size must be an integer >= 1, got {image_size!r}"
+        )
+    return _build("resconv", channels, depth, out_dim, variant, alpha, image_size)
+
+
+def _build(
+    name: str, width: int, depth: int, out_dim: int, variant: str, alpha: float,
+    image_size: int | None,
+) -> ResMLP:  # fmt: skip
+    where = f"net {name!r}"
+    size = "width" if image_size is None else "channels"
+    for key, value in {size: width, "depth": depth, "out_dim": out_dim}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FlowscopeError(f"{where}: {key} must be an integer >= 1, got {value!r}")
     if variant not in RES_VARIANTS:
         raise unknown("variant", variant, RES_VARIANTS, where)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
         raise FlowscopeError(f"{where}: alpha must be a number above 0, got {alpha!r}")
+    conv = image_size is not None
     blocks = [
-        ResBlock(width, variant, float(alpha), math.sqrt(1 + k * alpha**2), depth)
+        ResBlock(width, variant, float(alpha), math.sqrt(1 + k * alpha**2), depth, conv)
         for k in range(depth)
     ]
-    return ResMLP(blocks, nn.Linear(width, out_dim), variant, float(alpha))
+    return ResMLP(blocks, nn.Linear(width, out_dim), variant, float(alpha), image_size)
