@@ -90,3 +90,31 @@ def test_free_probability_matches_wide_tanh_nets_at_the_edge_of_chaos(init):
     cv2 = theory["var"][-1] / theory["mean"][-1] ** 2
     assert np.mean(cv2s) == pytest.approx(cv2, rel=0.2)
     assert cv2 == pytest.approx(8.35 if init == "meanfield" else 0.35, abs=0.05)
+
+
+def test_train_accuracy_is_the_share_of_correct_argmax():
+    model = mlp(in_dim=6, width=6, depth=2, out_dim=3, activation="tanh").double()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    got = PROBES.get("train_accuracy").fn(ProbeContext(model=model, x=x, initial={}, y=y))
+    want = float((model(x).argmax(1) == y).double().mean())
+    assert list(got) == ["head"] and float(got["head"]) == pytest.approx(want)
+
+
+def test_depth_ratio_reads_the_initial_weights():
+    from flowscope.theory import depth_scales
+
+    model = net("tanh", "meanfield", width=128, depth=12, sigma_w2=1.2, sigma_b2=0.05)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():  # "training" changes the weights; the probe reads the initial ones
+        for p in model.parameters():
+            p.mul_(3.0)
+    ctx = ProbeContext(model=model, x=torch.randn(4, 128, dtype=torch.float64), initial=initial)
+    got = float(PROBES.get("meanfield_depth_ratio").fn(ctx)["layers.11.linear"])
+    links = [initial[f"layers.{i}.linear.weight"] for i in range(1, 12)]
+    sw2 = float(np.mean([128 * float(w.pow(2).mean()) for w in links]))
+    sb2 = float(
+        np.mean([float(initial[f"layers.{i}.linear.bias"].pow(2).mean()) for i in range(1, 12)])
+    )
+    assert got == pytest.approx(12 / (6 * depth_scales("tanh", sw2, sb2)["xi_c"]), rel=1e-9)
+    assert got == pytest.approx(12 / (6 * depth_scales("tanh", 1.2, 0.05)["xi_c"]), rel=0.15)

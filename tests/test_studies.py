@@ -21,6 +21,7 @@ REDUCED = {
     "batchnorm": ["net.width=64", "net.in_dim=64", "data.dim=64", "data.n=256", "run.warmup=100"],
     "isometry": ["net.width=24", "net.in_dim=24", "data.dim=24", "run.seeds=[0]"],
     "edge-of-chaos": ["net.width=48", "net.in_dim=48", "data.dim=48", "data.n=16", "run.seeds=[0]"],
+    "trainability": ["net.width=16", "net.in_dim=16", "data.dim=16", "run.steps=5", "run.seeds=0"],
     "residual": ["net.width=64", "data.dim=64", "data.n=64", "sweep.net.depth=[4, 8]"],
     "width": ["sweep.net.width=[32, 64, 128]", "run.base_width=32", "run.steps=2", "run.seeds=[0]"],
     "residual-conv": ["net.channels=8", "data.channels=8", "data.n=16", "run.seeds=[0]"],

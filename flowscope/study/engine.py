@@ -204,7 +204,7 @@ def _measure(
     initial = {n: p.detach() for n, p in model.named_parameters()}
     if run["steps"]:  # optimizer steps change the parameters in place: keep copies
         initial = {n: p.clone() for n, p in initial.items()}
-    ctx = ProbeContext(model=model, x=x, initial=initial)
+    ctx = ProbeContext(model=model, x=x, initial=initial, y=batch.y)
     warm_up(model, x, run["warmup"])
     model.train(run["mode"] == "train")
     rows: list[tuple[str, int, str, torch.Tensor]] = []

@@ -41,6 +41,7 @@ class ProbeContext:
     x: torch.Tensor
     initial: dict[str, torch.Tensor]  # parameter values before training (detached clones;
     # the parameters themselves, detached, when the run has no training step to change them)
+    y: torch.Tensor | None = None  # the labels of x (classification data), for accuracy
 
 
 @dataclass(frozen=True)
@@ -498,6 +499,46 @@ def meanfield_xi_c(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 )
 def meanfield_c_star(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return _pair_theory(ctx)["c_star"]
+
+
+# -- training (the trainability study) ----------------------------------------------------------
+
+
+@_probe(
+    "train_accuracy",
+    "end",
+    "share of the inputs x whose largest output is their label y, after the run's steps"
+    " (keyed by the model's last Linear)",
+)
+def train_accuracy(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    from flowscope.core.errors import FlowscopeError
+
+    linears = _linears(ctx.model)
+    if ctx.y is None or not linears or ctx.y.dtype not in (torch.int64, torch.int32):
+        raise FlowscopeError("probe train_accuracy needs classification data and a Linear head")
+    with _buffers_kept(ctx.model), torch.no_grad():
+        hit = ctx.model(ctx.x).argmax(dim=1) == ctx.y
+    return {linears[-1][0]: hit.double().mean()}
+
+
+@_probe(
+    "meanfield_depth_ratio",
+    "end",
+    "depth / (6 ξ_c), ξ_c = flowscope.theory.depth_scales at the chain's pooled σ_w², σ_b² of"
+    " the initial weights: Schoenholz et al. 2017 find nets trainable where it is below ~1",
+)
+def meanfield_depth_ratio(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    from flowscope.theory import depth_scales, mlp_chains
+
+    chain = mlp_chains(ctx.model)[0]
+    sw2, sb2 = [], []
+    for link in chain[1:]:  # the weights before training (ctx.initial), not after it
+        w = ctx.initial[f"{link.name}.weight"].double()
+        sw2.append(w.shape[1] * float(w.pow(2).mean()))
+        bias = ctx.initial.get(f"{link.name}.bias")
+        sb2.append(float(bias.double().pow(2).mean()) if bias is not None else 0.0)
+    xi = depth_scales(chain[0].activation, float(np.mean(sw2)), float(np.mean(sb2)))["xi_c"]
+    return {chain[-1].name: _scalar(len(chain) / (6 * xi), ctx.x)}
 
 
 # -- signal propagation of residual nets (the residual study) ------------------------------------
