@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -151,11 +152,17 @@ def _pair_nodes(fn: Callable, q: float) -> tuple[np.ndarray, np.ndarray]:
     edges = np.arange(-9.0, 9.5, 1.0)
     u_edges = np.arange(-8.0, 8.5, 1.0) / math.sqrt(q)
     edges = np.unique(np.concatenate([edges, u_edges[np.abs(u_edges) < 9.0]]))
-    x, gl = np.polynomial.legendre.leggauss(8)
+    x, gl = _legendre8()
     lo, hi = edges[:-1, None], edges[1:, None]
     nodes = (lo + hi) / 2 + (hi - lo) / 2 * x
     weights = (hi - lo) / 2 * gl * np.exp(-(nodes**2) / 2) / math.sqrt(2 * math.pi)
     return nodes.ravel(), weights.ravel()
+
+
+@cache
+def _legendre8() -> tuple[np.ndarray, np.ndarray]:
+    """8-node Gauss–Legendre nodes and weights on [-1, 1]."""
+    return np.polynomial.legendre.leggauss(8)
 
 
 def _phi(fn: Callable, u: np.ndarray) -> np.ndarray:
