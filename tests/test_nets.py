@@ -26,8 +26,8 @@ def _x(model: nn.Module, n: int = 6, seed: int = 0) -> Tensor:
     return torch.randn(n, *model.input_shape, generator=gen)  # type: ignore[arg-type]
 
 
-def test_registry_holds_mlp_and_conv() -> None:
-    assert NETS.names() == ["conv", "mlp"]
+def test_registry_holds_the_study_nets() -> None:
+    assert NETS.names() == ["conv", "mlp", "resconv", "resmlp"]
 
 
 @pytest.mark.parametrize("name", NETS.names())
