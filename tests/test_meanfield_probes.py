@@ -4,6 +4,7 @@ free probability (isometry_moments) against measured Jacobian spectra of wide ne
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +119,23 @@ def test_depth_ratio_reads_the_initial_weights():
     )
     assert got == pytest.approx(12 / (6 * depth_scales("tanh", sw2, sb2)["xi_c"]), rel=1e-9)
     assert got == pytest.approx(12 / (6 * depth_scales("tanh", 1.2, 0.05)["xi_c"]), rel=0.15)
+
+
+def test_doctor_says_where_an_mlp_sits_on_the_phase_diagram():
+    import flowscope as fs
+    from flowscope.theory import depth_scales
+
+    model = net("tanh", "meanfield", width=64, depth=30, sigma_w2=1.0, sigma_b2=0.05).float()
+    with fs.watch(model) as rec:
+        model(torch.randn(32, 64)).pow(2).mean().backward()
+    (note,) = [n for n in fs.diagnose(rec).notes if n.startswith("mean field")]
+    xi = depth_scales("tanh", 1.0, 0.05)["xi_c"]  # 3.63: 6 xi_c = 22 < 30
+    assert "ordered phase" in note and "depth 30 is beyond ~6 xi_c" in note
+    found = re.search(r"xi_c = ([0-9.]+) layers", note)
+    assert found and float(found.group(1)) == pytest.approx(xi, rel=0.1)  # at the net's sigmas
+    assert "expect it not to train" in note and "sigma_w2=1.7" in note  # the critical init
+    apply_init(model, "xavier", generator=torch.Generator().manual_seed(1))
+    with fs.watch(model) as rec:
+        model(torch.randn(32, 64)).pow(2).mean().backward()
+    (note,) = [n for n in fs.diagnose(rec).notes if n.startswith("mean field")]
+    assert "at the edge of chaos" in note

@@ -52,7 +52,7 @@ from flowscope.doctor.prescribe import prescribe
 from flowscope.doctor.render import format_diagnosis
 from flowscope.doctor.rules import check_layers, explain, worst_layer
 from flowscope.doctor.table import layer_table, main_role
-from flowscope.doctor.theory_table import theory_table
+from flowscope.doctor.theory_table import phase_notes, theory_table
 from flowscope.doctor.thresholds import LAYER_COLUMNS, NO_DATA, RUN_COLUMNS, VERDICTS, Thresholds
 from flowscope.record.frames import KEYS, expected_passes, records_of
 from flowscope.record.recorder import Recorder
@@ -217,6 +217,7 @@ def diagnose(
     runs = pd.DataFrame(run_rows, columns=[*by_cols, *RUN_COLUMNS])
     theory_frame = pd.concat(theory_frames, ignore_index=True) if theory_frames else None
     notes = [f"several passes per step: {passes}"] if passes else []
+    notes += phase_notes(model) if model is not None else []
     return Diagnosis(layers=layers, runs=runs, by=by_cols, theory=theory_frame, notes=notes)
 
 
