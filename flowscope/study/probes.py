@@ -554,7 +554,7 @@ def _spp(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
 
         frame = signal_propagation(ctx.model, ctx.x).iloc[1:]  # depth 0 is the input
         second = frame.channel_mean_sq + frame.channel_var
-        values: dict[str, dict[str, torch.Tensor]] = {
+        values: dict[str, dict[str, float]] = {
             "m2": dict(zip(frame.block, second, strict=True)),
             "var": dict(zip(frame.block, frame.channel_var, strict=True)),
             "branch": dict(zip(frame.block, frame.branch_var, strict=True)),
