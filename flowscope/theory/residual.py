@@ -23,7 +23,7 @@ breaks that symmetry slightly: about 1% per block for ``none``.
 Example:
     >>> stream_second_moment("batchnorm", 3).tolist()
     [2.0, 3.0, 4.0]
-    >>> [round(v, 4) for v in stream_second_moment("nf", 2, alpha=0.2)]
+    >>> [round(float(v), 4) for v in stream_second_moment("nf", 2, alpha=0.2)]
     [1.04, 1.08]
 """
 
