@@ -200,7 +200,8 @@ def signal_propagation(
                 "its branch is not y - x; leave it out with blocks=[...]"
             )
         if not rows:
-            rows.append(("", *_channel_stats(x_in, channel_dim), torch.tensor(float("nan"))))
+            nan = x_in.new_tensor(float("nan"), dtype=torch.float64)  # on the model's device
+            rows.append(("", *_channel_stats(x_in, channel_dim), nan))
         mean_sq, var = _channel_stats(y, channel_dim)
         rows.append((name, mean_sq, var, _channel_stats(y.detach() - x_in, channel_dim)[1]))
 
