@@ -77,3 +77,24 @@ def test_gpu_snapshots_match_the_cpu_kernels():
         tol = one if col.startswith("frac") else 1e-4 * abs(a) + 1e-5 * scale
         ok = (abs(a - b) <= tol) | (np.isnan(a) & np.isnan(b))
         assert ok.all(), (col, cpu[KEY][~ok].head(), a[~ok][:5], b[~ok][:5])
+
+
+def test_signal_propagation_and_coord_check_on_the_gpu_equal_the_cpu():
+    from flowscope.doctor.coordcheck import coord_check
+    from flowscope.models.inits import apply_init
+
+    torch.manual_seed(0)
+    net = build_net("resmlp", width=64, depth=6, variant="batchnorm")
+    apply_init(net, "he")
+    x = torch.randn(128, 64)
+    cpu = fs.signal_propagation(net, x)
+    gpu = fs.signal_propagation(net.cuda(), x.cuda())
+    np.testing.assert_allclose(gpu.iloc[:, 2:].to_numpy(), cpu.iloc[:, 2:].to_numpy(), rtol=1e-4)
+
+    def make(width: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 2))
+
+    on = {
+        d: coord_check(make, [16, 32], input_shape=(8,), steps=2, device=d) for d in ("cpu", "cuda")
+    }
+    np.testing.assert_allclose(on["cuda"].sizes["size"], on["cpu"].sizes["size"], rtol=1e-3)
