@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from flowscope.core.columns import EXTRA, HIST_COLUMNS, KEYS, PASS_DEFAULTS, PASS_KEYS, STATS
 from flowscope.core.errors import FlowscopeError
+from flowscope.record import runstore
 from flowscope.record.snapshot import RAW, HistSpec, LogEdges
 
 META_KEY = b"flowscope"
@@ -32,15 +33,31 @@ SNAPSHOTS_FILE = "snapshots.parquet"  # a study config's folder (see Snapshots)
 # the key columns of a snapshot: ``run``, then the fields of ``recorder.SnapKey``
 SNAP_KEYS = [*KEYS, "dtype", "device"]
 INT_KEYS = frozenset({"step", "layer_idx", "call", *PASS_KEYS})
+# the scalars of a training run (``rec.step(loss=...)``, learning rates): one row per value
+SCALAR_COLUMNS = ["run", "step", "name", "value"]
+SCALARS_FILE = "scalars.parquet"
+
+
+def _no_scalars() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "run": pd.Series(dtype=object),
+            "step": pd.Series(dtype=np.int64),
+            "name": pd.Series(dtype=object),
+            "value": pd.Series(dtype=np.float64),
+        }
+    )
 
 
 @dataclass
 class Records:
-    """Frames and metadata of one recording (or one study config)."""
+    """Frames and metadata of one recording (or one study config); ``scalars``: the loss and
+    learning rate per step of a training run (columns ``SCALAR_COLUMNS``), empty without."""
 
     stats: pd.DataFrame
     hists: pd.DataFrame
     meta: dict[str, Any]
+    scalars: pd.DataFrame = field(default_factory=_no_scalars)
 
     def _repr_html_(self) -> str:
         """Jupyter: the view registered for records (:mod:`flowscope.record.display`)."""
@@ -51,16 +68,32 @@ class Records:
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write the three files into ``out_dir`` atomically (temporary file, then rename)."""
         out = Path(out_dir)
+        if runstore.is_run_store(out):  # its meta.json would be replaced, its parts hidden
+            raise FlowscopeError(
+                f"{str(out)!r} is the folder of a streamed run (fs.watch(out=...)): its records"
+                " are its parts; close the watch and read or report the folder, or save into"
+                " another folder"
+            )
         out.mkdir(parents=True, exist_ok=True)
         write_parquet(self.stats, out / "stats.parquet", self.meta)
         write_parquet(self.hists, out / "hists.parquet", self.meta)
+        if len(self.scalars):
+            write_parquet(self.scalars, out / SCALARS_FILE, self.meta)
         atomic_write_text(out / "meta.json", json.dumps(self.meta, indent=2, default=str))
         return out
 
 
-def load(run_dir: str | os.PathLike[str]) -> Records:
-    """Read a folder written by ``Recorder.save`` / ``Records.save``, or one config's folder
-    of a study run (``configs/<id>``, its snapshots).
+def load(
+    run_dir: str | os.PathLike[str],
+    *,
+    steps: tuple[int, int] | None = None,
+    layers: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    hist_steps: int | None = None,
+) -> Records:
+    """Read a run folder: one streamed by ``fs.watch(model, out=...)`` (finished or cut off),
+    one written by ``Recorder.save`` / ``Records.save``, or one config's folder of a study run
+    (``configs/<id>``, its snapshots).
 
     Example:
         >>> rec = load(model_dir)  # a folder written by rec.save, e.g. "reports/my-model"
@@ -68,10 +101,102 @@ def load(run_dir: str | os.PathLike[str]) -> Records:
         >>> tanh.set_index("layer")["std"].round(2).to_dict()
         {'1': 0.47, '3': 0.29, '5': 0.22}
 
+    Args:
+        run_dir: the folder.
+        steps: only steps ``lo <= step <= hi``; read from a streamed run's parts by their
+            row groups' statistics, so a short range of a long run reads little.
+        layers: only these layer names.
+        kinds: only these kinds.
+        hist_steps: histogram rows for at most this many recorded steps, evenly spaced,
+            the first and the last included (the statistics keep every step): the tidy
+            histogram frame of a long run has ~70 rows per snapshot.
+
     Raises:
         FlowscopeError: when the folder or one of its files is missing or not flowscope's.
     """
     folder = Path(run_dir)
+    if runstore.is_run_store(folder):
+        return _load_store(folder, _filters(steps, layers, kinds), hist_steps)
+    records = _select(_load_files(folder), steps, layers, kinds)
+    if hist_steps is not None and "step" in records.hists:
+        keep = spaced_steps(records.stats["step"].to_numpy(), hist_steps)
+        records.hists = records.hists[records.hists["step"].isin(keep)].reset_index(drop=True)
+    return records
+
+
+def spaced_steps(steps: np.ndarray, most: int) -> np.ndarray:
+    """At most ``most`` of the distinct ``steps``, evenly spaced, first and last included."""
+    unique = np.unique(steps)
+    if len(unique) <= most:
+        return unique
+    return unique[np.unique(np.linspace(0, len(unique) - 1, max(most, 1)).round().astype(int))]
+
+
+def _filters(
+    steps: tuple[int, int] | None, layers: Sequence[str] | None, kinds: Sequence[str] | None
+) -> list[tuple[str, str, Any]]:
+    """pyarrow filters for ``load``'s selection."""
+    out: list[tuple[str, str, Any]] = []
+    if steps is not None:
+        lo, hi = steps
+        out += [("step", ">=", int(lo)), ("step", "<=", int(hi))]
+    if layers is not None:
+        out.append(("layer", "in", list(layers)))
+    if kinds is not None:
+        out.append(("kind", "in", list(kinds)))
+    return out
+
+
+def _select(
+    records: Records,
+    steps: tuple[int, int] | None,
+    layers: Sequence[str] | None,
+    kinds: Sequence[str] | None,
+) -> Records:
+    """``records`` restricted to ``load``'s selection (folders read whole)."""
+    if steps is None and layers is None and kinds is None:
+        return records
+
+    def keep(frame: pd.DataFrame) -> pd.DataFrame:
+        mask = pd.Series(True, index=frame.index)
+        if steps is not None and "step" in frame:
+            mask &= frame["step"].between(*steps)
+        if layers is not None and "layer" in frame:
+            mask &= frame["layer"].isin(list(layers))
+        if kinds is not None and "kind" in frame:
+            mask &= frame["kind"].isin(list(kinds))
+        return frame[mask].reset_index(drop=True)
+
+    return Records(keep(records.stats), keep(records.hists), records.meta, keep(records.scalars))
+
+
+def _load_store(
+    folder: Path, filters: list[tuple[str, str, Any]], hist_steps: int | None = None
+) -> Records:
+    """A streamed run's parts (those finished: a run cut off reads up to its last flush)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        table = runstore.read(folder, "snapshots", filters)
+        scalars = runstore.read(folder, "scalars", [f for f in filters if f[0] == "step"])
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise FlowscopeError(f"cannot read the flowscope run {str(folder)!r}: {err}") from err
+    edges = log_edges_of(meta)
+    if table is None:
+        snaps = Snapshots.of([], HistSpec(int(meta.get("bins", 64)), 1, edges), "")
+    else:
+        snaps = Snapshots.from_table(table, edges, folder.name)
+    binned = None
+    if hist_steps is not None:
+        step = snaps.keys["step"]
+        binned = np.isin(step, spaced_steps(step, hist_steps))
+    records = records_from(snaps, meta, binned=binned)
+    if scalars is not None:
+        records.scalars = scalars.to_pandas()[SCALAR_COLUMNS]
+    return records
+
+
+def _load_files(folder: Path) -> Records:
+    """A folder of ``stats``/``hists`` Parquet files, or a study config's snapshots."""
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing and (folder / SNAPSHOTS_FILE).is_file():  # one config of a study run
         try:
@@ -89,13 +214,18 @@ def load(run_dir: str | os.PathLike[str]) -> Records:
         meta = json.loads((folder / "meta.json").read_text())
         stats = pq.read_table(folder / "stats.parquet").to_pandas()
         hists = pq.read_table(folder / "hists.parquet").to_pandas()
+        scalars = (
+            pq.read_table(folder / SCALARS_FILE).to_pandas()
+            if (folder / SCALARS_FILE).is_file()
+            else _no_scalars()
+        )
     except (OSError, ValueError, pa.ArrowException) as err:
         raise FlowscopeError(f"cannot read flowscope records in {str(folder)!r}: {err}") from err
     stats, hists = (_with_pass_keys(frame) for frame in (stats, hists))
     absent = [c for c in KEYS + STATS if c not in stats.columns]
     if absent:
         raise FlowscopeError(f"{str(folder / 'stats.parquet')!r} lacks columns {absent}")
-    return Records(stats=stats, hists=hists, meta=meta)
+    return Records(stats=stats, hists=hists, meta=meta, scalars=scalars)
 
 
 def records_of(source: Any, who: str = "expected", also: str = "") -> Records:
@@ -255,10 +385,15 @@ class Snapshots:
         """What :meth:`save` wrote, and its metadata."""
         table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+        return cls.from_table(table, log_edges_of(meta), path.name), meta
+
+    @classmethod
+    def from_table(cls, table: pa.Table, edges: LogEdges, name: str) -> Snapshots:
+        """The snapshots in a table :meth:`save` wrote (or several, concatenated)."""
         need = [c for c in [*SNAP_KEYS, *RAW, "linear", "log"] if c not in PASS_DEFAULTS]
         missing = [c for c in need if c not in table.column_names]
         if missing:
-            raise ValueError(f"{path.name} lacks columns {missing}")
+            raise ValueError(f"{name} lacks columns {missing}")
         keys = {
             k: table[k].to_numpy(zero_copy_only=False)
             if k in table.column_names
@@ -267,17 +402,46 @@ class Snapshots:
         }
         raw = np.column_stack([table[name].to_numpy() for name in RAW]).reshape(-1, len(RAW))
         counts = []
-        for name in ("linear", "log"):
-            lists = table[name].combine_chunks()
-            counts.append(lists.flatten().to_numpy().reshape(len(table), lists.type.list_size))
-        return cls(keys, raw, counts[0], counts[1], log_edges_of(meta)), meta
+        for hist in ("linear", "log"):
+            lists = table[hist].combine_chunks()
+            width = lists.type.list_size
+            counts.append(lists.flatten().to_numpy().reshape(len(table), width))
+        return cls(keys, raw, counts[0], counts[1], edges)
+
+    def write_part(self, folder: Path, number: int, meta: dict[str, Any]) -> None:
+        """This flush's part of a run store (:mod:`flowscope.record.runstore`)."""
+        path = runstore.part_path(folder, "snapshots", number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.save(path, meta)
+
+
+def write_scalars_part(
+    folder: Path, number: int, run: str, steps: Sequence[int], names: Sequence[str], values: Any
+) -> None:
+    """This flush's scalars (loss, learning rates) as a part of a run store."""
+    table = pa.table(
+        {
+            "run": pa.array([run] * len(steps), pa.string()),
+            "step": pa.array(steps, pa.int64()),
+            "name": pa.array(names, pa.string()),
+            "value": pa.array(values, pa.float64()),
+        }
+    )
+    path = runstore.part_path(folder, "scalars", number)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def records_from(
-    snaps: Snapshots, meta: dict[str, Any], front: pd.DataFrame | None = None
+    snaps: Snapshots,
+    meta: dict[str, Any],
+    front: pd.DataFrame | None = None,
+    binned: np.ndarray | None = None,
 ) -> Records:
     """The stats and hists frames of ``snaps``; ``front``: columns to lead both frames with,
-    one row per snapshot (the study engine's config columns)."""
+    one row per snapshot (the study engine's config columns); ``binned``: which snapshots
+    (a boolean mask) get histogram rows, default all."""
     if not len(snaps):
         head = [] if front is None else list(front.columns)
         hists = pd.DataFrame(columns=[*head, *KEYS, *HIST_COLUMNS])
@@ -290,8 +454,10 @@ def records_from(
     stats = pd.concat([key_columns, moments(raw), keys[["dtype", "device"]]], axis=1)
     stats["hist_stride"] = raw[:, RAW["stride"]].astype(np.int64)
     # linear then log bins, keys taken once for both (one take, one frame of bin columns)
-    lin_rows, lin_cols = _linear_bin_columns(raw, snaps.lin)
-    log_rows, log_cols = _log_bin_columns(snaps.log, snaps.edges)
+    which = np.arange(len(snaps)) if binned is None else np.flatnonzero(binned)
+    lin_rows, lin_cols = _linear_bin_columns(raw[which], snaps.lin[which])
+    log_rows, log_cols = _log_bin_columns(snaps.log[which], snaps.edges)
+    lin_rows, log_rows = which[lin_rows], which[log_rows]
     rows = np.concatenate([lin_rows, log_rows])
     kinds = np.array(["linear", "log"], dtype=object)
     bins = {

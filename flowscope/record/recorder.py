@@ -20,12 +20,16 @@ This module imports torch only; frames are built lazily by :mod:`flowscope.recor
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -57,6 +61,8 @@ if TYPE_CHECKING:
     from flowscope.record.frames import Records, Snapshots
 
 # the selection vocabulary is re-exported: callers of watch() import it from here
+FLUSH_EVERY = 50  # recorded steps held in memory before a flush to the run folder
+
 __all__ = ["KINDS", "ROOT", "ModuleSelector", "Recorder", "SnapKey", "select_modules", "watch"]
 
 
@@ -72,6 +78,9 @@ def watch(
     saturation: SaturationMap | None = None,
     drop_zeros: bool | Literal["auto"] = "auto",
     name: str = "",
+    out: str | os.PathLike[str] | None = None,
+    flush_every: int = FLUSH_EVERY,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Recorder:
     """Attach flowscope to ``model`` and return the recorder (also a context manager).
 
@@ -83,15 +92,18 @@ def watch(
         >>> sorted(rec.stats.kind.unique())
         ['activation', 'gradient', 'weight', 'weight_grad']
 
-        In a training loop: ``rec = fs.watch(model, every=50)``, ``rec.step()`` after each
-        optimizer step, ``rec.close()`` at the end.
+        In a training loop: ``rec = fs.watch(model, out="runs/a", optimizer=opt)``,
+        ``rec.step(loss=loss)`` after each optimizer step, ``rec.close()`` at the end. Every
+        ``flush_every`` recorded steps the snapshots go to the run folder and leave memory.
 
     Args:
         model: any ``nn.Module``.
         modules: which modules to watch: a module type, a glob on qualified names
             (``"encoder.*.mlp"``), or a list of them. Default: every leaf module and every
             module that owns parameters directly.
-        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``.
+        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``, and
+            ``update_ratio`` (||W_after - W_before|| / ||W_after|| of each parameter over a
+            recorded step's optimizer step; not recorded unless asked or ``optimizer`` given).
         every: record on steps 0, every, 2*every, ...; ``rec.step()`` advances the step.
         bins: bins of the linear histogram (over each snapshot's own range).
         hist_sample: histograms count a strided sample of at most this many elements;
@@ -103,14 +115,25 @@ def watch(
         drop_zeros: leave exact zeros out of the linear histograms; "auto" does it for
             ReLU-like modules' activations.
         name: the ``run`` column of the frames.
+        out: the run folder to stream into (:mod:`flowscope.record.runstore`): parts are
+            written every ``flush_every`` recorded steps and at ``close()``; a folder that
+            holds a run already is continued after its last step. Without it, a temporary
+            folder is used once ``flush_every`` recorded steps are held (removed with the
+            recorder), so a long loop stays bounded in memory and a short one never writes.
+        flush_every: recorded steps held in memory before they are written out.
+        optimizer: the optimizer: its learning rates are recorded each step (scalars
+            ``lr``, ``lr.1``, ...) and ``update_ratio`` is recorded.
 
     Returns:
         The attached :class:`Recorder`.
 
     Raises:
         FlowscopeError: for an unknown kind, a selector that matches no module, or a
-            setting out of range.
+            setting out of range, or an ``out`` folder that is not a run folder or was
+            recorded with other histogram settings.
     """
+    if optimizer is not None and "update_ratio" not in kinds:
+        kinds = [*([kinds] if isinstance(kinds, str) else kinds), "update_ratio"]
     return Recorder(
         model,
         modules=modules,
@@ -120,6 +143,9 @@ def watch(
         saturation=saturation,
         drop_zeros=drop_zeros,
         name=name,
+        out=out,
+        flush_every=flush_every,
+        optimizer=optimizer,
     )
 
 
@@ -142,6 +168,9 @@ class Recorder:
         saturation: SaturationMap | None,
         drop_zeros: bool | Literal["auto"],
         name: str,
+        out: str | os.PathLike[str] | None = None,
+        flush_every: int = 50,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise FlowscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +179,12 @@ class Recorder:
             raise FlowscopeError(f"every must be an integer >= 1, got {every!r}")
         if drop_zeros not in (True, False, "auto"):
             raise FlowscopeError(f"drop_zeros must be True, False or 'auto', got {drop_zeros!r}")
+        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+            raise FlowscopeError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        if optimizer is not None and not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise FlowscopeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         self.model = model
         self.every = every
         self.hist = hist
@@ -160,6 +195,17 @@ class Recorder:
         self.targets = select_modules(model, modules)
         self.step_index = 0
         self.max_step_rows = MAX_STEP_ROWS
+        self.flush_every = flush_every
+        self.optimizer = optimizer
+        self.out: Path | None = None  # the run folder, once there is one
+        self._temporary = False  # out is a temporary folder of this recorder
+        self._parts = 0  # the next part's number
+        self._held_steps = 0  # recorded steps whose snapshots are in memory
+        self._stored_rows = 0  # snapshots written to the run folder
+        self._scalars: list[tuple[int, str, torch.Tensor]] = []  # on their devices
+        self._host_scalars: list[tuple[list[int], list[str], Any]] = []
+        self._before: dict[tuple[str, str], tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+        self._store_finalizer: weakref.finalize | None = None
         self._closed = False
         self._paused = False
         self._forced = False  # this step is recorded whatever ``every`` says (step(record=))
@@ -176,10 +222,12 @@ class Recorder:
         # first forward runs under no_grad), matched by recomputes; see _recompute
         self._recomputes = Recomputes()
         self._pending = Pending()
+        self.started = time.time()
+        if out is not None:
+            self._open_store(Path(out))
         self._reader = Reader(self.hist, os.environ.get("FLOWSCOPE_KERNELS", "auto"))
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
-        self.started = time.time()
         # a recorder dropped without close(): its hooks leave with it (they hold it weakly)
         self._finalizer = weakref.finalize(
             self, _dropped, self._hooks, self._tensor_hooks, type(model).__name__
@@ -199,10 +247,12 @@ class Recorder:
     def close(self) -> None:
         """Remove every hook (module, tensor and parameter hooks; the inert stand-ins in deep
         copies of the model). Idempotent."""
-        self._closed = True
+        was_closed, self._closed = self._closed, True
         self._finalizer.detach()
         self._hooks.remove()
         self._tensor_hooks.remove()
+        if not was_closed and self.out is not None and not self._temporary:
+            self._spill()  # the run folder is complete once the watch is closed
         self._reader.close()
 
     @property
@@ -229,12 +279,26 @@ class Recorder:
         """Record again after :meth:`pause`."""
         self._paused = False
 
-    def step(self, *, record: bool = False) -> None:
-        """Advance to the next training step (call once per optimizer step).
+    def step(self, *, loss: torch.Tensor | float | None = None, record: bool = False) -> None:
+        """Advance to the next training step (call once per optimizer step, after it).
 
         Args:
+            loss: this step's loss (a one-element tensor, kept on its device until the flush:
+                no host sync), saved as the scalar ``loss`` of this step, whether or not the
+                step was recorded.
             record: record the new step whatever ``every`` says (a loop's last step).
+
+        Raises:
+            FlowscopeError: for a loss with more than one element.
         """
+        if loss is not None:
+            self._scalars.append((self.step_index, "loss", _scalar(loss)))
+        if self.optimizer is not None:
+            self._learning_rates()
+        if self.active:
+            if self._before:
+                self._update_ratios()
+            self._held_steps += 1
         self.step_index += 1
         self._forced = record
         self._calls.clear()
@@ -243,8 +307,111 @@ class Recorder:
         self._recomputes.clear()
         self._tensor_hooks.remove()  # tensors of finished steps: hooks no longer needed
         self._reader.new_step()
+        if self._held_steps >= self.flush_every:
+            self._spill()
         if self.active:
             self._check_modules()
+
+    # -- the training run: scalars, update ratios, the run folder ----------------------------
+
+    def _learning_rates(self) -> None:
+        """The optimizer's learning rate per parameter group, as scalars of this step."""
+        for i, group in enumerate(self.optimizer.param_groups):  # type: ignore[union-attr]
+            lr = group.get("lr")
+            if lr is not None:
+                self._scalars.append((self.step_index, "lr" if i == 0 else f"lr.{i}", _scalar(lr)))
+
+    def _update_ratios(self) -> None:
+        """||W - W_before|| / ||W|| of each parameter copied at this step's first forward,
+        on its device, recorded as the ``update_ratio`` kind of this step."""
+        before, self._before = self._before, {}
+        for (qualname, pname), (module, param, old) in before.items():
+            with torch.no_grad():
+                new = param.detach()
+                if new.shape != old.shape:  # replaced by one of another shape
+                    continue
+                diff = torch.linalg.vector_norm((new - old).double())
+                ratio = (diff / torch.linalg.vector_norm(new.double())).reshape(1)
+            key = self._key(qualname, module, "update_ratio", 0, pname, param)
+            self._record(ratio, key)
+
+    def _open_store(self, out: Path) -> None:
+        """Use ``out`` as the run folder: a new one, or a run to continue after its last step."""
+        from flowscope.record import frames, runstore
+
+        if out.exists() and not out.is_dir():
+            raise FlowscopeError(f"out={str(out)!r} is a file, not a run folder")
+        if runstore.is_run_store(out):
+            meta = json.loads((out / "meta.json").read_text())
+            if frames.log_edges_of(meta) != self.hist.log or meta.get("bins") != self.hist.bins:
+                raise FlowscopeError(
+                    f"out={str(out)!r} holds a run recorded with bins={meta.get('bins')} and"
+                    f" log edges {meta.get('log_edges')}; this watch has bins={self.hist.bins},"
+                    f" log edges {_edges(self.hist)}: continue it with the same settings"
+                    " or choose another folder"
+                )
+            self.step_index = runstore.last_step(out) + 1
+            self._parts = runstore.next_part(out)
+        elif out.is_dir() and any(out.iterdir()):
+            raise FlowscopeError(
+                f"out={str(out)!r} is not empty and holds no flowscope run (no meta.json naming"
+                f" {runstore.FORMAT!r}): choose an empty or new folder"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        from flowscope.record import frames, runstore
+
+        assert self.out is not None
+        meta = {**self.meta, "run": self.name, "format": runstore.FORMAT}
+        frames.atomic_write_text(self.out / "meta.json", json.dumps(meta, indent=2, default=str))
+
+    def _spill(self) -> None:
+        """Write the finished steps held in memory to the run folder and drop them: one
+        transfer per device (the flush), one part per kind, each written then renamed."""
+        from flowscope.record import frames
+
+        self.flush()
+        self._held_steps = 0
+        if not self._host and not self._host_scalars:
+            return
+        if self.out is None:  # no folder given: a temporary one, removed with the recorder
+            folder = Path(tempfile.mkdtemp(prefix="flowscope-run-"))
+            self._temporary = True
+            self._store_finalizer = weakref.finalize(self, shutil.rmtree, folder, True)
+            self._open_store(folder)
+        assert self.out is not None
+        meta = {**self.meta, "run": self.name}
+        if self._host_scalars:
+            steps = [s for chunk in self._host_scalars for s in chunk[0]]
+            names = [n for chunk in self._host_scalars for n in chunk[1]]
+            values = [v for chunk in self._host_scalars for v in chunk[2]]
+            frames.write_scalars_part(self.out, self._parts, self.name, steps, names, values)
+        if self._host:
+            snaps = frames.Snapshots.of(self._host, self.hist, self.name)
+            snaps.write_part(self.out, self._parts, meta)
+            self._stored_rows += len(snaps)
+        self._parts += 1
+        self._host, self._host_scalars = [], []
+        self._write_meta()
+
+    @property
+    def written(self) -> Path | None:
+        """The run folder when it holds every snapshot and scalar of this watch (closed, with
+        ``out=``), else None."""
+        return self.out if self._closed and not self._temporary else None
+
+    @property
+    def retained(self) -> int:
+        """Snapshots and scalars held in memory (pending or on the host, not yet written)."""
+        return (
+            len(self._pending.keys)
+            + sum(len(keys) for keys, *_ in self._host)
+            + len(self._scalars)
+            + sum(len(steps) for steps, *_ in self._host_scalars)
+        )
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -288,6 +455,8 @@ class Recorder:
         self._layer_idx.setdefault(qualname, len(self._layer_idx))
         if call == 0:
             self._first_call(qualname, module)
+            if "update_ratio" in self.kinds:
+                self._keep_before(qualname, module)
         no_grad = False
         for path, tensor in float_tensors(output):
             plain = _plain(tensor)
@@ -322,6 +491,15 @@ class Recorder:
             if "weight" in self.kinds and plain is not None:
                 with torch._C._DisableFuncTorch():
                     self._record(plain, self._key(qualname, module, "weight", 0, pname, param))
+
+    def _keep_before(self, qualname: str, module: nn.Module) -> None:
+        """A copy of the module's parameters before this step's update (on their device)."""
+        for pname, param in module.named_parameters(recurse=False):
+            plain = _plain(param)
+            if plain is None or not plain.is_floating_point() or plain.is_meta:
+                continue
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                self._before[(qualname, pname)] = (module, param, plain.detach().clone())
 
     def _check_modules(self) -> None:
         """Targets replaced inside the watch (``model.fc = nn.Linear(...)``): hook the new."""
@@ -471,7 +649,8 @@ class Recorder:
     @property
     def recorded(self) -> int:
         """Snapshots taken so far, flushed or not."""
-        return len(self._pending.keys) + sum(len(keys) for keys, *_ in self._host)
+        held = len(self._pending.keys) + sum(len(keys) for keys, *_ in self._host)
+        return held + self._stored_rows
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
         for cls in type(module).__mro__:  # the user's intervals first, then the catalogue's
@@ -485,6 +664,9 @@ class Recorder:
         """Move pending snapshots to the host: one transfer per device and buffer."""
         if not self._closed:
             self._check_modules()
+        if self._scalars:
+            self._flush_scalars()
+            self._frames = None
         self._reader.finish()
         pending, self._pending = self._pending, Pending()
         self._reader.new_rows()  # the old row blocks go with the old rows
@@ -498,6 +680,17 @@ class Recorder:
             raw, lin, log = (part.numpy() for part in split_row(host, self.hist))
             self._host.append(([pending.keys[i] for i in rows], raw, lin, log))
 
+    def _flush_scalars(self) -> None:
+        """The scalars (loss, learning rates) to the host: one transfer per device."""
+        scalars, self._scalars = self._scalars, []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, value) in enumerate(scalars):
+            by_device.setdefault(value.device, []).append(i)
+        for idx in by_device.values():
+            values = torch.cat([scalars[i][2] for i in idx]).cpu().numpy()  # the one transfer
+            steps = [scalars[i][0] for i in idx]
+            self._host_scalars.append((steps, [scalars[i][1] for i in idx], values))
+
     def records(self) -> Records:
         """All snapshots so far as frames plus metadata (``frames.Records``)."""
         from flowscope.record import frames
@@ -505,7 +698,30 @@ class Recorder:
         if self._frames is None:
             meta = {**self.meta, "run": self.name}
             self._frames = frames.records_from(self.snapshots(), meta)
+            self._frames.scalars = self._scalar_frame()
         return self._frames
+
+    def _scalar_frame(self) -> pd.DataFrame:
+        """The scalars written to the run folder and those held, one frame."""
+        import pandas as pd
+
+        from flowscope.record import frames, runstore
+
+        held = pd.DataFrame(
+            {
+                "run": self.name,
+                "step": [s for chunk in self._host_scalars for s in chunk[0]],
+                "name": [n for chunk in self._host_scalars for n in chunk[1]],
+                "value": [float(v) for chunk in self._host_scalars for v in chunk[2]],
+            },
+            columns=frames.SCALAR_COLUMNS,
+        ).astype({"step": "int64", "value": "float64"})
+        if self.out is None:
+            return held
+        stored = runstore.read(self.out, "scalars")
+        if stored is None:
+            return held
+        return pd.concat([stored.to_pandas()[frames.SCALAR_COLUMNS], held], ignore_index=True)
 
     def snapshots(self) -> Snapshots:
         """All snapshots so far on the host, before they become frames (what the study engine
@@ -513,7 +729,11 @@ class Recorder:
         from flowscope.record import frames
 
         self.flush()
-        return frames.Snapshots.of(self._host, self.hist, self.name)
+        held = frames.Snapshots.of(self._host, self.hist, self.name)
+        if self.out is None or (not self._stored_rows and not self._parts):
+            return held
+        stored = _stored_snapshots(self.out, held.edges)
+        return frames.Snapshots.concat([stored, held]) if stored is not None else held
 
     @property
     def stats(self) -> pd.DataFrame:
@@ -524,6 +744,11 @@ class Recorder:
     def hists(self) -> pd.DataFrame:
         """One row per histogram bin (linear: every bin; log: non-empty bins)."""
         return self.records().hists
+
+    @property
+    def scalars(self) -> pd.DataFrame:
+        """One row per (step, name): the loss given to ``step(loss=...)``, learning rates."""
+        return self.records().scalars
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -554,7 +779,8 @@ class Recorder:
         return display.html("recorder", self)
 
     def save(self, out_dir: str) -> None:
-        """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``."""
+        """Write ``stats.parquet``, ``hists.parquet`` and ``meta.json`` into ``out_dir``
+        (a streamed run's folder is complete after ``close()`` already)."""
         self.records().save(out_dir)
 
     def __repr__(self) -> str:
@@ -566,6 +792,31 @@ def _flowscope_version() -> str:
     from flowscope import __version__
 
     return __version__
+
+
+def _edges(hist: HistSpec) -> list[int]:
+    return [hist.log.lo, hist.log.hi, hist.log.per_decade]
+
+
+def _stored_snapshots(folder: Path, edges: Any) -> Snapshots | None:
+    """Every snapshot written to a run folder so far."""
+    from flowscope.record import frames, runstore
+
+    table = runstore.read(folder, "snapshots")
+    return None if table is None else frames.Snapshots.from_table(table, edges, folder.name)
+
+
+def _scalar(value: torch.Tensor | float) -> torch.Tensor:
+    """A loss or learning rate as a float64 tensor of one element on its device (no sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise FlowscopeError(
+                f"rec.step(loss=...) takes a tensor of one element, got shape {tuple(value.shape)}"
+            )
+        return value.detach().to(torch.float64, copy=True).reshape(1)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FlowscopeError(f"rec.step(loss=...) takes a tensor or a number, got {value!r}")
+    return torch.tensor([float(value)], dtype=torch.float64)
 
 
 MAX_STEP_ROWS = 100_000  # snapshots one step may take (Recorder.max_step_rows): ~110 MB

@@ -18,6 +18,7 @@ from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.record.fields import HistSpec, LogEdges
 
 __all__ = [
+    "ALL_KINDS",
     "HIST_LIMITS",
     "KINDS",
     "ROOT",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 KINDS = ("activation", "gradient", "weight", "weight_grad")
+# kinds recorded only when asked for (``update_ratio`` keeps a copy of the weights each
+# recorded step) or, for update_ratio, when watch() is given the optimizer
+OPTIONAL_KINDS = ("update_ratio",)
+ALL_KINDS = (*KINDS, *OPTIONAL_KINDS)
 ROOT = "<root>"
 
 # allowed histogram settings: a row holds bins + 2 * 60 * per_decade + 5 counts per snapshot,
@@ -63,11 +68,11 @@ def check_kinds(kinds: Sequence[str], name: str = "kinds", entry: str = "kind") 
     if isinstance(kinds, str):
         kinds = [kinds]
     for kind in kinds:
-        if kind not in KINDS:
-            raise unknown(entry, kind, KINDS)
+        if kind not in ALL_KINDS:
+            raise unknown(entry, kind, ALL_KINDS)
     if not kinds:
-        raise FlowscopeError(f"{name} is empty; choose from {', '.join(KINDS)}")
-    return tuple(k for k in KINDS if k in kinds)
+        raise FlowscopeError(f"{name} is empty; choose from {', '.join(ALL_KINDS)}")
+    return tuple(k for k in ALL_KINDS if k in kinds)
 
 
 def zero_output(module: nn.Module) -> bool:

@@ -26,6 +26,9 @@ from flowscope.reporter.plots import group_column
 __all__ = ["DATA_FILES", "STUDY_FILES", "RunData", "read_run", "resolve_source"]
 
 STUDY_FILES = ("spec.json", "claims.json", "configs.json", "probes.parquet")
+# histograms of at most this many recorded steps (evenly spaced) go into a report: a long
+# run's tidy histogram frame (~70 rows per snapshot) would not fit in memory otherwise
+HIST_STEPS = 100
 DATA_FILES = ("stats.parquet", "hists.parquet", "meta.json", *STUDY_FILES)
 
 
@@ -59,10 +62,10 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
         FlowscopeError: for a folder that is not a flowscope run, or an unreadable JSON file.
     """
     path = Path(folder)
-    records = load(path)
+    records = load(path, hist_steps=HIST_STEPS)
     stats, note = expected_passes(records.stats)
     if note:  # several passes per step: the page shows the one a reader expects, and says so
-        records = Records(stats, expected_passes(records.hists)[0], records.meta)
+        records = Records(stats, expected_passes(records.hists)[0], records.meta, records.scalars)
     extra: dict[str, Any] = {}
     for name in ("spec.json", "claims.json", "configs.json"):
         if (path / name).is_file():
@@ -77,12 +80,15 @@ def read_run(folder: str | os.PathLike[str]) -> RunData:
 def resolve_source(source: Any, out_dir: str | os.PathLike[str] | None) -> tuple[RunData, Path]:
     """The run data of ``source`` and the folder its report goes to.
 
-    ``source``: a run folder (the report goes into it, or ``out_dir``), or Records / a
-    Recorder, saved first into ``out_dir`` (default ``reports/<run name or model class>``).
+    ``source``: a run folder (the report goes into it, or ``out_dir``; a closed
+    ``fs.watch(out=...)`` recorder counts as its folder), or Records / a Recorder, saved
+    first into ``out_dir`` (default ``reports/<run name or model class>``).
 
     Raises:
         FlowscopeError: when ``source`` is none of these, or its files cannot be read.
     """
+    if isinstance(getattr(source, "written", None), Path):  # a closed streamed watch
+        source = source.written
     if isinstance(source, str | os.PathLike):
         run = read_run(source)
         return run, Path(out_dir) if out_dir is not None else run.folder

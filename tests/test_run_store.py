@@ -1,0 +1,221 @@
+"""The run store of a training run: bounded memory, parts on disk, crashes, resuming, the
+loss and the update ratio (issue 17)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+import flowscope as fs
+from flowscope.core.errors import FlowscopeError
+from flowscope.record import runstore
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _train(model: nn.Module, rec: fs.Recorder, steps: int, opt: torch.optim.Optimizer) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+
+
+def test_memory_stays_bounded_over_many_steps() -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = fs.watch(model, flush_every=5)  # no out=: a temporary folder once 5 steps are held
+    held = []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        model(torch.randn(16, 6, generator=gen)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        rec.step()
+        held.append(rec.retained)
+    rec.close()
+    per_step = 3 + 3 + 4 + 4  # activations, dL/dh, weights, weight gradients
+    assert max(held) <= 5 * per_step  # never more than flush_every steps in memory
+    assert held[-1] == 0 and rec.recorded == 300 * per_step
+    folder = rec.out
+    assert folder is not None and len(runstore.part_paths(folder, "snapshots")) == 60
+    assert sorted(rec.stats.step.unique()) == list(range(300))  # read back from disk
+    del rec
+    gc.collect()
+    assert not folder.exists()  # the temporary folder leaves with its recorder
+
+
+def test_a_short_watch_writes_nothing() -> None:
+    model = _net()
+    with fs.watch(model) as rec:
+        model(torch.randn(4, 6)).sum().backward()
+    assert rec.out is None and len(rec.stats) == 14
+
+
+def test_loss_lr_and_update_ratio_against_plain_torch(tmp_path: Path) -> None:
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(3)
+    losses, ratios = [], {}
+    with fs.watch(model, out=tmp_path / "run", optimizer=opt, every=2, flush_every=2) as rec:
+        for step in range(6):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            loss = model(torch.randn(16, 6, generator=gen)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            losses.append(loss.item())
+            for n, p in model.named_parameters():
+                ratios[(step, n)] = ((p - before[n]).norm() / p.norm()).item()
+    run = fs.load(tmp_path / "run")
+    scal = run.scalars.pivot(index="step", columns="name", values="value")
+    np.testing.assert_allclose(scal["loss"].to_numpy(), losses, rtol=1e-6)
+    assert (scal["lr"] == 0.01).all() and list(scal.index) == list(range(6))
+    upd = run.stats[run.stats.kind == "update_ratio"]
+    assert sorted(upd.step.unique()) == [0, 2, 4]  # recorded steps only (every=2)
+    for row in upd.itertuples():
+        want = ratios[(row.step, f"{row.layer}.{row.tensor}")]
+        assert row.mean == pytest.approx(want, rel=1e-5) and row.count == 1
+
+
+def test_update_ratio_only_when_asked() -> None:
+    model = _net()
+    with fs.watch(model) as rec:
+        model(torch.randn(4, 6)).sum().backward()
+        rec.step()
+    assert "update_ratio" not in set(rec.stats.kind)
+    with fs.watch(model, kinds=["weight", "update_ratio"]) as rec:
+        model(torch.randn(4, 6)).sum().backward()
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)  # W -> 2W: ||dW|| / ||W|| = 1/2
+        rec.step()
+    upd = rec.stats.query("kind == 'update_ratio' and layer == '0' and tensor == 'weight'")
+    assert upd["mean"].item() == pytest.approx(0.5)
+
+
+def test_a_loss_of_several_elements_is_refused() -> None:
+    with fs.watch(_net()) as rec, pytest.raises(FlowscopeError, match="one element"):
+        rec.step(loss=torch.ones(3))
+
+
+def test_compact_histograms_equal_the_tidy_frame(tmp_path: Path) -> None:
+    """The parts hold one row per snapshot with the bins as fixed-size lists; the tidy view
+    made from them is the in-memory recorder's frame, bin for bin."""
+    frames = []
+    for out in (None, tmp_path / "run"):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with fs.watch(model, out=out, flush_every=2) as rec:
+            _train(model, rec, 5, opt)
+        frames.append(rec.hists if out is None else fs.load(out).hists)
+    keys = ["step", "layer", "kind", "tensor", "call", "hist", "bin"]
+    mem, disk = (f.sort_values(keys).reset_index(drop=True) for f in frames)
+    disk["run"] = mem["run"]
+    pd.testing.assert_frame_equal(mem, disk[mem.columns], check_dtype=False)
+    part = pq.read_table(runstore.part_paths(tmp_path / "run", "snapshots")[0])
+    assert part.schema.field("linear").type.list_size == 64  # one row per snapshot
+    assert len(part) == 2 * 14
+
+
+def test_load_reads_a_selection(tmp_path: Path) -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fs.watch(model, out=tmp_path / "run", flush_every=3) as rec:
+        _train(model, rec, 9, opt)
+    part = fs.load(tmp_path / "run", steps=(2, 4), layers=["0"], kinds=["weight"])
+    assert sorted(part.stats.step.unique()) == [2, 3, 4]
+    assert set(part.stats.layer) == {"0"} and set(part.stats.kind) == {"weight"}
+    assert set(part.hists.step) == {2, 3, 4} and sorted(part.scalars.step) == [2, 3, 4]
+    few = fs.load(tmp_path / "run", hist_steps=3)  # histograms of 3 steps, stats of all
+    assert set(few.hists.step) == {0, 4, 8} and few.stats.step.nunique() == 9
+    full = fs.load(tmp_path / "run")
+    pd.testing.assert_frame_equal(
+        few.hists, full.hists[full.hists.step.isin([0, 4, 8])].reset_index(drop=True)
+    )
+
+
+def test_a_run_continues_in_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fs.watch(model, out=out, flush_every=4) as rec:
+        _train(model, rec, 6, opt)
+    with fs.watch(model, out=out, flush_every=4) as rec:
+        assert rec.step_index == 6  # after the last step written
+        _train(model, rec, 4, opt)
+    run = fs.load(out)
+    assert sorted(run.stats.step.unique()) == list(range(10))
+    assert sorted(run.scalars.step) == list(range(10))
+    with pytest.raises(FlowscopeError, match="bins=64"):
+        fs.watch(model, out=out, bins=32)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FlowscopeError, match="not empty"):
+        fs.watch(model, out=tmp_path / "other")
+
+
+KILLED = """
+import sys, torch, flowscope as fs
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+rec = fs.watch(model, out=sys.argv[1], flush_every=3)
+step = 0
+while True:
+    loss = model(torch.randn(16, 6)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    rec.step(loss=loss)
+    step += 1
+"""
+
+
+def test_a_run_killed_mid_run_loads_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED), str(out)])
+    try:
+        deadline = time.time() + 60
+        while len(runstore.part_paths(out, "snapshots")) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run = fs.load(out)
+    steps = sorted(run.stats.step.unique())
+    assert len(steps) >= 9 and len(steps) % 3 == 0 and steps == list(range(len(steps)))
+    fs.report(out, tmp_path / "report")
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_a_closed_streamed_watch_reports_from_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fs.watch(model, out=out, flush_every=2) as rec:
+        _train(model, rec, 3, opt)
+        with pytest.raises(FlowscopeError, match="streamed run"):
+            rec.save(str(out))  # its meta.json and parts stay as they are
+    assert rec.written == out
+    fs.report(rec)
+    assert (out / "report.html").is_file() and not (out / "stats.parquet").exists()
+    assert sorted(fs.load(out).stats.step.unique()) == [0, 1, 2]
