@@ -28,7 +28,7 @@ __all__ = ["DATA_FILES", "STUDY_FILES", "RunData", "read_run", "resolve_source"]
 STUDY_FILES = ("spec.json", "claims.json", "configs.json", "probes.parquet")
 # histograms of at most this many recorded steps (evenly spaced) go into a report: a long
 # run's tidy histogram frame (~70 rows per snapshot) would not fit in memory otherwise
-HIST_STEPS = 100
+HIST_STEPS = 24
 DATA_FILES = ("stats.parquet", "hists.parquet", "meta.json", *STUDY_FILES)
 
 
