@@ -219,3 +219,45 @@ def test_a_closed_streamed_watch_reports_from_its_folder(tmp_path: Path) -> None
     fs.report(rec)
     assert (out / "report.html").is_file() and not (out / "stats.parquet").exists()
     assert sorted(fs.load(out).stats.step.unique()) == [0, 1, 2]
+
+
+def test_the_report_of_a_training_run_tells_its_story(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fs.watch(model, out=out, flush_every=4, optimizer=opt) as rec:
+        _train(model, rec, 12, opt)
+    html = fs.report(out).read_text()
+    for title in (
+        "Loss over the steps",
+        "Learning rate over the steps",
+        "Activation rms per layer over the steps",
+        "Update : weight ratio per layer over the steps",
+    ):
+        assert f"<b>{title}.</b>" in html
+
+
+def test_the_loss_curve_bins_long_runs() -> None:
+    from flowscope.reporter.plots import layer_steps, loss_curve
+
+    scalars = pd.DataFrame(
+        {"run": "", "step": range(10_000), "name": "loss", "value": np.linspace(2, 1, 10_000)}
+    )
+    scalars.loc[5000, "value"] = 50.0  # a spike stays in the envelope
+    ax = loss_curve(scalars, points=100)
+    assert len(ax.lines[0].get_xdata()) == 100
+    assert ax.collections[0].get_paths()[0].vertices[:, 1].max() == pytest.approx(50.0)
+    stats = pd.DataFrame(
+        {
+            "step": np.repeat(np.arange(1000), 2),
+            "layer_idx": np.tile([0, 1], 1000),
+            "layer": np.tile(["a", "b"], 1000),
+            "kind": "update_ratio",
+            "call": 0,
+            "tensor": "weight",
+            "mean": 1e-3,
+        }
+    )
+    ax = layer_steps(stats, "update_ratio", "mean", points=50)
+    grid = ax.images[0].get_array()
+    assert grid.shape == (2, 50) and np.allclose(grid, -3.0)

@@ -41,6 +41,7 @@ __all__ = [
     "config_figures",
     "overview_figure",
     "theory_frame",
+    "training_figures",
 ]
 
 
@@ -96,6 +97,56 @@ def config_figures(
         src = _saturation_png(canvases, every, band)
         caption = SATURATION["caption"] + (SEED_BAND if band else "")
         figs.append({"title": "Saturated and dead", "caption": caption, "src": src})
+    return figs
+
+
+TRAINING = (
+    ("activation", "rms", "Activation rms per layer over the steps"),
+    ("gradient", "rms", "dL/dh rms per layer over the steps"),
+    ("weight_grad", "rms", "Weight-gradient rms per layer over the steps"),
+    ("update_ratio", "mean", "Update : weight ratio per layer over the steps"),
+)
+TRAINING_CAPTION = (
+    "log10 of the statistic per layer (y) and step (x); steps are binned into at most 300"
+    " columns (the mean of log10 per bin). The classic rule of thumb for the update : weight"
+    " ratio ||dW|| / ||W|| is about 1e-3 per step."
+)
+LOSS_CAPTION = (
+    "The loss given to rec.step(loss=...) at every step: steps binned into at most 600"
+    " points, the line their mean, the band their minimum to maximum (spikes stay visible)."
+)
+
+
+def training_figures(
+    stats: pd.DataFrame, scalars: pd.DataFrame, canvases: Canvases, key: str = ""
+) -> list[dict[str, str]]:
+    """The figures of a training run over its steps: the loss (and learning rate) curve,
+    and per kind a layer x step heat map; none for a run of fewer than 3 steps."""
+    figs = []
+    for name in ("loss", "lr"):
+        if (scalars["name"] == name).sum() >= 3:
+
+            def draw_curve(fig: Figure, name: str = name) -> None:
+                plots.loss_curve(scalars, name, ax=fig.subplots())
+
+            src = canvases.png(("training", key, name), draw_curve, (6.5, 2.8))
+            title = "Loss over the steps" if name == "loss" else "Learning rate over the steps"
+            figs.append({"title": title, "caption": LOSS_CAPTION, "src": src})
+    if stats["step"].nunique() < 3:
+        return figs
+    present = set(stats["kind"].unique())
+    for kind, column, title in TRAINING:
+        if kind not in present:
+            continue
+
+        def draw(fig: Figure, kind: str = kind, column: str = column) -> None:
+            plots.layer_steps(stats, kind, column, ax=fig.subplots())
+
+        try:
+            src = canvases.png(("training", key, kind), draw, (7.5, 3.4))
+        except FlowscopeError:  # no rows of this kind to draw (no weight tensor, ...)
+            continue
+        figs.append({"title": title, "caption": TRAINING_CAPTION, "src": src})
     return figs
 
 

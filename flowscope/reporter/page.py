@@ -37,7 +37,14 @@ from flowscope import __version__
 from flowscope.core.errors import FlowscopeError
 from flowscope.doctor import RUN_COLUMNS
 from flowscope.record.frames import Records, atomic_write_text
-from flowscope.reporter.figures import THEORY_NOTE, all_figures, overview_figure, theory_frame
+from flowscope.reporter.canvas import Canvases
+from flowscope.reporter.figures import (
+    THEORY_NOTE,
+    all_figures,
+    overview_figure,
+    theory_frame,
+    training_figures,
+)
 from flowscope.reporter.run import RunData, resolve_source
 from flowscope.reporter.study_figures import study_figures
 from flowscope.reporter.tables import settings, summary, write_exports
@@ -305,6 +312,20 @@ def _axis_names(table: pd.DataFrame, by: str) -> list[str]:
     return axes
 
 
+def _canvases(n: int) -> list[Canvases]:
+    """One canvas set per section (the training figures are drawn once each)."""
+    return [Canvases() for _ in range(n)]
+
+
+def _training(run: RunData, group: str, canvases: Canvases) -> list[dict[str, str]]:
+    """The training-run figures of one run (``group``, a value of the grouping column)."""
+    by, stats, scalars = run.by, run.records.stats, run.records.scalars
+    mine = stats[stats[by].astype(str) == group]
+    if by in scalars and len(scalars):
+        scalars = scalars[scalars[by].astype(str) == group]
+    return training_figures(mine, scalars, canvases, group)
+
+
 def _sections(
     run: RunData,
     table: pd.DataFrame,
@@ -320,6 +341,11 @@ def _sections(
     rows = [{str(k): _clean(v) for k, v in raw.items()} for raw in table.to_dict("records")]
     if all(len(g) == 1 for g in groups):
         figures = all_figures(stats, hists, by, [str(r[by]) for r in rows], workers)
+        if len(run.records.scalars) or "format" in run.records.meta:  # a training run's story
+            figures = [
+                _training(run, str(row[by]), canvases) + figs
+                for row, figs, canvases in zip(rows, figures, _canvases(len(rows)), strict=True)
+            ]
         return [
             {
                 "anchor": f"cfg-{i}",
