@@ -1,6 +1,6 @@
 """Every built-in study end to end, as `make demo` runs one: wall time and each claim's verdict.
 
-    python bench/studies.py                       # all five; bench/results/studies.md
+    python bench/studies.py                       # all of them; bench/results/studies.md
     python bench/studies.py init-scales batchnorm # some of them (the file lists those only)
 
 Each study runs in a new process (``python -m flowscope study run NAME --fresh``, its
@@ -22,7 +22,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = ["init-scales", "symmetry", "activations", "depth", "batchnorm"]
+STUDIES = [  # every built-in study
+    "init-scales", "symmetry", "activations", "depth", "batchnorm", "isometry", "edge-of-chaos",
+    "trainability", "residual", "residual-conv", "width",
+]  # fmt: skip
 
 
 def run(name: str, out: Path) -> float:
@@ -54,18 +57,20 @@ def main() -> None:
         "`python bench/studies.py` — each study in a new process, `flowscope study run NAME",
         "--fresh` with its report, on the CPU (2 cores here), every seed of the study file.",
         "",
-        "| study | configs | seeds | wall time |",
-        "| --- | --- | --- | --- |",
+        "| study | configs | seeds | wall time | load average (1 min) before |",
+        "| --- | --- | --- | --- | --- |",
     ]
     verdicts = []
     for name in names:
+        load = os.getloadavg()[0]  # other processes on the 2 cores stretch the wall time
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / name
             seconds = run(name, out)
             spec = json.loads((out / "spec.json").read_text())
             claims = json.loads((out / "claims.json").read_text())
             configs = len(json.loads((out / "configs.json").read_text()))
-        lines.append(f"| {name} | {configs} | {len(spec['run']['seeds'])} | {seconds:.0f} s |")
+        seeds = len(spec["run"]["seeds"])
+        lines.append(f"| {name} | {configs} | {seeds} | {seconds:.0f} s | {load:.1f} |")
         print(f"{name}: {seconds:.1f} s", file=sys.stderr)
         for v in claims:
             verdicts.append(
