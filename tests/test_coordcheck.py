@@ -180,7 +180,7 @@ def test_command_exit_codes_and_files(factories):
         (["--widths", "64,64"], 2, "'64,64' repeats a width"),
         (["--input-shape", "16"], 2, "allowed: batch first and at least one more size"),
         (["--optimizer", "sgd", "--mup"], 2, "--mup needs --optimizer adam"),
-        (["--device", "nosuchdev"], 2, "'nosuchdev': allowed: cpu, cuda, cuda:N"),
+        (["--device", "nosuchdev"], 2, "'nosuchdev' is not a torch device; use cpu, cuda"),
         (["--steps", "0"], 2, "Invalid value for '--steps'"),
     ],
 )

@@ -19,8 +19,7 @@ import sys
 
 import click
 
-from flowscope.cli.errors import check_out_dir, clean_errors
-from flowscope.core.errors import FlowscopeError
+from flowscope.cli.errors import check_device, check_out_dir, clean_errors
 
 
 def _widths(text: str) -> list[int]:
@@ -34,22 +33,6 @@ def _widths(text: str) -> list[int]:
     if len(set(widths)) < len(widths):
         raise click.BadParameter(f"{text!r} repeats a width", param_hint="'--widths'")
     return widths
-
-
-def _device(name: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise click.BadParameter(
-            f"{name!r}: allowed: cpu, cuda, cuda:N", param_hint="'--device'"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlowscopeError(f"--device {name!r}: this torch build or machine has no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise click.BadParameter(f"{name!r}: allowed: cpu, cuda, cuda:N", param_hint="'--device'")
-    return name
 
 
 @click.command("coord-check")
@@ -111,7 +94,7 @@ def coord_cmd(
             param_hint="'--input-shape'",
         )
     where = check_out_dir(out_dir) if out_dir is not None else None
-    device = _device(device)
+    device = check_device(device)
     factory, _ = load_factory(target)  # called with the width: checked by coord_check
 
     from flowscope.doctor.coordcheck import coord_check

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from flowscope.cli.errors import check_out_dir, clean_errors, one_line
+from flowscope.cli.errors import check_device, check_out_dir, clean_errors
 from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.core.limits import check_fits
 
@@ -101,32 +101,6 @@ def _split_target(target: str) -> tuple[str, str]:
             f"expected MODULE:FACTORY such as mypkg.models:make_net, got {target!r}"
         )
     return module_name, attr
-
-
-def _device(name: str) -> str:
-    """``--device`` checked before any work: a torch device type that is usable here."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise click.BadParameter(
-            f"{name!r} is not a torch device; use cpu, cuda, cuda:N (or mps, xpu where torch "
-            "has them)",
-            param_hint="'--device'",
-        ) from None
-    if device.type == "meta":
-        raise click.BadParameter(
-            "'meta' tensors hold no values to measure; use cpu or cuda", param_hint="'--device'"
-        )
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as err:
-        raise FlowscopeError(
-            f"--device {name!r} is not available here: {one_line(str(err))[:160]} "
-            f"(torch {torch.__version__}); use --device cpu"
-        ) from None
-    return name
 
 
 def _check_fix(fix: str) -> None:
@@ -343,7 +317,7 @@ def doctor_cmd(
     name = _split_target(target)[1].split(".")[-1]
     if fix is not None:
         _check_fix(fix)
-    device = _device(device)
+    device = check_device(device)
     out = Path(out_dir or Path("reports") / f"doctor-{name}")
     check_out_dir(out)
     if fix is not None:

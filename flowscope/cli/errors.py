@@ -14,7 +14,7 @@ import click
 
 from flowscope.core.errors import FlowscopeError
 
-__all__ = ["check_out_dir", "clean_errors", "one_line"]
+__all__ = ["check_device", "check_out_dir", "clean_errors", "one_line"]
 
 
 def one_line(text: str) -> str:
@@ -84,3 +84,30 @@ def _bad(option: str, what: str) -> None:
         f"{what}; give a folder that exists or can be created, and can be written",
         param_hint=f"'{option}'",
     )
+
+
+def check_device(name: str) -> str:
+    """``--device`` checked before any work: a torch device type that is usable here (exit 2
+    for a name that is not one or is ``meta``, 1 when torch cannot use it here)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise click.BadParameter(
+            f"{name!r} is not a torch device; use cpu, cuda, cuda:N (or mps, xpu where torch "
+            "has them)",
+            param_hint="'--device'",
+        ) from None
+    if device.type == "meta":
+        raise click.BadParameter(
+            "'meta' tensors hold no values to measure; use cpu or cuda", param_hint="'--device'"
+        )
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise FlowscopeError(
+            f"--device {name!r} is not available here: {one_line(str(err))[:160]} "
+            f"(torch {torch.__version__}); use --device cpu"
+        ) from None
+    return name
