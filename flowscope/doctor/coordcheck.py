@@ -47,7 +47,7 @@ from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.models.mup import PARAMETRIZATIONS, apply_parametrization, param_groups
 from flowscope.record.recorder import watch
 
-__all__ = ["OPTIMIZERS", "CoordCheck", "coord_check"]
+__all__ = ["OPTIMIZERS", "CoordCheck", "coord_check", "width_slopes"]
 
 OPTIMIZERS = ("adam", "sgd")
 _MAX_ELEMENTS = 50_000_000  # one input batch: more is a typo, not a coordinate check
@@ -106,6 +106,28 @@ def _slope(widths: np.ndarray, sizes: np.ndarray) -> float:
     if len(widths) < 2 or not (np.isfinite(sizes).all() and (sizes > 0).all()):
         return float("nan")
     return float(np.polyfit(np.log(widths), np.log(sizes), 1)[0])
+
+
+def width_slopes(sizes: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per layer and step the slope of log size against log width (NaN where a size is zero
+    or not finite): columns layer, step, slope, by step and then by ``order`` of layers.
+
+    Example:
+        >>> sizes = pd.DataFrame({"width": [64, 128, 256], "step": 0, "layer": "fc",
+        ...                       "size": [1.0, 2.0, 4.0]})
+        >>> width_slopes(sizes, ["fc"]).slope.round(6).tolist()
+        [1.0]
+    """
+    rows = []
+    for (layer, _), group in sizes.groupby(["layer", "step"], sort=False):
+        group = group.sort_values("width")
+        slope = _slope(group.width.to_numpy(float), group["size"].to_numpy(float))
+        rows.append((layer, int(group["step"].iloc[0]), slope))
+    slopes = pd.DataFrame(rows, columns=["layer", "step", "slope"])
+    slopes["layer"] = pd.Categorical(slopes.layer, categories=order, ordered=True)
+    slopes = slopes.sort_values(["step", "layer"]).reset_index(drop=True)
+    slopes["layer"] = slopes.layer.astype(str)
+    return slopes
 
 
 def _check(
@@ -212,14 +234,6 @@ def coord_check(
         frames.append(stats[["step", "layer_idx", "layer", "rms"]].assign(width=width))
     sizes = pd.concat(frames, ignore_index=True).rename(columns={"rms": "size"})
     order = sizes.drop_duplicates("layer").sort_values("layer_idx").layer.tolist()
-    rows = []
-    for (layer, step), group in sizes.groupby(["layer", "step"], sort=False):
-        group = group.sort_values("width")
-        slope = _slope(group.width.to_numpy(float), group["size"].to_numpy(float))
-        rows.append((layer, int(step), slope))
-    slopes = pd.DataFrame(rows, columns=["layer", "step", "slope"])
-    slopes["layer"] = pd.Categorical(slopes.layer, categories=order, ordered=True)
-    slopes = slopes.sort_values(["step", "layer"]).reset_index(drop=True)
-    slopes["layer"] = slopes.layer.astype(str)
+    slopes = width_slopes(sizes, order)
     sizes = sizes[["width", "step", "layer", "size"]]
     return CoordCheck(sizes, slopes, threshold, parametrization)

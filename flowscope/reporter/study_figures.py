@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from flowscope.doctor.coordcheck import width_slopes
 from flowscope.reporter import plots
 from flowscope.reporter.canvas import figure_png
 from flowscope.reporter.run import RunData
@@ -156,12 +156,9 @@ def _coord(acts: pd.DataFrame, others: list[str]) -> list[dict[str, str]]:
 
 
 def _slopes(sizes: pd.DataFrame, layers: list[str]) -> str:
-    parts = []
-    for layer in layers:
-        rows = sizes[sizes["layer"] == layer]
-        by_step = []
-        for _, g in rows.groupby("step", sort=True):
-            fit = np.polyfit(np.log(g["width"].astype(float)), np.log(g["size"]), 1)[0]
-            by_step.append(f"{fit:.2f}")
-        parts.append(f"{layer} {' '.join(by_step)}")
-    return "; ".join(parts)
+    """``layer s0 s1 ...; ...``: each of ``layers``' slopes by step (coordcheck's fit)."""
+    slopes = width_slopes(sizes[sizes["layer"].isin(layers)], layers)
+    return "; ".join(
+        f"{layer} " + " ".join(f"{v:.2f}" for v in slopes[slopes.layer == layer].slope)
+        for layer in layers
+    )
