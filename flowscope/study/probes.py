@@ -66,6 +66,16 @@ def _probe(
     return add
 
 
+def _views(
+    source: Callable[[ProbeContext], dict[str, dict[str, torch.Tensor]]],
+    probes: dict[str, tuple[str, str]],
+) -> None:
+    """Register ``end`` probes that each read one key of ``source``'s shared values
+    (``name -> (key, summary)``): one pass of ``source`` serves them all."""
+    for name, (key, summary) in probes.items():
+        _probe(name, "end", summary)(lambda ctx, key=key: source(ctx)[key])
+
+
 @contextmanager
 def attached(hooks: ProbeHooks, model: nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
     """``hooks`` on ``model``, filling ``into``, for the ``with`` block only."""
@@ -249,34 +259,27 @@ def _spectrum_moments(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     return _SPECTRA.values
 
 
-@_probe(
-    "jacobian_mean",
-    "end",
-    "mean of the squared singular values of the Jacobian from the input to each activation"
-    f" module's output (flowscope.theory.jacobian_moments, the first {SPECTRUM_INPUTS} inputs)",
+_views(
+    _spectrum_moments,
+    {
+        "jacobian_mean": (
+            "mean",
+            "mean of the squared singular values of the Jacobian from the input to each"
+            " activation module's output (flowscope.theory.jacobian_moments, the first"
+            f" {SPECTRUM_INPUTS} inputs)",
+        ),
+        "jacobian_var": (
+            "var",
+            "variance of the squared singular values of the Jacobian from the input to each"
+            f" activation module's output (the first {SPECTRUM_INPUTS} inputs pooled)",
+        ),
+        "jacobian_cv2": (
+            "cv2",
+            "variance / mean² of the squared singular values of the Jacobian from the input to each"
+            " activation module's output: the spread of the spectrum whatever its scale",
+        ),
+    },
 )
-def jacobian_mean(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spectrum_moments(ctx)["mean"]
-
-
-@_probe(
-    "jacobian_var",
-    "end",
-    "variance of the squared singular values of the Jacobian from the input to each"
-    f" activation module's output (the first {SPECTRUM_INPUTS} inputs pooled)",
-)
-def jacobian_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spectrum_moments(ctx)["var"]
-
-
-@_probe(
-    "jacobian_cv2",
-    "end",
-    "variance / mean² of the squared singular values of the Jacobian from the input to each"
-    " activation module's output: the spread of the spectrum whatever its scale",
-)
-def jacobian_cv2(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spectrum_moments(ctx)["cv2"]
 
 
 def _chain_and_acts(model: nn.Module) -> tuple[list, list[str]]:
@@ -327,34 +330,26 @@ def _free_moments(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     return _FREE.values
 
 
-@_probe(
-    "isometry_mean",
-    "end",
-    "free-probability mean of λ for each activation output (flowscope.theory"
-    ".isometry_moments at the net's own σ_w², σ_b²): ∏ σ_w² E[φ'²]",
+_views(
+    _free_moments,
+    {
+        "isometry_mean": (
+            "mean",
+            "free-probability mean of λ for each activation output (flowscope.theory"
+            ".isometry_moments at the net's own σ_w², σ_b²): ∏ σ_w² E[φ'²]",
+        ),
+        "isometry_var": (
+            "var",
+            "free-probability variance of λ for each activation output (Pennington, Schoenholz,"
+            " Ganguli 2017): mean² × Σ (E[φ'⁴]/E[φ'²]² − 1 + 1 if Gaussian weights)",
+        ),
+        "isometry_cv2": (
+            "cv2",
+            "free-probability variance / mean² of λ for each activation output: Σ over the"
+            " layers of E[φ'⁴]/E[φ'²]² − 1, plus 1 per Gaussian weight matrix",
+        ),
+    },
 )
-def isometry_mean(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _free_moments(ctx)["mean"]
-
-
-@_probe(
-    "isometry_var",
-    "end",
-    "free-probability variance of λ for each activation output (Pennington, Schoenholz,"
-    " Ganguli 2017): mean² × Σ (E[φ'⁴]/E[φ'²]² − 1 + 1 if Gaussian weights)",
-)
-def isometry_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _free_moments(ctx)["var"]
-
-
-@_probe(
-    "isometry_cv2",
-    "end",
-    "free-probability variance / mean² of λ for each activation output: Σ over the layers of"
-    " E[φ'⁴]/E[φ'²]² − 1, plus 1 per Gaussian weight matrix",
-)
-def isometry_cv2(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _free_moments(ctx)["cv2"]
 
 
 # -- pairs of inputs through the net (the edge-of-chaos study) ----------------------------------
@@ -452,53 +447,36 @@ def _pair_theory(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     return _PAIRS.values
 
 
-@_probe(
-    "meanfield_pre_rms",
-    "end",
-    "mean-field √q_l of each Linear's output along the chain (each layer's own σ_w², σ_b²;"
-    " anchored at the first Linear's measured mean square): it converges to √q*",
+_views(
+    _pair_theory,
+    {
+        "meanfield_pre_rms": (
+            "rms",
+            "mean-field √q_l of each Linear's output along the chain (each layer's own σ_w², σ_b²;"
+            " anchored at the first Linear's measured mean square): it converges to √q*",
+        ),
+        "meanfield_correlation": (
+            "c",
+            "mean-field c_l of pairs of inputs at each Linear (the correlation map,"
+            " flowscope.theory.correlation_map, from the first Linear's measured c): it"
+            " converges to c*",
+        ),
+        "meanfield_decorrelation": (
+            "gap",
+            "1 - meanfield_correlation: mean-field theory's value of the probe decorrelation",
+        ),
+        "meanfield_xi_c": (
+            "xi",
+            "exp(-l / ξ_c) at Linear l, ξ_c = flowscope.theory.depth_scales at the chain's pooled"
+            " σ_w², σ_b²: its depth_scale is ξ_c (NaN where ξ_c is not defined)",
+        ),
+        "meanfield_c_star": (
+            "c_star",
+            "c* of flowscope.theory.depth_scales at the chain's pooled σ_w², σ_b², at every Linear:"
+            " the correlation deep layers converge to (1 in the ordered phase)",
+        ),
+    },
 )
-def meanfield_pre_rms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _pair_theory(ctx)["rms"]
-
-
-@_probe(
-    "meanfield_correlation",
-    "end",
-    "mean-field c_l of pairs of inputs at each Linear (the correlation map, flowscope.theory"
-    ".correlation_map, from the first Linear's measured c): it converges to c*",
-)
-def meanfield_correlation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _pair_theory(ctx)["c"]
-
-
-@_probe(
-    "meanfield_decorrelation",
-    "end",
-    "1 - meanfield_correlation: mean-field theory's value of the probe decorrelation",
-)
-def meanfield_decorrelation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _pair_theory(ctx)["gap"]
-
-
-@_probe(
-    "meanfield_xi_c",
-    "end",
-    "exp(-l / ξ_c) at Linear l, ξ_c = flowscope.theory.depth_scales at the chain's pooled"
-    " σ_w², σ_b²: its depth_scale is ξ_c (NaN where ξ_c is not defined)",
-)
-def meanfield_xi_c(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _pair_theory(ctx)["xi"]
-
-
-@_probe(
-    "meanfield_c_star",
-    "end",
-    "c* of flowscope.theory.depth_scales at the chain's pooled σ_w², σ_b², at every Linear:"
-    " the correlation deep layers converge to (1 in the ordered phase)",
-)
-def meanfield_c_star(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _pair_theory(ctx)["c_star"]
 
 
 # -- training (the trainability study) ----------------------------------------------------------
@@ -567,32 +545,24 @@ def _spp(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     return _SPP.values
 
 
-@_probe(
-    "spp_second_moment",
-    "end",
-    "the residual stream's second moment after each residual block (average channel squared"
-    " mean + average channel variance: flowscope.doctor.signal_propagation)",
+_views(
+    _spp,
+    {
+        "spp_second_moment": (
+            "m2",
+            "the residual stream's second moment after each residual block (average channel squared"
+            " mean + average channel variance: flowscope.doctor.signal_propagation)",
+        ),
+        "spp_channel_var": (
+            "var",
+            "the residual stream's average channel variance after each residual block",
+        ),
+        "spp_branch_var": (
+            "branch",
+            "the average channel variance of each residual branch's output (what the block adds)",
+        ),
+    },
 )
-def spp_second_moment(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spp(ctx)["m2"]
-
-
-@_probe(
-    "spp_channel_var",
-    "end",
-    "the residual stream's average channel variance after each residual block",
-)
-def spp_channel_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spp(ctx)["var"]
-
-
-@_probe(
-    "spp_branch_var",
-    "end",
-    "the average channel variance of each residual branch's output (what the block adds)",
-)
-def spp_branch_var(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    return _spp(ctx)["branch"]
 
 
 @_probe(
