@@ -152,6 +152,25 @@ def test_load_reads_a_selection(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(
         few.hists, full.hists[full.hists.step.isin([0, 4, 8])].reset_index(drop=True)
     )
+    pd.testing.assert_frame_equal(few.stats, full.stats)  # read without the counts
+
+
+def test_a_long_runs_stats_csv_holds_spaced_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowscope.reporter import tables
+
+    monkeypatch.setattr(tables, "CSV_STEPS", 4)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fs.watch(model, out=tmp_path / "run", flush_every=5) as rec:
+        _train(model, rec, 10, opt)
+    page = fs.report(tmp_path / "run")
+    csv = pd.read_csv(tmp_path / "run" / "stats.csv")
+    assert sorted(csv.step.unique()) == [0, 3, 6, 9]  # evenly spaced, first and last
+    full = fs.load(tmp_path / "run").stats
+    assert len(csv) == full.step.isin([0, 3, 6, 9]).sum()
+    assert "at 4 evenly spaced steps of 10" in page.read_text()
 
 
 def test_a_run_continues_in_its_folder(tmp_path: Path) -> None:

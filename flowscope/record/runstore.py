@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,20 @@ def last_step(folder: Path) -> int:
 
 
 def read(
-    folder: Path, kind: str, filters: list[tuple[str, str, Any]] | None = None
+    folder: Path,
+    kind: str,
+    filters: list[tuple[str, str, Any]] | None = None,
+    skip: Sequence[str] = (),
 ) -> pa.Table | None:
     """The parts of one kind as one table, rows matching ``filters`` only (pushed down to
-    the row groups' statistics); None when the store has no such part."""
+    the row groups' statistics), without the columns named in ``skip``; None when the store
+    has no such part."""
     tables = []
     for path in part_paths(folder, kind):
         names = pq.ParquetFile(path).schema_arrow.names
         usable = [f for f in filters or [] if f[0] in names] or None
-        tables.append(pq.read_table(path, filters=usable))
+        columns = [n for n in names if n not in skip] if skip else None
+        tables.append(pq.read_table(path, columns=columns, filters=usable))
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from flowscope.doctor import RUN_COLUMNS
-from flowscope.record.frames import atomic_write_text
+from flowscope.record.frames import atomic_write_text, spaced_steps
 from flowscope.reporter.export import csv_text
 from flowscope.reporter.plots import group_column
 from flowscope.reporter.run import RunData
@@ -35,6 +35,7 @@ EXPORTS = {
     "stats.csv": "every statistic per layer, kind and step",
     "claims.csv": "each claim of the source, held or not, with its numbers",
 }
+CSV_STEPS = 200  # stats.csv of a longer run holds this many evenly spaced steps
 
 
 # -- the summary frame ------------------------------------------------------------------------
@@ -168,10 +169,11 @@ def write_exports(
     ``table``: the :func:`summary` of ``run``; ``diagnosis``: the doctor's (its per-layer
     checks), or None. Returns a link per file written: ``href``, ``name``, ``what``.
     """
+    stats, what = _csv_steps(run.records.stats)
     frames: dict[str, pd.DataFrame | None] = {
         "summary.csv": table.assign(thresholds=table["thresholds"].map(_json_text)),
         "layers.csv": getattr(diagnosis, "layers", None),
-        "stats.csv": run.records.stats,
+        "stats.csv": stats,
         "claims.csv": _claims_frame(run.claims),
     }
     links = []
@@ -179,8 +181,23 @@ def write_exports(
         if frame is None:
             continue
         atomic_write_text(out / name, csv_text(frame))
-        links.append({"href": quote(name), "name": name, "what": EXPORTS[name]})
+        text = what if name == "stats.csv" and what else EXPORTS[name]
+        links.append({"href": quote(name), "name": name, "what": text})
     return links
+
+
+def _csv_steps(stats: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The stats rows of at most :data:`CSV_STEPS` evenly spaced steps, and what the link
+    says when steps were left out (a 2000-step run's every-step CSV was 82 MB; the Parquet
+    files keep every step)."""
+    if "step" not in stats.columns or stats["step"].nunique() <= CSV_STEPS:
+        return stats, ""
+    keep = spaced_steps(stats["step"].to_numpy(), CSV_STEPS)
+    what = (
+        f"every statistic per layer and kind, at {len(keep)} evenly spaced steps of "
+        f"{stats['step'].nunique()} (every step: the run's Parquet files, fs.load)"
+    )
+    return stats[stats["step"].isin(keep)], what
 
 
 def _json_text(value: Any) -> str:
