@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["PRE_ACTIVATION", "layer_table", "main_role", "scale_pool"]
+__all__ = ["PRE_ACTIVATION", "layer_table", "main_role", "role_of", "scale_pool"]
 
 PRE_ACTIVATION = re.compile(r"Linear|Conv")
 
@@ -72,13 +72,14 @@ def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
         table["dead"] = np.nan
         table["samples"] = np.nan
     table["pre"] = table["module_type"].astype(str).str.contains(PRE_ACTIVATION)
-    table["role"] = table["module_type"].astype(str) + ":" + _roles(table["layer"])
+    table["role"] = role_of(table["module_type"], table["layer"])
     return table
 
 
-def _roles(layers: pd.Series) -> pd.Series:
-    """The layer name with every number replaced by '#': layers of the same kind share it."""
-    return layers.astype(str).str.replace(r"\d+", "#", regex=True)
+def role_of(module_types: pd.Series, layers: pd.Series) -> pd.Series:
+    """Each layer's role: its module type and its name with every number replaced by '#'
+    (layers of the same kind share it: ``Linear:blocks.#.fc``)."""
+    return module_types.astype(str) + ":" + layers.astype(str).str.replace(r"\d+", "#", regex=True)
 
 
 def scale_pool(table: pd.DataFrame) -> pd.DataFrame:
