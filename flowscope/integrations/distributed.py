@@ -69,7 +69,9 @@ import torch
 import torch.distributed as dist
 
 from flowscope.core.errors import FlowscopeError
+from flowscope.integrations.fsdp import check_coverage, record_flat_shards
 from flowscope.record.recorder import KINDS, ROOT, Recorder, SnapKey
+from flowscope.record.shards import user_name
 from flowscope.record.snapshot import RAW, split_row
 
 __all__ = [
@@ -142,11 +144,14 @@ def merge_pending(
     pending = rec.pending()
     count = len(pending)
     world = rank_and_world(group)[1]
+    parts = dict(rec.shards)  # parts of sharded tensors -> the whole's size: samples
+    rec.shards.clear()
     if world > 1:
         order = sorted(range(count), key=lambda i: _match_key(pending[i][0]))
-        _check_same_keys([_match_key(pending[i][0]) for i in order], group, world)
+        keys = [(*_match_key(pending[i][0]), pending[i][0] in parts) for i in order]
+        _check_same_keys(keys, group, world)
         if order:
-            _merge_rows(rec, pending, order, group, world, tuple(replicated))
+            _merge_rows(rec, pending, order, group, world, (tuple(replicated), parts))
             rec.set_pending(pending)
     rec.flush()
     return count
@@ -190,7 +195,7 @@ def _difference(lists: list[list[tuple[Any, ...]]]) -> str:
 
 
 def _describe(key: tuple[Any, ...]) -> str:
-    f = dict(zip(_MATCH_FIELDS, key, strict=True))
+    f = dict(zip(_MATCH_FIELDS, key, strict=False))  # the last entry: a sharded tensor's part
     tensor = f" tensor {f['tensor']!r}" if f["tensor"] else ""
     return f"step {f['step']} layer {f['layer']!r} {f['kind']} call {f['call']}{tensor}"
 
@@ -201,24 +206,30 @@ def _merge_rows(
     order: list[int],
     group: Any,
     world: int,
-    replicated: tuple[str, ...],
+    how: tuple[tuple[str, ...], dict[SnapKey, int]],
 ) -> None:
     """Replace the snapshots ``order`` of ``pending`` (sorted alike on every rank) by merged
-    ones, in place."""
+    ones, in place. ``how``: the replicated kinds, and the parts of sharded tensors with the
+    size of each whole tensor (merged as samples, their sum checked)."""
+    replicated, parts = how
     device = pending[order[0]][1].device
     stacked = torch.stack([pending[i][1].to(device) for i in order])
     raw, lins, logs = split_row(stacked, rec.hist)
     gathered = [torch.empty_like(raw) for _ in range(world)]
     dist.all_gather(gathered, raw, group=group)
     every = torch.stack(gathered)  # (rank, snapshot, field)
-    kinds = [pending[i][0].kind for i in order]
-    keep = _agreeing(every, kinds, replicated)
+    keys = [pending[i][0] for i in order]
+    keep = _agreeing(every, [k.kind for k in keys], replicated)
+    keep = [k and keys[s] not in parts for s, k in enumerate(keep)]
     rows = [s for s, k in enumerate(keep) if not k]
     if not rows:
         return
-    _warn_disagreeing([pending[order[s]][0] for s in rows], replicated)
+    _warn_disagreeing([keys[s] for s in rows if keys[s] not in parts], replicated)
     sub = every[:, rows]
     merged = merge_raw(sub)
+    sharded = [j for j, s in enumerate(rows) if keys[s] in parts]
+    whole = [parts[keys[rows[j]]] for j in sharded]
+    check_coverage([keys[rows[j]] for j in sharded], merged[sharded], whole)
     weight = _stride_weights(sub)[dist.get_rank(group)]
     lin = rebin_linear(lins[rows], raw[rows], merged)
     hists = torch.cat([lin, logs[rows]], dim=1) * weight[:, None]
@@ -367,6 +378,7 @@ def record_synced_grads(rec: Recorder) -> int:
     """
     if not rec.active:
         return 0
+    flat = record_flat_shards(rec)  # FSDP1: the flat parameters' shards
     pending = rec.pending()
     done = 0
     for i, (key, _) in enumerate(pending):
@@ -381,14 +393,14 @@ def record_synced_grads(rec: Recorder) -> int:
             done += 1
     if done:
         rec.set_pending(pending)
-    return done
+    return done + flat
 
 
 def _parameter(rec: Recorder, key: SnapKey) -> torch.Tensor | None:
     """The parameter a weight_grad snapshot was taken of (None if the model changed)."""
-    try:
-        module = rec.model if key.layer == ROOT else rec.model.get_submodule(key.layer)
-    except AttributeError:
+    modules = {user_name(q) or ROOT: m for q, m in rec.targets}  # keys name no wrappers
+    module = modules.get(key.layer)
+    if module is None:
         return None
     return dict(module.named_parameters(recurse=False)).get(key.tensor)
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
+from flowscope.record import shards
 from flowscope.record.checkpoint import Recomputes
 from flowscope.record.hooks import Hooks
 from flowscope.record.pending import Pending, SnapKey
@@ -222,6 +223,9 @@ class Recorder:
         # first forward runs under no_grad), matched by recomputes; see _recompute
         self._recomputes = Recomputes()
         self._pending = Pending()
+        # snapshots of a part of a sharded tensor -> the whole tensor's size, until the merge
+        self.shards: dict[SnapKey, int] = {}
+        self._swapped = shards.managed(model)  # parameters FSDP swaps: read as stored
         self.started = time.time()
         if out is not None:
             self._open_store(Path(out))
@@ -429,7 +433,7 @@ class Recorder:
         hook = _forward_hook(weakref.ref(self), qualname, module)
         self._module_hooks[qualname] = self._hooks.forward(module, hook)
         if "weight_grad" in self.kinds:
-            for pname, param in module.named_parameters(recurse=False):
+            for pname, param in shards.own_parameters(module, self._swapped):
                 self._hook_param(qualname, module, pname, param)
 
     def _hook_param(self, qualname: str, module: nn.Module, pname: str, param: Any) -> None:
@@ -478,7 +482,7 @@ class Recorder:
 
     def _first_call(self, qualname: str, module: nn.Module) -> None:
         """A target's first call of a recorded step: its weights; replaced parameters."""
-        for pname, param in module.named_parameters(recurse=False):
+        for pname, param in shards.own_parameters(module, self._swapped):
             plain = _plain(param)
             if (
                 "weight_grad" in self.kinds
@@ -494,7 +498,7 @@ class Recorder:
 
     def _keep_before(self, qualname: str, module: nn.Module) -> None:
         """A copy of the module's parameters before this step's update (on their device)."""
-        for pname, param in module.named_parameters(recurse=False):
+        for pname, param in shards.own_parameters(module, self._swapped):
             plain = _plain(param)
             if plain is None or not plain.is_floating_point() or plain.is_meta:
                 continue
@@ -565,8 +569,8 @@ class Recorder:
         return SnapKey(
             step=self.step_index,
             layer_idx=self._layer_idx.get(qualname, -1),
-            layer=qualname,
-            module_type=type(module).__name__,
+            layer=shards.user_name(qualname) or ROOT,  # FSDP1, checkpoint, compile wrappers
+            module_type=shards.user_type(module),
             kind=kind,
             call=call,
             forward=max(self._passes.forward, 0),
@@ -616,6 +620,13 @@ class Recorder:
         device and not kept; None for a tensor with no float values (meta, int, bool)."""
         if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
             return None
+        part = shards.local_part(t)
+        if part is not None:  # a DTensor: this rank's part (FSDP2, tensor parallel)
+            if part.tensor is None:
+                self._skip(part.problem, f"{part.problem} is not recorded ({key.layer!r})")
+                return None
+            self.shards[key] = part.numel
+            t = part.tensor
         plain = _plain(t)
         if plain is None:
             return None
@@ -669,6 +680,9 @@ class Recorder:
             self._frames = None
         self._reader.finish()
         pending, self._pending = self._pending, Pending()
+        if self.shards:
+            self.shards.clear()
+            self._skip("unmerged", _UNMERGED)
         self._reader.new_rows()  # the old row blocks go with the old rows
         if not pending.keys:
             return
@@ -819,6 +833,10 @@ def _scalar(value: torch.Tensor | float) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float64)
 
 
+_UNMERGED = (
+    "parts of sharded parameters (FSDP, DTensor) were flushed unmerged: each rank's rows hold"
+    " its own shard only; call flowscope.distributed.merge_pending(rec) on every rank first"
+)
 MAX_STEP_ROWS = 100_000  # snapshots one step may take (Recorder.max_step_rows): ~110 MB
 _FUNCTORCH = (
     "under torch.func transforms (vmap, grad, jacrev, functional_call with them) only the"

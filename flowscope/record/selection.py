@@ -16,6 +16,7 @@ from torch import nn
 from flowscope.core.activations import activation_type
 from flowscope.core.errors import FlowscopeError, unknown
 from flowscope.record.fields import HistSpec, LogEdges
+from flowscope.record.shards import managed, own_parameters
 
 __all__ = [
     "ALL_KINDS",
@@ -118,10 +119,14 @@ def select_modules(
     """
     named = [(n or ROOT, m) for n, m in model.named_modules()]
     if modules is None:
+        swapped = managed(model)  # FSDP1: the modules whose parameters it flattened
+        owners = {i for (i, _), p in swapped.items() if p is None}
         return [
             (n, m)
             for n, m in named
-            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
+            if not any(True for _ in m.children())
+            or id(m) in owners
+            or any(True for _ in own_parameters(m, swapped))
         ]
     selectors = [modules] if isinstance(modules, str | type) else list(modules)
     if not selectors:
