@@ -252,6 +252,7 @@ def test_the_report_of_a_training_run_tells_its_story(tmp_path: Path) -> None:
         "Learning rate over the steps",
         "Activation rms per layer over the steps",
         "Update : weight ratio per layer over the steps",
+        "Activation and dL/dh rms of a few layers over the steps",
     ):
         assert f"<b>{title}.</b>" in html
 
@@ -280,3 +281,31 @@ def test_the_loss_curve_bins_long_runs() -> None:
     ax = layer_steps(stats, "update_ratio", "mean", points=50)
     grid = ax.images[0].get_array()
     assert grid.shape == (2, 50) and np.allclose(grid, -3.0)
+
+
+def test_layer_lines_draw_bucket_means_with_their_extremes() -> None:
+    from flowscope.reporter.plots import layer_lines
+
+    rng = np.random.default_rng(0)
+    steps, names = np.arange(2000), ["l0", "a0", "l1", "a1", "l2", "a2"]
+    values = rng.lognormal(size=(len(steps), len(names)))
+    stats = pd.DataFrame(
+        {
+            "step": np.repeat(steps, len(names)),
+            "layer_idx": np.tile(np.arange(len(names)), len(steps)),
+            "layer": np.tile(names, len(steps)),
+            "module_type": np.tile(["Linear", "ReLU"] * 3, len(steps)),
+            "kind": "activation",
+            "call": 0,
+            "tensor": "output",
+            "rms": values.reshape(-1),
+        }
+    )
+    ax = layer_lines(stats, "activation", points=40)  # the ReLU layers only
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a0", "a1", "a2"]
+    a1 = values[:, 3].reshape(40, 50)  # 2000 steps in 40 buckets of 50
+    assert np.allclose(ax.lines[1].get_ydata(), a1.mean(axis=1))
+    band = ax.collections[1].get_paths()[0].vertices[:, 1]
+    assert band.max() == pytest.approx(a1.max()) and band.min() == pytest.approx(a1.min())
+    with pytest.raises(FlowscopeError, match="no 'activation' rows for layers"):
+        layer_lines(stats, "activation", layers=["l9"])

@@ -111,6 +111,11 @@ TRAINING_CAPTION = (
     " columns (the mean of log10 per bin). The classic rule of thumb for the update : weight"
     " ratio ||dW|| / ||W|| is about 1e-3 per step."
 )
+LINES_CAPTION = (
+    "The rms of the first, last and two middle layers (activation-function layers when the"
+    " model has them) over the steps: steps binned into at most 300 points, the line their"
+    " mean, the band their minimum to maximum."
+)
 LOSS_CAPTION = (
     "The loss given to rec.step(loss=...) at every step: steps binned into at most 600"
     " points, the line their mean, the band their minimum to maximum (spikes stay visible)."
@@ -147,6 +152,19 @@ def training_figures(
         except FlowscopeError:  # no rows of this kind to draw (no weight tensor, ...)
             continue
         figs.append({"title": title, "caption": TRAINING_CAPTION, "src": src})
+    flows = [k for k in ("activation", "gradient") if k in present]
+    if flows:
+
+        def draw_lines(fig: Figure) -> None:
+            for ax, kind in zip(plots.panels(fig, len(flows)), flows, strict=True):
+                plots.layer_lines(stats, kind, "rms", ax=ax)
+
+        try:
+            src = canvases.png(("training", key, "lines"), draw_lines, (6.0 * len(flows), 3.0))
+        except FlowscopeError:  # no activation-function layer rows to draw
+            return figs
+        title = "Activation and dL/dh rms of a few layers over the steps"
+        figs.append({"title": title, "caption": LINES_CAPTION, "src": src})
     return figs
 
 

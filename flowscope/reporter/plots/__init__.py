@@ -18,9 +18,10 @@ function redraws that figure's panels in place (much faster than new axes; see
 * :func:`saturation_plot`: saturated and zero ("dead") fractions per layer. In :mod:`.curves`.
 * :func:`signal_plot`: the signal-propagation plot of a residual model (stream squared mean
   and variance, branch variance, against depth). In :mod:`.signal`.
-* :func:`loss_curve` / :func:`layer_steps`: a training run over its steps, the loss with a
-  min/max envelope and a statistic per layer and step as a heat map, both binned to a fixed
-  number of points. In :mod:`.training`.
+* :func:`loss_curve` / :func:`layer_steps` / :func:`layer_lines`: a training run over its
+  steps, the loss with a min/max envelope, a statistic per layer and step as a heat map, and
+  as lines with a min/max band for a few layers, all binned to a fixed number of points. In
+  :mod:`.training`.
 * :func:`coord_plot`: the μP coordinate check, activation size against width per step. In
   :mod:`.width`.
 
@@ -54,7 +55,7 @@ from flowscope.reporter.plots.hists import (
     layer_hists,
 )
 from flowscope.reporter.plots.signal import signal_plot
-from flowscope.reporter.plots.training import layer_steps, loss_curve
+from flowscope.reporter.plots.training import layer_lines, layer_steps, loss_curve
 from flowscope.reporter.plots.width import coord_plot
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "hist_figsize",
     "is_activation_type",
     "layer_hists",
+    "layer_lines",
     "layer_steps",
     "log_heatmap",
     "log_heatmap_steps",

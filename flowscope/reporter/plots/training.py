@@ -1,5 +1,6 @@
-"""A training run over its steps: the loss curve (:func:`loss_curve`) and one statistic per
-layer and step as a heat map (:func:`layer_steps`). Both bin the steps into at most
+"""A training run over its steps: the loss curve (:func:`loss_curve`), one statistic per
+layer and step as a heat map (:func:`layer_steps`) and as lines for a few layers
+(:func:`layer_lines`). All bin the steps into at most
 ``points`` buckets, so a run of 100 k steps draws as fast as one of 1 k: the loss as the
 bucket's mean with a band from its minimum to its maximum (spikes stay visible), the heat
 map as the bucket's mean of log10.
@@ -26,7 +27,7 @@ from flowscope.reporter.plots.common import KIND_LABEL, flow_layers, new_ax, sho
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["envelope", "layer_steps", "loss_curve"]
+__all__ = ["envelope", "layer_lines", "layer_steps", "loss_curve"]
 
 
 def envelope(steps: np.ndarray, values: np.ndarray, points: int) -> pd.DataFrame:
@@ -85,15 +86,7 @@ def layer_steps(
     Raises:
         FlowscopeError: when ``stats`` has no row of ``kind``.
     """
-    rows = stats[(stats["kind"] == kind) & (stats["call"] == 0)]
-    if kind in ("weight", "weight_grad", "update_ratio"):
-        rows = rows[rows["tensor"] == "weight"]
-    elif kind in ("activation", "gradient"):
-        rows = rows[rows["layer"].isin(flow_layers(rows))]
-    if rows.empty:
-        raise FlowscopeError(f"no {kind!r} rows to draw over the steps")
-    rows = rows.groupby(["layer_idx", "layer", "step"], as_index=False)[[column]].mean()
-    layers = rows.drop_duplicates("layer_idx").sort_values("layer_idx")["layer"].tolist()
+    rows, layers = _kind_rows(stats, kind, column)
     steps = np.sort(rows["step"].unique())
     bucket = np.minimum((np.arange(len(steps)) * points) // len(steps), points - 1)
     rows["bucket"] = rows["step"].map(dict(zip(steps, bucket, strict=True)))
@@ -121,3 +114,71 @@ def layer_steps(
     ax.set_xlabel("step")
     ax.set_title(f"{KIND_LABEL.get(kind, kind.replace('_', ' '))}: {column} per layer")
     return ax
+
+
+def layer_lines(
+    stats: pd.DataFrame,
+    kind: str,
+    column: str = "rms",
+    layers: list[str] | None = None,
+    ax: Axes | None = None,
+    points: int = 300,
+    most: int = 4,
+) -> Axes:
+    """``column`` over the steps for a few layers of one kind, one line each (the bucket's
+    mean) with a band from the bucket's minimum to its maximum, on a log y axis when
+    positive; ``layers`` default: ``most`` of them spread from the first to the last.
+
+    Example:
+        >>> steps = range(3000)
+        >>> stats = pd.DataFrame({"step": [s for s in steps for _ in (0, 1)],
+        ...     "layer": ["a", "b"] * 3000, "layer_idx": [0, 1] * 3000, "call": 0,
+        ...     "kind": "activation", "tensor": "output", "module_type": "ReLU",
+        ...     "rms": [1.0 + s % 7 for s in steps for _ in (0, 1)]})
+        >>> ax = layer_lines(stats, "activation", points=100)
+        >>> [len(line.get_xdata()) for line in ax.lines]  # 3000 steps as 100 buckets
+        [100, 100]
+
+    Raises:
+        FlowscopeError: when ``stats`` has no row of ``kind``, or ``layers`` names one it
+            does not have.
+    """
+    rows, names = _kind_rows(stats, kind, column)
+    if layers is None:
+        layers = spread(names, most)
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise FlowscopeError(f"no {kind!r} rows for layers {unknown}; it has {names}")
+    ax = new_ax(ax, (6.5, 3.0))
+    positive = True
+    for name in layers:
+        one = rows[rows["layer"] == name]
+        env = envelope(one["step"].to_numpy(), one[column].to_numpy(dtype=float), points)
+        line = ax.plot(env["step"], env["mean"], linewidth=1.1, label=short_name(name, 20))
+        ax.fill_between(
+            env["step"], env["min"], env["max"], alpha=0.2, linewidth=0, color=line[0].get_color()
+        )
+        positive &= bool(len(env) and (env["min"] > 0).all())
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(column)
+    ax.set_title(f"{KIND_LABEL.get(kind, kind.replace('_', ' '))}: {column}")
+    ax.legend(fontsize=7, loc="best")
+    return ax
+
+
+def _kind_rows(stats: pd.DataFrame, kind: str, column: str) -> tuple[pd.DataFrame, list[str]]:
+    """One row per (layer, step) of ``kind`` (its first call; the ``weight`` tensor for the
+    parameter kinds; the activation-function layers for the flow kinds), and the layers in
+    execution order."""
+    rows = stats[(stats["kind"] == kind) & (stats["call"] == 0)]
+    if kind in ("weight", "weight_grad", "update_ratio"):
+        rows = rows[rows["tensor"] == "weight"]
+    elif kind in ("activation", "gradient"):
+        rows = rows[rows["layer"].isin(flow_layers(rows))]
+    if rows.empty:
+        raise FlowscopeError(f"no {kind!r} rows to draw over the steps")
+    rows = rows.groupby(["layer_idx", "layer", "step"], as_index=False)[[column]].mean()
+    layers = rows.drop_duplicates("layer_idx").sort_values("layer_idx")["layer"].tolist()
+    return rows, layers
