@@ -48,6 +48,7 @@ from flowscope.reporter.figures import (
 from flowscope.reporter.run import RunData, resolve_source
 from flowscope.reporter.study_figures import study_figures
 from flowscope.reporter.tables import settings, summary, write_exports
+from flowscope.reporter.timeline_section import timeline_section
 
 if TYPE_CHECKING:
     from flowscope.record.recorder import Recorder
@@ -500,6 +501,10 @@ def render(
         row["thresholds_text"] = _thresholds_text(row.get("thresholds"))
         rows.append({**section, "row": row})
     claims = _claim_rows(run.claims, labels)
+    anchors = {str(s["row"][by]): s["anchor"] for s in sections if not s["seeds"]}
+    timeline = timeline_section(
+        run.records.stats, by, {str(k): str(v) for k, v in labels.items()}, anchors
+    )
     theory = theory_frame(run, table)
     seeds = len(groups) < len(table)  # a section per setting, over its seeds
     axis_names = [a for a in _axis_names(table, by) if not (seeds and a == "seed")]
@@ -517,6 +522,7 @@ def render(
             sections=rows,
             verdict_counts=_verdict_counts(table),
             claims=claims,
+            timeline=timeline,
             claims_held=sum(c["held"] is True for c in claims),
             claims_inconclusive=sum(c.get("status") == "inconclusive" for c in claims),
             overview=_overview(run, table, groups, rows, theory),
