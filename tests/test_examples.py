@@ -41,6 +41,21 @@ def test_ddp_example_under_torchrun_writes_the_global_batch_and_the_report(tmp_p
     assert (out / "report.html").is_file()  # flowscope.reporter.page drew it on rank 0
 
 
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1-flat"])
+def test_fsdp_example_under_torchrun_merges_the_shards(tmp_path, strategy):
+    out = tmp_path / strategy
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    stdout = run([*args, "examples/fsdp_train.py"], out, STRATEGY=strategy)
+    assert stdout.count("records of the global batch") == 1
+    stats = fs.load(out).stats
+    assert sorted(stats.step.unique()) == [0, 2]
+    assert {"embed", "blocks.0.fc1", "blocks.2.norm", "head"} <= set(stats.layer)  # no wrappers
+    fc1 = stats.query("layer == 'blocks.0.fc1' and tensor == 'weight'")
+    assert (fc1["count"] == 64 * 256).all() and set(fc1.kind) == {"weight", "weight_grad"}
+    first = stats.query("kind == 'activation' and layer == 'embed'")
+    assert (first["count"] == 2 * 16 * 64).all()  # both ranks' 16 samples
+
+
 def test_lightning_example(tmp_path):
     stdout = run(["examples/lightning_train.py"], tmp_path / "pl")
     assert "recorded steps [0, 2]" in stdout
