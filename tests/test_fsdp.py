@@ -22,17 +22,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import flowscope as fs
-from flowscope.integrations import distributed
+from flowscope.integrations import distributed, fsdp
 from flowscope.record import shards
+from flowscope.record.pending import SnapKey
+from flowscope.record.snapshot import RAW
 
 WORLD = 2
 BATCH = 8  # global batch; each rank gets BATCH // WORLD contiguous rows
 STEPS = 2
 KEYS = ["step", "layer", "kind", "call", "tensor"]
+TP_KINDS = ["weight", "weight_grad"]
 SCENARIOS = [
     f"{strategy}-{net}"
     for strategy in ("fsdp2", "fsdp1-orig", "fsdp1-flat")
@@ -132,6 +138,41 @@ def _scenario(rank: int, name: str) -> dict[str, object]:
     }
 
 
+def _tensor_parallel() -> dict[str, object]:
+    """Column- then row-parallel Linears (weights Shard(0), Shard(1); the row-parallel bias
+    Replicate), the same batch on both ranks: weights and their gradients."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model("mlp")
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    with fs.watch(model, kinds=TP_KINDS, bins=16) as rec:
+        _train(model, rec, _data("mlp"), 1.0)
+    distributed.merge_pending(rec)
+    return {"stats": rec.stats, "hists": rec.hists}
+
+
+class Addends(nn.Module):
+    """A parameter held as a DTensor with a Partial placement (addends of a pending sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        self.w = nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Partial()]))
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _partial() -> dict[str, object]:
+    model = Addends()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fs.watch(model, kinds=["weight"]) as rec:
+            model(torch.ones(2, 3))
+        distributed.merge_pending(rec)
+    return {"warnings": [str(w.message) for w in caught], "rows": list(rec.stats.layer)}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -139,6 +180,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     try:
         seen = {name: _scenario(rank, name) for name in SCENARIOS}
+        seen["tp"] = _tensor_parallel()
+        seen["partial"] = _partial()
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -180,6 +223,11 @@ def test_merged_statistics_equal_the_unsharded_model(spawned, references, name):
     ref = references[name.rsplit("-", 1)[1]].stats
     joined = _joined(merged, ref)
     assert set(joined.kind) == {"activation", "gradient", "weight", "weight_grad"}
+    _assert_same(joined)
+
+
+def _assert_same(joined: pd.DataFrame) -> None:
+    """Counts equal, moments and extremes within 1e-5 of the snapshot's rms."""
     for col in ("count", "nan", "inf", "frac_zero"):
         np.testing.assert_array_equal(joined[f"{col}_fsdp"], joined[f"{col}_ref"], err_msg=col)
     for col in ("mean", "std", "rms", "min", "max", "absmax"):
@@ -216,6 +264,31 @@ def test_every_rank_holds_the_same_merged_frames_with_the_users_names(spawned):
 def test_no_scenario_warns(spawned):
     for name in SCENARIOS:
         assert spawned[0][name]["warnings"] == [], name
+
+
+def test_tensor_parallel_weights_and_gradients_equal_the_unsharded_model(spawned):
+    model = _model("mlp")
+    with fs.watch(model, kinds=TP_KINDS, bins=16) as ref:
+        _train(model, ref, _data("mlp"), 1.0)
+    joined = _joined(spawned[0]["tp"]["stats"], ref.stats)
+    assert set(joined.kind) == set(TP_KINDS) and len(joined) == 2 * 2 * 3 * STEPS
+    _assert_same(joined)
+
+
+def test_a_partial_placement_is_left_out_with_a_warning_not_a_crash(spawned):
+    for seen in spawned:
+        said = [w for w in seen["partial"]["warnings"] if "Partial" in w]
+        assert len(said) == 1 and "is not recorded ('<root>')" in said[0], seen["partial"]
+        assert "<root>" not in seen["partial"]["rows"] and "lin" in seen["partial"]["rows"]
+
+
+def test_parts_that_miss_elements_of_the_whole_warn():
+    key = SnapKey(0, 0, "fc", "Linear", "weight", 0, 0, -1, 0, "w", "float32", "cpu")
+    merged = torch.zeros(1, len(RAW))
+    merged[0, RAW["numel"]] = 6.0
+    fsdp.check_coverage([key], merged, [6])  # complete: silent
+    with pytest.warns(RuntimeWarning, match=r"fc\.w weight: 6 of 8"):
+        fsdp.check_coverage([key], merged, [8])
 
 
 def test_local_part_of_a_plain_tensor_is_none_and_names_lose_wrappers():

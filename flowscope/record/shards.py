@@ -88,7 +88,8 @@ def local_part(t: torch.Tensor) -> Part | None:
     placements = t.placements
     odd = [p for p in placements if not (p.is_shard() or p.is_replicate())]
     if odd:
-        return Part(None, t.numel(), f"a DTensor with placement {odd[0]} (pending reduction)")
+        what = f"{type(odd[0]).__name__} ({odd[0]})"
+        return Part(None, t.numel(), f"a DTensor with placement {what}, a sum not yet reduced,")
     with torch.no_grad():
         local = t.detach().to_local()
     coord = t.device_mesh.get_coordinate()
