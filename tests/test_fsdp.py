@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -39,10 +39,10 @@ BATCH = 8  # global batch; each rank gets BATCH // WORLD contiguous rows
 STEPS = 2
 KEYS = ["step", "layer", "kind", "call", "tensor"]
 TP_KINDS = ["weight", "weight_grad"]
+NETS = ("mlp", "block")
 SCENARIOS = [
-    f"{strategy}-{net}"
-    for strategy in ("fsdp2", "fsdp1-orig", "fsdp1-flat")
-    for net in ("mlp", "block")
+    *(f"{strategy}-{net}" for strategy in ("fsdp2", "fsdp1-orig", "fsdp1-flat") for net in NETS),
+    "fsdp1-noshard-mlp",  # every rank holds every element: rank 0's count
 ]
 
 
@@ -112,13 +112,14 @@ def _sharded(strategy: str, net: str) -> nn.Module:
     return FullyShardedDataParallel(
         model,
         use_orig_params=strategy == "fsdp1-orig",
+        sharding_strategy=ShardingStrategy.NO_SHARD if strategy == "fsdp1-noshard" else None,
         device_id=torch.device("cpu"),
         auto_wrap_policy=ModuleWrapPolicy(set(units)),
     )
 
 
 def _scenario(rank: int, name: str) -> dict[str, object]:
-    strategy, net = name.split("-", 1) if name.startswith("fsdp2") else name.rsplit("-", 1)
+    strategy, net = name.rsplit("-", 1)
     model = _sharded(strategy, net)
     x = _data(net)[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
     with warnings.catch_warnings(record=True) as caught:
@@ -173,6 +174,17 @@ def _partial() -> dict[str, object]:
     return {"warnings": [str(w.message) for w in caught], "rows": list(rec.stats.layer)}
 
 
+def _unmerged() -> list[str]:
+    """Frames asked for before the merge: each rank's own shards, said loudly."""
+    model = _sharded("fsdp2", "mlp")
+    with fs.watch(model, kinds=["weight"]) as rec:
+        model(_data("mlp"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec.stats  # noqa: B018 (the flush)
+    return [str(w.message) for w in caught]
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -182,6 +194,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen = {name: _scenario(rank, name) for name in SCENARIOS}
         seen["tp"] = _tensor_parallel()
         seen["partial"] = _partial()
+        seen["unmerged"] = _unmerged()
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -280,6 +293,11 @@ def test_a_partial_placement_is_left_out_with_a_warning_not_a_crash(spawned):
         said = [w for w in seen["partial"]["warnings"] if "Partial" in w]
         assert len(said) == 1 and "is not recorded ('<root>')" in said[0], seen["partial"]
         assert "<root>" not in seen["partial"]["rows"] and "lin" in seen["partial"]["rows"]
+
+
+def test_frames_asked_for_before_the_merge_say_so(spawned):
+    for seen in spawned:
+        assert any("flushed unmerged" in w for w in seen["unmerged"]), seen["unmerged"]
 
 
 def test_parts_that_miss_elements_of_the_whole_warn():
