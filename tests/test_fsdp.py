@@ -263,6 +263,20 @@ def test_merged_log_histograms_are_exact(spawned, references, name):
     np.testing.assert_array_equal(joined.count_fsdp, joined.count_ref)
 
 
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_merged_linear_histograms_are_within_one_bin(spawned, references, name):
+    """Shards' histograms are re-binned onto the whole's range as DDP's are: totals exact,
+    each value in its own bin or a neighbour (the bound in docs/INTEGRATIONS.md)."""
+    got = spawned[0][name]["hists"].query("hist == 'linear'").set_index(KEYS)
+    ref = references[name.rsplit("-", 1)[1]].hists.query("hist == 'linear'")
+    for key, exact in ref.groupby(KEYS):
+        exact = exact.sort_values("bin")["count"].to_numpy()
+        merged = got.loc[key].sort_values("bin")["count"].to_numpy()
+        assert merged.sum() == exact.sum(), key
+        gap = np.abs(np.cumsum(merged) - np.cumsum(exact))[:-1]
+        assert np.all(gap <= exact[:-1] + exact[1:]), key
+
+
 def test_every_rank_holds_the_same_merged_frames_with_the_users_names(spawned):
     for name in SCENARIOS:
         a, b = (seen[name]["stats"] for seen in spawned)
