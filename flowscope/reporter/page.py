@@ -62,14 +62,15 @@ def _diagnose(stats: pd.DataFrame, by: str, source: Any = None) -> tuple[Any, st
     """The doctor's verdicts, or None and the reason there are none.
 
     ``source``: the Recorder the stats came from, if any; the doctor then also sees the
-    model (exact fan-ins in its prescriptions).
+    model (exact fan-ins in its prescriptions). It judges ``stats`` either way: asking the
+    recorder for its stats would read a streamed run's every part again, histograms too.
     """
     if stats.empty:
         return None, "no statistics were recorded"
     from flowscope.doctor import diagnose
 
     try:
-        return diagnose(source if source is not None else stats, by=[by]), ""
+        return diagnose(stats, by=[by], model=getattr(source, "model", None)), ""
     except FlowscopeError as err:
         return None, f"the doctor could not judge these records: {err}"
 
