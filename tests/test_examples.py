@@ -62,6 +62,15 @@ def test_lightning_example(tmp_path):
     assert (tmp_path / "pl" / "stats.parquet").is_file()
 
 
+def test_lightning_example_under_fsdp2(tmp_path):
+    stdout = run(["examples/lightning_train.py"], tmp_path / "pl", STRATEGY="fsdp")
+    assert stdout.count("recorded steps [0, 2]") == 1  # rank 0
+    stats = fs.load(tmp_path / "pl").stats.query("layer == 'net.0' and step == 0")
+    counts = dict(zip(stats.kind + "." + stats.tensor, stats["count"], strict=True))
+    assert counts["weight.weight"] == counts["weight_grad.weight"] == 128 * 32  # whole tensors
+    assert counts["activation."] == 2 * 32 * 128  # both ranks' batches
+
+
 def test_hf_trainer_example(tmp_path):
     stdout = run(["examples/hf_trainer.py"], tmp_path / "hf")
     assert "recorded steps [0, 2]" in stdout and "transformer.h.1.mlp.c_proj" in stdout
