@@ -309,3 +309,24 @@ def test_layer_lines_draw_bucket_means_with_their_extremes() -> None:
     assert band.max() == pytest.approx(a1.max()) and band.min() == pytest.approx(a1.min())
     with pytest.raises(FlowscopeError, match="no 'activation' rows for layers"):
         layer_lines(stats, "activation", layers=["l9"])
+
+
+def test_a_streamed_recorder_reads_stats_without_the_histogram_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = fs.watch(model, out=tmp_path / "run", flush_every=3)
+    _train(model, rec, 8, opt)  # 2 parts on disk, 2 steps held
+    skipped = []
+    read = runstore.read
+    monkeypatch.setattr(
+        runstore, "read", lambda *a, skip=(), **k: skipped.append(skip) or read(*a, skip=skip, **k)
+    )
+    stats = rec.stats
+    assert ("linear", "log") in skipped  # the parts were read without their counts
+    rec.close()
+    stored = fs.load(tmp_path / "run")
+    pd.testing.assert_frame_equal(stats, stored.stats)
+    pd.testing.assert_frame_equal(rec.hists, stored.hists)  # then built with the counts
+    assert rec.scalars["step"].tolist() == list(range(8))

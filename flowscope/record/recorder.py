@@ -232,6 +232,7 @@ class Recorder:
         self._reader = Reader(self.hist, os.environ.get("FLOWSCOPE_KERNELS", "auto"))
         self._host: list[tuple[list[SnapKey], Any, Any, Any]] = []
         self._frames: Records | None = None
+        self._frames_binned = False  # whether _frames has its histogram rows
         # a recorder dropped without close(): its hooks leave with it (they hold it weakly)
         self._finalizer = weakref.finalize(
             self, _dropped, self._hooks, self._tensor_hooks, type(model).__name__
@@ -707,12 +708,23 @@ class Recorder:
 
     def records(self) -> Records:
         """All snapshots so far as frames plus metadata (``frames.Records``)."""
+        return self._built(binned=True)
+
+    def _built(self, binned: bool) -> Records:
+        """The frames, cached until the next snapshot; without ``binned`` the histogram
+        frame may be empty (``stats`` and ``scalars`` of a streamed run of many steps then
+        do not read every part's counts: 189 numbers a snapshot)."""
+        import numpy as np
+
         from flowscope.record import frames
 
-        if self._frames is None:
+        if self._frames is None or (binned and not self._frames_binned):
             meta = {**self.meta, "run": self.name}
-            self._frames = frames.records_from(self.snapshots(), meta)
+            snaps = self.snapshots(counts=binned)
+            bins = None if binned else np.zeros(len(snaps), bool)
+            self._frames = frames.records_from(snaps, meta, binned=bins)
             self._frames.scalars = self._scalar_frame()
+            self._frames_binned = binned
         return self._frames
 
     def _scalar_frame(self) -> pd.DataFrame:
@@ -737,22 +749,25 @@ class Recorder:
             return held
         return pd.concat([stored.to_pandas()[frames.SCALAR_COLUMNS], held], ignore_index=True)
 
-    def snapshots(self) -> Snapshots:
+    def snapshots(self, counts: bool = True) -> Snapshots:
         """All snapshots so far on the host, before they become frames (what the study engine
-        saves per config; :class:`flowscope.record.frames.Snapshots`)."""
+        saves per config; :class:`flowscope.record.frames.Snapshots`); without ``counts``,
+        without the histograms (``lin`` and ``log`` of no columns)."""
         from flowscope.record import frames
 
         self.flush()
         held = frames.Snapshots.of(self._host, self.hist, self.name)
+        if not counts:
+            held.lin, held.log = held.lin[:, :0], held.log[:, :0]
         if self.out is None or (not self._stored_rows and not self._parts):
             return held
-        stored = _stored_snapshots(self.out, held.edges)
+        stored = _stored_snapshots(self.out, held.edges, counts)
         return frames.Snapshots.concat([stored, held]) if stored is not None else held
 
     @property
     def stats(self) -> pd.DataFrame:
         """One row per (step, layer, kind, call, tensor); one column per statistic."""
-        return self.records().stats
+        return self._built(binned=False).stats
 
     @property
     def hists(self) -> pd.DataFrame:
@@ -762,7 +777,7 @@ class Recorder:
     @property
     def scalars(self) -> pd.DataFrame:
         """One row per (step, name): the loss given to ``step(loss=...)``, learning rates."""
-        return self.records().scalars
+        return self._built(binned=False).scalars
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -812,12 +827,14 @@ def _edges(hist: HistSpec) -> list[int]:
     return [hist.log.lo, hist.log.hi, hist.log.per_decade]
 
 
-def _stored_snapshots(folder: Path, edges: Any) -> Snapshots | None:
-    """Every snapshot written to a run folder so far."""
+def _stored_snapshots(folder: Path, edges: Any, counts: bool = True) -> Snapshots | None:
+    """Every snapshot written to a run folder so far (without ``counts``: no histograms)."""
     from flowscope.record import frames, runstore
 
-    table = runstore.read(folder, "snapshots")
-    return None if table is None else frames.Snapshots.from_table(table, edges, folder.name)
+    table = runstore.read(folder, "snapshots", skip=() if counts else ("linear", "log"))
+    if table is None:
+        return None
+    return frames.Snapshots.from_table(table, edges, folder.name, counts=counts)
 
 
 def _scalar(value: torch.Tensor | float) -> torch.Tensor:
