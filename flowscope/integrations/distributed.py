@@ -39,6 +39,12 @@ differ across ranks are merged as samples instead, with a warning. ``gradient`` 
 global-batch loss is these divided by the world size (the factor DDP applies to parameter
 gradients).
 
+**Sharded parameters** (FSDP2, FSDP1, tensor parallel): each rank recorded its own part of a
+``weight`` or ``weight_grad`` (:mod:`flowscope.record.shards`, noted in ``rec.shards``); those
+rows are merged as samples, whatever ``replicated`` says, into the whole parameter's
+statistics, and :func:`flowscope.integrations.fsdp.check_coverage` warns when the parts do not
+add up to it. Whether a row is a part is part of the key digest, so it adds no collective.
+
 Histogram sample strides: when the ranks' strides differ, counts are weighted by
 ``stride_r / min(stride)`` so that ``count × hist_stride`` still estimates the full tensor.
 
@@ -362,7 +368,10 @@ def record_synced_grads(rec: Recorder) -> int:
     averages it; after ``backward()`` returns, ``.grad`` holds the average, identical on every
     rank, which is the gradient the optimizer applies. Call this after ``backward()`` and
     before ``zero_grad()`` on each step (it returns at once on unrecorded steps). Reads
-    tensors on their device; no host synchronisation.
+    tensors on their device; no host synchronisation. Under FSDP1 it also records every
+    flattened parameter's ``weight`` and ``weight_grad`` from this rank's shard
+    (:func:`flowscope.integrations.fsdp.record_flat_shards`); under FSDP2 the gradients'
+    local shards are re-read (they are reduced already).
 
     Example:
         >>> import torch, flowscope as fs

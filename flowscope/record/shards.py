@@ -105,15 +105,11 @@ def _dtensor_class() -> Any:
     return getattr(module, "DTensor", None)
 
 
-_FIRST: dict[int, bool] = {}  # id(mesh) -> whether it holds global rank 0 (meshes live long)
-
-
+@functools.lru_cache(maxsize=256)
 def _has_first_rank(mesh: Any) -> bool:
-    """Whether a mesh holds global rank 0: the meshes holding it count a replicated part."""
-    known = _FIRST.get(id(mesh))
-    if known is None:
-        known = _FIRST[id(mesh)] = 0 in mesh.mesh.flatten().tolist()
-    return known
+    """Whether a mesh holds global rank 0: the meshes holding it count a replicated part
+    (cached: meshes hash by their layout, read once; the mesh tensor lives on the CPU)."""
+    return 0 in mesh.mesh.flatten().tolist()
 
 
 # -- FSDP1: flat parameters ---------------------------------------------------------------------
