@@ -8,6 +8,7 @@ this process on the global batch.
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import time
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_batched import SYNCING, Ops  # the one list of calls that wait for a device
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
@@ -185,6 +187,30 @@ def _unmerged() -> list[str]:
     return [str(w.message) for w in caught]
 
 
+def _syncing_calls() -> dict[str, list[str]]:
+    """Calls that wait for a device (test_batched.SYNCING) in an FSDP2 step, bare and
+    recorded: the recorder's hooks and record_synced_grads add none. The torch path of the
+    snapshots (what runs on a GPU): the C kernel's calls do not pass torch's dispatcher."""
+    os.environ["FLOWSCOPE_KERNELS"] = "eager"
+    seen: dict[str, list[str]] = {}
+    for recorded in (False, True):
+        model = _sharded("fsdp2", "mlp")
+        rec = fs.watch(model) if recorded else None
+        with Ops() as ops:
+            model(_data("mlp")).square().mean().backward()
+            if rec is not None:
+                distributed.record_synced_grads(rec)
+                rec.step()
+        if rec is not None:
+            rec.close()
+            distributed.merge_pending(rec)
+        name = "recorded" if recorded else "bare"
+        seen[name] = sorted(n for n in ops.names if n in SYNCING)
+        seen[f"{name} calls"] = ops.names
+    del os.environ["FLOWSCOPE_KERNELS"]
+    return seen
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -195,6 +221,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen["tp"] = _tensor_parallel()
         seen["partial"] = _partial()
         seen["unmerged"] = _unmerged()
+        seen["syncing"] = _syncing_calls()
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -307,6 +334,13 @@ def test_a_partial_placement_is_left_out_with_a_warning_not_a_crash(spawned):
         said = [w for w in seen["partial"]["warnings"] if "Partial" in w]
         assert len(said) == 1 and "is not recorded ('<root>')" in said[0], seen["partial"]
         assert "<root>" not in seen["partial"]["rows"] and "lin" in seen["partial"]["rows"]
+
+
+def test_recording_a_sharded_step_adds_no_call_that_waits_for_a_device(spawned):
+    for seen in spawned:
+        calls = seen["syncing"]
+        assert calls["recorded"] == calls["bare"], (calls["recorded"], calls["bare"])
+        assert len(calls["recorded calls"]) > len(calls["bare calls"]) + 100  # the mode saw it
 
 
 def test_frames_asked_for_before_the_merge_say_so(spawned):
