@@ -173,7 +173,13 @@ def _partial() -> dict[str, object]:
         with fs.watch(model, kinds=["weight"]) as rec:
             model(torch.ones(2, 3))
         distributed.merge_pending(rec)
-    return {"warnings": [str(w.message) for w in caught], "rows": list(rec.stats.layer)}
+    inside = {}
+    for strategy, net in (("fsdp1-flat", "block"), ("fsdp1-orig", "block"), ("fsdp1-orig", "mlp")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            fs.watch(_sharded(strategy, net).module).close()  # the module in the wrapper
+        inside[f"{strategy}-{net}"] = [str(w.message) for w in said if "flowscope" in str(w)]
+    return {"warnings": [str(w.message) for w in caught], "rows": list(rec.stats.layer), **inside}
 
 
 def _unmerged() -> list[str]:
@@ -334,6 +340,14 @@ def test_a_partial_placement_is_left_out_with_a_warning_not_a_crash(spawned):
         said = [w for w in seen["partial"]["warnings"] if "Partial" in w]
         assert len(said) == 1 and "is not recorded ('<root>')" in said[0], seen["partial"]
         assert "<root>" not in seen["partial"]["rows"] and "lin" in seen["partial"]["rows"]
+
+
+def test_watching_the_module_inside_an_fsdp1_wrapper_warns(spawned):
+    for seen in spawned:
+        for name in ("fsdp1-flat-block", "fsdp1-orig-block"):  # the root's own LayerNorm, head
+            said = seen["partial"][name]
+            assert len(said) == 1 and "watch the wrapper instead" in said[0], (name, said)
+        assert seen["partial"]["fsdp1-orig-mlp"] == []  # every parameter in a visible unit
 
 
 def test_recording_a_sharded_step_adds_no_call_that_waits_for_a_device(spawned):

@@ -226,6 +226,8 @@ class Recorder:
         # snapshots of a part of a sharded tensor -> the whole tensor's size, until the merge
         self.shards: dict[SnapKey, int] = {}
         self._swapped = shards.managed(model)  # parameters FSDP swaps: read as stored
+        if shards.inside_fsdp1(model):
+            warnings.warn(f"flowscope: {shards.inside_fsdp1(model)}", RuntimeWarning, stacklevel=3)
         self.started = time.time()
         if out is not None:
             self._open_store(Path(out))

@@ -27,6 +27,7 @@ __all__ = [
     "FlatShard",
     "Part",
     "flat_shards",
+    "inside_fsdp1",
     "local_part",
     "managed",
     "own_parameters",
@@ -174,6 +175,37 @@ def own_parameters(
         stored = managed.get((id(module), name), param)
         if stored is not None:
             yield name, stored
+
+
+def inside_fsdp1(model: nn.Module) -> str:
+    """Why ``model``'s parameters cannot all be read, or "": a module that FSDP1 manages from
+    a wrapper outside it (its flat parameters are out of reach; watch the wrapper).
+
+    Example:
+        >>> inside_fsdp1(torch.nn.Linear(2, 2))
+        ''
+    """
+    if type(model).__name__ == "FullyShardedDataParallel":
+        return ""
+    seen = managed(model)
+    flattened = any(  # use_orig_params=True: FSDP1 marks the parameters it flattened
+        getattr(p, "_fsdp_flattened", False) and (id(m), n) not in seen
+        for m in model.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if not getattr(p, "_is_flat_param", False)
+    )
+    # use_orig_params=False: they are gone from the modules; FSDP1 marks the modules (FSDP2
+    # marks its modules too, always with use_orig_params True)
+    marks = model.__dict__
+    removed = marks.get("_is_fsdp_managed_module") and marks.get("_fsdp_use_orig_params") is False
+    if not (flattened or removed):
+        return ""
+    return (
+        f"this {type(model).__name__} is managed by a FullyShardedDataParallel (FSDP1) wrapper"
+        " outside it: parameters that wrapper flattened itself (not in a nested FSDP unit) are"
+        " not recorded (no weight, no weight_grad rows); watch the wrapper instead,"
+        " fs.watch(fsdp_model)"
+    )
 
 
 def flat_shards(model: nn.Module) -> list[FlatShard]:
