@@ -31,7 +31,7 @@ _LAZY = {
     "Diagnosis": "flowscope.doctor",
     "Thresholds": "flowscope.doctor",
     "examine": "flowscope.doctor",
-    "compare": "flowscope.doctor",
+    "compare": "flowscope.reporter.compare",  # two diagnoses, or two runs (+ compare.html)
     "reinit": "flowscope.doctor",
     "lsuv": "flowscope.doctor",
     "signal_propagation": "flowscope.doctor.signal",
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from flowscope.doctor import (  # noqa: F401
         Diagnosis,
         Thresholds,
-        compare,
         diagnose,
         examine,
         lsuv,
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from flowscope.doctor.signal import signal_propagation  # noqa: F401
     from flowscope.record.frames import Records, load  # noqa: F401
     from flowscope.record.recorder import KINDS, Recorder, watch  # noqa: F401
+    from flowscope.reporter.compare import compare  # noqa: F401
     from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401
     from flowscope.reporter.page import report  # noqa: F401
     from flowscope.study.engine import run_study  # noqa: F401

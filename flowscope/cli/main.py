@@ -165,6 +165,7 @@ def _write_report(out: Path) -> None:
 
 
 def _register() -> None:
+    from flowscope.cli.compare_cmd import compare_cmd
     from flowscope.cli.coord_cmd import coord_cmd
     from flowscope.cli.doctor_cmd import doctor_cmd
     from flowscope.cli.report_cmd import report_cmd
@@ -172,6 +173,7 @@ def _register() -> None:
     main.add_command(report_cmd)
     main.add_command(doctor_cmd)
     main.add_command(coord_cmd)
+    main.add_command(compare_cmd)
 
 
 _register()
