@@ -9,7 +9,8 @@ fails the test. A screenshot is kept under ``tests/artifacts/`` (git-ignored).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,37 +51,51 @@ def _playwright() -> Any:
     return sync_playwright
 
 
-@pytest.fixture(scope="module")
-def opened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The study report opened in Chromium, with what the page logged and requested."""
+@contextmanager
+def chromium() -> Iterator[Callable[[Path, str], dict[str, Any]]]:
+    """Headless Chromium; yields ``open(path, shot)``: the page opened, what it logged as
+    errors, the requests it made and those that would have left the machine (aborted), with
+    a screenshot ``shot`` under tests/artifacts. One per module: Playwright's sync API runs
+    one at a time."""
     sync_playwright = _playwright()
-    path = report(make_study(tmp_path_factory.mktemp("browser") / "run", xss=True))
-    seen: dict[str, list[str]] = {"errors": [], "outside": [], "requests": []}
-
-    def route(r: Any) -> None:
-        url = r.request.url
-        if url.startswith(("file:", "data:")):
-            r.continue_()
-        else:
-            seen["outside"].append(url)
-            r.abort()
-
     with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
         context = pw.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=True, args=ARGS, viewport=LAPTOP
         )
-        try:
-            context.route("**/*", route)
+
+        def open_page(path: Path, shot: str) -> dict[str, Any]:
+            seen: dict[str, list[str]] = {"errors": [], "outside": [], "requests": []}
+
+            def route(r: Any) -> None:
+                url = r.request.url
+                if url.startswith(("file:", "data:")):
+                    r.continue_()
+                else:
+                    seen["outside"].append(url)
+                    r.abort()
+
             page = context.new_page()
+            page.route("**/*", route)
             page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
             page.on("pageerror", lambda e: seen["errors"].append(str(e)))
             page.on("request", lambda r: seen["requests"].append(r.url))
             page.goto(path.resolve().as_uri(), wait_until="load")
             ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "report.png"))
-            yield {"page": page, "path": path, **seen}
+            page.screenshot(path=str(ARTIFACTS / shot))
+            return {"page": page, "path": path, **seen}
+
+        try:
+            yield open_page
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def opened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The study report opened in Chromium, with what the page logged and requested."""
+    path = report(make_study(tmp_path_factory.mktemp("browser") / "run", xss=True))
+    with chromium() as open_page:
+        yield open_page(path, "report.png")
 
 
 def test_no_console_errors(opened):
