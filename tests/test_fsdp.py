@@ -44,7 +44,10 @@ TP_KINDS = ["weight", "weight_grad"]
 NETS = ("mlp", "block")
 SCENARIOS = [
     *(f"{strategy}-{net}" for strategy in ("fsdp2", "fsdp1-orig", "fsdp1-flat") for net in NETS),
-    "fsdp1-noshard-mlp",  # every rank holds every element: rank 0's count
+    # replicas (NO_SHARD; FSDP2 over a 2 x 1 replicate x shard mesh): each element counted once.
+    # FSDP1's HYBRID_SHARD on such a mesh is left out: under gloo its ranks' gradients are not
+    # all-reduced across the replicas (torch 2.13; checked without flowscope)
+    *("fsdp1-noshard-mlp", "hsdp-mlp"),
 ]
 
 
@@ -105,11 +108,16 @@ def _sharded(strategy: str, net: str) -> nn.Module:
     if net == "block":  # the block's MLP under an activation checkpoint
         model.mlp = checkpoint_wrapper(model.mlp)
     units = (nn.Linear,) if net == "mlp" else (nn.TransformerEncoderLayer, nn.MultiheadAttention)
-    if strategy == "fsdp2":
+    if strategy in ("fsdp2", "hsdp"):
+        # hsdp: 2 replicas of 1 shard (each rank holds every element: rank 0's count)
+        dims = ("replicate", "shard")
+        mesh = (
+            init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=dims) if strategy == "hsdp" else None
+        )
         for module in reversed(list(model.modules())):  # inner units first
             if isinstance(module, units):
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     return FullyShardedDataParallel(
         model,
