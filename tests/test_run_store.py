@@ -255,6 +255,8 @@ def test_the_report_of_a_training_run_tells_its_story(tmp_path: Path) -> None:
         "Activation and dL/dh rms of a few layers over the steps",
     ):
         assert f"<b>{title}.</b>" in html
+    assert "12 recorded, 0–11" in html  # not rec.step()'s count, 13: the step opened after
+    assert fs.load(out).meta["steps"] == 13
 
 
 def test_the_loss_curve_bins_long_runs() -> None:

@@ -267,7 +267,7 @@ def _header(run: RunData) -> dict[str, Any]:
         "model": meta.get("model"),
         "devices": ", ".join(map(str, meta.get("devices", []) or [])),
         "dtype": meta.get("dtype") or ", ".join(map(str, meta.get("dtypes", []) or [])),
-        "steps": meta.get("steps"),
+        "steps": _steps_text(run.records.stats, meta.get("steps")),
         "torch": meta.get("torch"),
         "flowscope": meta.get("flowscope", __version__),
         "recorded": _when(meta),
@@ -278,6 +278,16 @@ def _header(run: RunData) -> dict[str, Any]:
         "source": source,
         "facts": {k: v for k, v in facts.items() if v not in (None, "")},
     }
+
+
+def _steps_text(stats: pd.DataFrame, counted: Any) -> Any:
+    """The steps a page shows: "3 recorded, 0-100" from the stats when several were recorded
+    (``meta["steps"]`` counts the step rec.step() opened after the last one too), else
+    what the recorder counted."""
+    if "step" not in stats.columns or stats["step"].nunique() < 2:
+        return counted
+    steps = stats["step"]
+    return f"{steps.nunique():,} recorded, {int(steps.min())}–{int(steps.max())}"
 
 
 # -- the page ---------------------------------------------------------------------------------
