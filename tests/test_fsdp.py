@@ -95,6 +95,7 @@ def _train(model: nn.Module, rec: fs.Recorder, x: torch.Tensor, scale: float) ->
             for p in model.parameters():
                 p.grad /= scale
         distributed.record_synced_grads(rec)
+        distributed.record_synced_grads(rec)  # again: the step's rows are replaced, not added
         opt.step()
         opt.zero_grad()
         rec.step()

@@ -56,11 +56,12 @@ def record_flat_shards(rec: Recorder) -> int:
     if not parts:
         return 0
     pending = rec.pending()
+    at = {k: i for i, (k, _) in enumerate(pending)}  # called twice in a step: rows replaced
     index = {k.layer: k.layer_idx for k, _ in pending if k.step == rec.step_index}
     # as the hooks do: a module's weights when it was called (MultiheadAttention reads its
     # out_proj's weights without calling it), its gradients when a backward reached them
     called = {k.layer for k, _ in pending if k.step == rec.step_index and k.kind == "activation"}
-    before = len(pending)
+    done = 0
     kinds = [k for k in ("weight", "weight_grad") if k in rec.kinds]
     for part in parts:
         layer = user_name(part.qualname) or ROOT
@@ -85,11 +86,16 @@ def record_flat_shards(rec: Recorder) -> int:
                 device=device_name(tensor.device),
             )
             row = rec.snapshot_row(tensor, key)
-            if row is not None:
+            if row is None:
+                continue
+            if key in at:
+                pending[at[key]] = key, row
+            else:
                 pending.append((key, row))
-                rec.shards[key] = part.numel
+            rec.shards[key] = part.numel
+            done += 1
     rec.set_pending(pending)
-    return len(pending) - before
+    return done
 
 
 def check_coverage(keys: Sequence[SnapKey], merged: torch.Tensor, whole: Sequence[int]) -> None:

@@ -219,8 +219,8 @@ def flat_shards(model: nn.Module) -> list[FlatShard]:
     names = {id(m): q for q, m in model.named_modules()}
     out = []
     for handle, flat in _flat_params(model):
-        local = getattr(flat, "_local_shard", None)
-        local = flat.detach() if local is None or local.numel() == 0 else local
+        local = getattr(flat, "_local_shard", None)  # also while the flat parameter is whole
+        local = flat.detach() if local is None else local
         grad = flat.grad
         counted = _counts(handle)
         for i, info in enumerate(flat._param_infos):
