@@ -511,7 +511,7 @@ class Recorder:
     def _check_modules(self) -> None:
         """Targets replaced inside the watch (``model.fc = nn.Linear(...)``): hook the new."""
         try:
-            now = select_modules(self.model, self._selector)
+            now = select_modules(self.model, self._selector, self._swapped)
         except FlowscopeError:  # the selector matches nothing any more: keep what is hooked
             return
         hooked = dict(self.targets)

@@ -108,9 +108,15 @@ def saturation_table(overrides: SaturationMap | None) -> dict[type, tuple[float,
 
 
 def select_modules(
-    model: nn.Module, modules: ModuleSelector | Sequence[ModuleSelector] | None = None
+    model: nn.Module,
+    modules: ModuleSelector | Sequence[ModuleSelector] | None = None,
+    swapped: dict[tuple[int, str], torch.Tensor | None] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """The (qualified name, module) pairs ``watch`` hooks, in ``named_modules`` order.
+
+    Modules count as owning parameters as the model stores them between steps: FSDP1's flat
+    parameters do not, the modules whose parameters it flattened do (``swapped``:
+    :func:`flowscope.record.shards.managed` of the model, computed when not given).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
@@ -119,14 +125,15 @@ def select_modules(
     """
     named = [(n or ROOT, m) for n, m in model.named_modules()]
     if modules is None:
-        swapped = managed(model)  # FSDP1: the modules whose parameters it flattened
+        if swapped is None:  # (a recorder passes the map it took at watch time)
+            swapped = managed(model)  # FSDP1: the modules whose parameters it flattened
         owners = {i for (i, _), p in swapped.items() if p is None}
         return [
             (n, m)
             for n, m in named
             if not any(True for _ in m.children())
             or id(m) in owners
-            or any(True for _ in own_parameters(m, swapped))
+            or any(True for _ in (own_parameters(m, swapped) if swapped else m.parameters(False)))
         ]
     selectors = [modules] if isinstance(modules, str | type) else list(modules)
     if not selectors:

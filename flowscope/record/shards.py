@@ -127,11 +127,24 @@ class FlatShard(NamedTuple):
     numel: int  # elements of the whole parameter
 
 
+_WRAPPERS: dict[type, str] = {}
+
+
+def _wrapper(cls: type) -> str:
+    """``fsdp1`` for FSDP1's wrapper class, ``fsdp2`` for a class fully_shard made, else ""."""
+    kind = _WRAPPERS.get(cls)
+    if kind is None:
+        fsdp2 = any(c.__name__ == "FSDPModule" for c in cls.__mro__)
+        fsdp1 = cls.__name__ == "FullyShardedDataParallel"
+        kind = _WRAPPERS[cls] = "fsdp2" if fsdp2 else "fsdp1" if fsdp1 else ""
+    return kind
+
+
 def _flat_params(model: nn.Module) -> Iterator[Any]:
     """The FlatParameters of FSDP1 wrappers in ``model`` (each once)."""
     seen: set[int] = set()
     for module in model.modules():
-        if type(module).__name__ != "FullyShardedDataParallel":
+        if _wrapper(type(module)) != "fsdp1":
             continue
         handle = getattr(module, "_handle", None)
         flat = getattr(handle, "flat_param", None)
@@ -150,16 +163,19 @@ def managed(model: nn.Module) -> dict[tuple[int, str], torch.Tensor | None]:
         {}
     """
     out: dict[tuple[int, str], torch.Tensor | None] = {}
-    for _, flat in _flat_params(model):
-        out.update({(id(i.module), i.param_name): None for i in flat._param_infos})
-    for module in model.modules():
-        if not any(c.__name__ == "FSDPModule" for c in type(module).__mro__):
-            continue
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        group = getattr(state, "_fsdp_param_group", None)
-        for param in getattr(group, "fsdp_params", ()):
-            info = param._module_info
-            out[(id(info.module), info.param_name)] = param.sharded_param
+    kinds = {type(m): _wrapper(type(m)) for m in model.modules()}  # one pass: ~1 us a module
+    if "fsdp1" in kinds.values():
+        for _, flat in _flat_params(model):
+            out.update({(id(i.module), i.param_name): None for i in flat._param_infos})
+    if "fsdp2" in kinds.values():
+        for module in model.modules():
+            if kinds[type(module)] != "fsdp2":
+                continue
+            state = module._get_fsdp_state()  # type: ignore[operator]
+            group = getattr(state, "_fsdp_param_group", None)
+            for param in getattr(group, "fsdp_params", ()):
+                info = param._module_info
+                out[(id(info.module), info.param_name)] = param.sharded_param
     return out
 
 
