@@ -101,6 +101,15 @@ def record_flat_shards(rec: Recorder) -> int:
 def check_coverage(keys: Sequence[SnapKey], merged: torch.Tensor, whole: Sequence[int]) -> None:
     """Warn when merged parts of sharded parameters do not count their whole tensor.
 
+    Example:
+        >>> from flowscope.integrations.distributed import merge_raw
+        >>> from flowscope.record.snapshot import HistSpec, snapshot
+        >>> key = SnapKey(0, 0, "fc", "Linear", "weight", 0, 0, -1, 0, "weight", "float32", "cpu")
+        >>> parts = torch.stack([snapshot(torch.ones(n), HistSpec())[0] for n in (2, 3)])
+        >>> check_coverage([key], merge_raw(parts[:, None]), [5])  # 2 + 3 of 5: silent
+
+        With ``[6]`` it would warn ``fc.weight weight: 5 of 6``.
+
     Args:
         keys: the merged snapshots' keys.
         merged: their merged raw vectors, (snapshot, field).

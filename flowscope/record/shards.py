@@ -82,6 +82,10 @@ def local_part(t: torch.Tensor) -> Part | None:
     ``Shard`` dimensions give the local shard (empty where sharding is uneven); along a
     ``Replicate`` dimension only coordinate 0 counts it. A ``Partial`` placement holds
     addends, not values: its part has no tensor and a ``problem``.
+
+    Example:
+        >>> local_part(torch.ones(3)) is None  # DTensors need a process group: tests/test_fsdp.py
+        True
     """
     dtensor = _dtensor_class()
     if dtensor is None or not isinstance(t, dtensor):
@@ -184,7 +188,12 @@ def own_parameters(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``module.named_parameters(recurse=False)`` as stored between steps: without FSDP1's
     flat parameters and their views, with FSDP2's sharded parameters (``managed``:
-    :func:`managed`)."""
+    :func:`managed`).
+
+    Example:
+        >>> [name for name, _ in own_parameters(torch.nn.Linear(2, 2), {})]
+        ['weight', 'bias']
+    """
     for name, param in module.named_parameters(recurse=False):
         if getattr(param, "_is_flat_param", False):
             continue
@@ -231,6 +240,10 @@ def flat_shards(model: nn.Module) -> list[FlatShard]:
     Read after ``backward()`` (the flat parameters are sharded again, their gradients reduced).
     A rank outside the group that holds global rank 0 (hybrid sharding's other replicas), or
     every rank under ``NO_SHARD``'s replicas but rank 0, holds nothing that counts.
+
+    Example:
+        >>> flat_shards(torch.nn.Linear(2, 2))  # no FullyShardedDataParallel inside
+        []
     """
     names = {id(m): q for q, m in model.named_modules()}
     out = []
