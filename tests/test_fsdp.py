@@ -226,6 +226,21 @@ def _syncing_calls() -> dict[str, list[str]]:
     return seen
 
 
+def _update_ratios(model: nn.Module) -> pd.Series:
+    """update_ratio of each parameter over 2 SGD steps on the same batch on every rank."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = fs.watch(model, optimizer=opt, kinds=["weight"])
+    for _ in range(STEPS):
+        model(_data("mlp")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        rec.step()
+    rec.close()
+    distributed.merge_pending(rec)
+    ratios = rec.stats.query("kind == 'update_ratio'")
+    return ratios.set_index(["step", "layer", "tensor"])[["count", "mean"]]
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -237,6 +252,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen["partial"] = _partial()
         seen["unmerged"] = _unmerged()
         seen["syncing"] = _syncing_calls()
+        seen["update_ratio"] = _update_ratios(_sharded("fsdp2", "mlp"))
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -364,6 +380,16 @@ def test_recording_a_sharded_step_adds_no_call_that_waits_for_a_device(spawned):
         calls = seen["syncing"]
         assert calls["recorded"] == calls["bare"], (calls["recorded"], calls["bare"])
         assert len(calls["recorded calls"]) > len(calls["bare calls"]) + 100  # the mode saw it
+
+
+def test_update_ratios_of_dtensor_parameters_are_the_whole_parameters(spawned):
+    """DTensor arithmetic makes the norms of the whole (all-reduces at rec.step()); the
+    replicated one-element ratio is counted once."""
+    ref = _update_ratios(_model("mlp"))
+    for seen in spawned:
+        got = seen["update_ratio"]
+        assert len(got) == len(ref) == 6 * STEPS and (got["count"] == 1).all()
+        np.testing.assert_allclose(got["mean"], ref.loc[got.index, "mean"], rtol=1e-6)
 
 
 def test_frames_asked_for_before_the_merge_say_so(spawned):
