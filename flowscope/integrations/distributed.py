@@ -218,7 +218,10 @@ def _merge_rows(
     ones, in place. ``how``: the replicated kinds, and the parts of sharded tensors with the
     size of each whole tensor (merged as samples, their sum checked)."""
     replicated, parts = how
-    device = pending[order[0]][1].device
+    # an accelerator's rows where there are (NCCL gathers no CPU tensor; FSDP's CPU offload
+    # leaves weight rows on the CPU beside activation rows on the GPU)
+    devices = [pending[i][1].device for i in order]
+    device = next((d for d in devices if d.type != "cpu"), devices[0])
     stacked = torch.stack([pending[i][1].to(device) for i in order])
     raw, lins, logs = split_row(stacked, rec.hist)
     gathered = [torch.empty_like(raw) for _ in range(world)]
