@@ -14,6 +14,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -241,6 +242,23 @@ def _update_ratios(model: nn.Module) -> pd.Series:
     return ratios.set_index(["step", "layer", "tensor"])[["count", "mean"]]
 
 
+def _lightning_fsdp1(out: str) -> dict[str, object]:
+    """Lightning's callback under an FSDP1 strategy (a stand-in trainer: Lightning's
+    FSDPStrategy needs a GPU): it watches the wrapper around the LightningModule."""
+    from flowscope.integrations.lightning import FlowscopeCallback
+
+    wrapper = _sharded("fsdp1-flat", "block")
+    callback = FlowscopeCallback(out, every=1, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.on_train_start(SimpleNamespace(model=wrapper), wrapper.module)
+    rec = callback.recorder
+    assert rec is not None
+    rec.close()
+    said = [str(w.message) for w in caught if "flowscope" in str(w.message)]
+    return {"watched": type(rec.model).__name__, "run": rec.name, "warnings": said}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -253,6 +271,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen["unmerged"] = _unmerged()
         seen["syncing"] = _syncing_calls()
         seen["update_ratio"] = _update_ratios(_sharded("fsdp2", "mlp"))
+        seen["lightning"] = _lightning_fsdp1(str(Path(out) / "pl"))
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -390,6 +409,12 @@ def test_update_ratios_of_dtensor_parameters_are_the_whole_parameters(spawned):
         got = seen["update_ratio"]
         assert len(got) == len(ref) == 6 * STEPS and (got["count"] == 1).all()
         np.testing.assert_allclose(got["mean"], ref.loc[got.index, "mean"], rtol=1e-6)
+
+
+def test_lightning_under_fsdp1_watches_the_wrapper(spawned):
+    for seen in spawned:
+        got = seen["lightning"]
+        assert got == {"watched": "FullyShardedDataParallel", "run": "Block", "warnings": []}
 
 
 def test_frames_asked_for_before_the_merge_say_so(spawned):

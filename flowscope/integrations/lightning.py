@@ -46,6 +46,14 @@ else:
 __all__ = ["FlowscopeCallback"]
 
 
+def _watched(trainer: Any, pl_module: Any) -> Any:
+    """The LightningModule, or the FSDP1 wrapper Lightning's FSDPStrategy put around it: that
+    wrapper holds the flat parameter of the module's own parameters (the layer names are the
+    same: wrapper segments are dropped)."""
+    model = getattr(trainer, "model", None)
+    return model if type(model).__name__ == "FullyShardedDataParallel" else pl_module
+
+
 class FlowscopeCallback(Callback):
     """Record a Lightning training run with flowscope.
 
@@ -91,7 +99,8 @@ class FlowscopeCallback(Callback):
         return self.session.recorder
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.session.start(pl_module)
+        self.session.name = self.session.name or type(pl_module).__name__
+        self.session.start(_watched(trainer, pl_module))
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
