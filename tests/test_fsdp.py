@@ -40,7 +40,7 @@ from flowscope.record.snapshot import RAW
 WORLD = 2
 BATCH = 8  # global batch; each rank gets BATCH // WORLD contiguous rows
 STEPS = 2
-KEYS = ["step", "layer", "kind", "call", "tensor"]
+KEYS = ["step", "layer_idx", "layer", "module_type", "kind", "call", "forward", "backward", "order", "tensor"]
 TP_KINDS = ["weight", "weight_grad"]
 NETS = ("mlp", "block")
 SCENARIOS = [

@@ -27,7 +27,7 @@ import torch
 
 from flowscope.record.reader import device_name, dtype_name
 from flowscope.record.recorder import ROOT, Recorder, SnapKey
-from flowscope.record.shards import flat_shards, user_name, user_type
+from flowscope.record.shards import FlatShard, flat_shards, user_name, user_type
 from flowscope.record.snapshot import RAW
 
 __all__ = ["check_coverage", "record_flat_shards"]
@@ -57,36 +57,17 @@ def record_flat_shards(rec: Recorder) -> int:
         return 0
     pending = rec.pending()
     at = {k: i for i, (k, _) in enumerate(pending)}  # called twice in a step: rows replaced
-    index = {k.layer: k.layer_idx for k, _ in pending if k.step == rec.step_index}
-    # as the hooks do: a module's weights when it was called (MultiheadAttention reads its
-    # out_proj's weights without calling it), its gradients when a backward reached them
-    called = {k.layer for k, _ in pending if k.step == rec.step_index and k.kind == "activation"}
+    seen = _layers_seen(pending, rec.step_index)
+    uncalled = _uncalled_indices(parts, seen[0])
     done = 0
-    kinds = [k for k in ("weight", "weight_grad") if k in rec.kinds]
     for part in parts:
-        layer = user_name(part.qualname) or ROOT
-        for kind in kinds:
+        for kind in [k for k in ("weight", "weight_grad") if k in rec.kinds]:
             tensor = part.value if kind == "weight" else part.grad
-            if tensor is None or (
-                kind == "weight" and "activation" in rec.kinds and layer not in called
-            ):
-                continue
-            key = SnapKey(
-                step=rec.step_index,
-                layer_idx=index.get(layer, -1),
-                layer=layer,
-                module_type=user_type(part.module),
-                kind=kind,
-                call=0,
-                forward=0,
-                backward=-1 if kind == "weight" else 0,
-                order=0 if kind == "weight" else 1,
-                tensor=part.name,
-                dtype=dtype_name(tensor.dtype),
-                device=device_name(tensor.device),
-            )
-            row = rec.snapshot_row(tensor, key)
-            if row is None:
+            key = None if tensor is None else _flat_key(rec, part, kind, tensor, seen)
+            if key is not None and key.layer_idx < 0:
+                key = key._replace(layer_idx=uncalled[key.layer])
+            row = None if key is None or tensor is None else rec.snapshot_row(tensor, key)
+            if key is None or row is None:
                 continue
             if key in at:
                 pending[at[key]] = key, row
@@ -96,6 +77,62 @@ def record_flat_shards(rec: Recorder) -> int:
             done += 1
     rec.set_pending(pending)
     return done
+
+
+_Seen = tuple[dict[str, SnapKey], dict[str, SnapKey]]
+
+
+def _layers_seen(pending: list[tuple[SnapKey, torch.Tensor]], step: int) -> _Seen:
+    """Per layer, this step's first activation key and its last gradient key: where the
+    hooks would file a weight (the call's forward pass) and a weight gradient (the backward)."""
+    first: dict[str, SnapKey] = {}
+    last: dict[str, SnapKey] = {}
+    for key, _ in pending:
+        if key.step == step and key.kind == "activation":
+            first.setdefault(key.layer, key)
+        elif key.step == step and key.kind == "gradient":
+            last[key.layer] = key
+    return first, last
+
+
+def _uncalled_indices(parts: list[FlatShard], first: dict[str, SnapKey]) -> dict[str, int]:
+    """Layer indices for modules whose parameters are used but which are not called (an
+    attention's out_proj), numbered after the called ones in backward order (the model's
+    order reversed), as the recorder's gradient hook numbers them."""
+    taken = max((k.layer_idx for k in first.values()), default=-1)
+    out: dict[str, int] = {}
+    for part in reversed(parts):
+        layer = user_name(part.qualname) or ROOT
+        if layer not in first and layer not in out:
+            taken += 1
+            out[layer] = taken
+    return out
+
+
+def _flat_key(
+    rec: Recorder, part: FlatShard, kind: str, tensor: torch.Tensor, seen: _Seen
+) -> SnapKey | None:
+    """The key the hooks would give a flattened parameter's snapshot of ``kind``; None for
+    the weights of a module not called this step (MultiheadAttention reads its out_proj's
+    weights without calling it: the hooks record no weight for it either)."""
+    layer = user_name(part.qualname) or ROOT
+    called, grad = seen[0].get(layer), seen[1].get(layer)
+    if kind == "weight" and called is None and "activation" in rec.kinds:
+        return None
+    return SnapKey(
+        step=rec.step_index,
+        layer_idx=-1 if called is None else called.layer_idx,
+        layer=layer,
+        module_type=user_type(part.module),
+        kind=kind,
+        call=0,
+        forward=0 if called is None else called.forward,
+        backward=-1 if kind == "weight" else 0 if grad is None else grad.backward,
+        order=0 if kind == "weight" else 1 if grad is None else grad.order,
+        tensor=part.name,
+        dtype=dtype_name(tensor.dtype),
+        device=device_name(tensor.device),
+    )
 
 
 def check_coverage(keys: Sequence[SnapKey], merged: torch.Tensor, whole: Sequence[int]) -> None:
