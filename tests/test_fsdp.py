@@ -40,7 +40,8 @@ from flowscope.record.snapshot import RAW
 WORLD = 2
 BATCH = 8  # global batch; each rank gets BATCH // WORLD contiguous rows
 STEPS = 2
-KEYS = ["step", "layer_idx", "layer", "module_type", "kind", "call", "forward", "backward", "order", "tensor"]
+KEYS = ["step", "layer_idx", "layer", "module_type", "kind", "call", "forward", "backward"]
+KEYS += ["order", "tensor"]  # every key column of the frames
 TP_KINDS = ["weight", "weight_grad"]
 NETS = ("mlp", "block")
 SCENARIOS = [
