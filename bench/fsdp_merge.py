@@ -8,7 +8,9 @@ The model is examples/fsdp_train.py's residual MLP (width 256, 4 blocks; ~2.1 M 
 times, one recorded step (forward, backward, ``record_synced_grads``) and then one
 ``merge_pending`` timed on its own between two barriers (the flush included: it is what the
 merge adds in front of it). The median over the repeats, the rank-0 timings, and the number of
-snapshots merged. Results: ``bench/results/fsdp-merge.md`` (``--write``).
+snapshots merged; also the median of ``record_synced_grads`` (once per recorded step: under
+DDP it re-reads the averaged gradients, under FSDP1 it snapshots every flat shard).
+Results: ``bench/results/fsdp-merge.md`` (``--write``).
 """
 
 from __future__ import annotations
@@ -44,16 +46,19 @@ def wrapped(strategy: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
     return model, model
 
 
-def measure(strategy: str, device: torch.device) -> tuple[float, int]:
-    """Median seconds of one merge_pending, and the snapshots it merged."""
+def measure(strategy: str, device: torch.device) -> tuple[float, int, float]:
+    """Median seconds of one merge_pending, the snapshots it merged, and the median seconds
+    of record_synced_grads (per recorded step; FSDP1: the flat shards' snapshots)."""
     model, watched = wrapped(strategy, device)
     gen = torch.Generator().manual_seed(1 + dist.get_rank())
     rec = fs.watch(watched, bins=64)
-    times, count = [], 0
+    times, synced, count = [], [], 0
     for _ in range(REPEATS):
         x = torch.randn(64, 32, generator=gen).to(device)
         nn.functional.cross_entropy(model(x), x[:, :10].argmax(1)).backward()
+        start = time.perf_counter()
         distributed.record_synced_grads(rec)
+        synced.append(time.perf_counter() - start)
         model.zero_grad()
         rec.step()
         dist.barrier()
@@ -62,7 +67,7 @@ def measure(strategy: str, device: torch.device) -> tuple[float, int]:
         dist.barrier()
         times.append(time.perf_counter() - start)
     rec.close()
-    return statistics.median(times), count
+    return statistics.median(times), count, statistics.median(synced)
 
 
 def main() -> None:
@@ -73,9 +78,13 @@ def main() -> None:
     if dist.get_rank() == 0:
         ddp = rows[0][1]
         lines = [
-            "| strategy | snapshots merged | merge_pending, median (ms) | vs DDP |",
-            "|---|---|---|---|",
-            *(f"| {s} | {n} | {t * 1e3:.1f} | {t / ddp:.2f}x |" for s, t, n in rows),
+            "| strategy | snapshots merged | merge_pending (ms) | vs DDP"
+            " | record_synced_grads (ms) |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {s} | {n} | {t * 1e3:.1f} | {t / ddp:.2f}x | {g * 1e3:.1f} |"
+                for s, t, n, g in rows
+            ),
         ]
         load = os.getloadavg()[0]
         head = (
