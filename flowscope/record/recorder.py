@@ -626,7 +626,8 @@ class Recorder:
         part = shards.local_part(t)
         if part is not None:  # a DTensor: this rank's part (FSDP2, tensor parallel)
             if part.tensor is None:
-                self._skip(part.problem, f"{part.problem} is not recorded ({key.layer!r})")
+                where = f"{key.layer!r} {key.kind} {key.tensor!r}"
+                self._skip(part.problem, f"{part.problem} is not recorded ({where}, ...)")
                 return None
             self.shards[key] = part.numel
             t = part.tensor

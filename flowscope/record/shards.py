@@ -97,10 +97,12 @@ def local_part(t: torch.Tensor) -> Part | None:
         return Part(None, t.numel(), f"a DTensor with placement {what}, a sum not yet reduced,")
     with torch.no_grad():
         local = t.detach().to_local()
-    coord = t.device_mesh.get_coordinate()
-    counted = coord is not None and _has_first_rank(t.device_mesh)
-    if counted and coord is not None:
-        counted = all(c == 0 for c, p in zip(coord, placements, strict=False) if p.is_replicate())
+    coord = t.device_mesh.get_coordinate()  # None: this rank is not in the mesh
+    counted = (
+        coord is not None
+        and _has_first_rank(t.device_mesh)
+        and all(c == 0 for c, p in zip(coord, placements, strict=True) if p.is_replicate())
+    )
     return Part(local if counted else local.reshape(-1)[:0], t.numel(), "")
 
 
