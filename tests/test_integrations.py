@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -269,6 +270,25 @@ def test_session_writes_and_calls_the_reporter(tmp_path, monkeypatch):
     assert session.finish() == tmp_path / "s" and called == [tmp_path / "s"]
     stats = fs.load(tmp_path / "s").stats
     assert sorted(stats.step.unique()) == [0, 1] and stats["call"].eq(0).all()
+
+
+def test_a_finished_session_on_another_rank_writes_nothing_at_exit(tmp_path, monkeypatch):
+    """finish() on rank 1 merges and writes nothing; the crash path (the HF Trainer's
+    finalizer at exit) must not write a rank1 folder afterwards."""
+    import flowscope.integrations as integrations
+
+    monkeypatch.setattr(integrations, "rank_and_world", lambda group=None: (1, 2))
+    monkeypatch.setattr(integrations, "merge_pending", lambda rec: rec.flush())
+    model = nn.Linear(3, 3)
+    session = Session(tmp_path / "s", every=1, report=False)
+    session.start(model)
+    session.resume()
+    model(torch.randn(4, 3)).sum().backward()
+    session.end_step(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the crash warning would raise
+        assert session.finish() is None and session.crash() is None
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,7 @@ class Session:
         self.watch_kwargs = dict(watch_kwargs or {})
         self.recorder: Recorder | None = None
         self.written: Path | None = None
+        self.finished = False  # finish() ran (on ranks > 0 it writes nothing)
         self._scale: torch.Tensor | float | None = None
         self._scaled_kinds: tuple[str, ...] = GRADIENT_KINDS
         self._paused = False
@@ -267,8 +268,9 @@ class Session:
         Every rank must call it (the merge runs collectives). Returns the folder on rank 0.
         """
         rec = self.recorder
-        if rec is None or self.written is not None:
+        if rec is None or self.finished:
             return self.written
+        self.finished = True
         rec.close()
         merge_pending(rec)
         if rank_and_world()[0] != 0:
@@ -293,8 +295,8 @@ class Session:
         ``dirpath/rank<r>``. A report that fails only warns: the training error is the one
         that propagates. Returns the folder written (None: nothing was recorded)."""
         rec = self.recorder
-        if rec is None or self.written is not None:
-            self.abort()
+        if rec is None or self.finished or self.written is not None:
+            self.abort()  # finished: rank 0 wrote the merged records, other ranks nothing
             return self.written
         unscale_pending(rec, self._scale, kinds=self._scaled_kinds)  # a step cut short
         self._scale = None
