@@ -127,18 +127,9 @@ def compare_report(c: RunComparison, out: str | os.PathLike[str]) -> Path:
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    import jinja2
+    from flowscope.reporter.page import environment
 
-    from flowscope.reporter.page import fmt, pct
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("flowscope.reporter", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"], env.filters["pct"], env.filters["css"] = fmt, pct, _css
+    env = environment()
     html = env.get_template("compare.html.j2").render(
         c=c,
         summary=c.summary(),
@@ -154,12 +145,6 @@ def compare_report(c: RunComparison, out: str | os.PathLike[str]) -> Path:
     path = folder / COMPARE_FILE
     atomic_write_text(path, html)
     return path
-
-
-def _css(value: Any) -> str:
-    """CSS class of a verdict: its first part."""
-    first = str(value).split("+")[0].lower()
-    return "".join(ch if ch.isalnum() else "-" for ch in first).strip("-") or "none"
 
 
 def _rows(frame: pd.DataFrame) -> list[dict[Any, Any]]:

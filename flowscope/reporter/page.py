@@ -53,7 +53,7 @@ from flowscope.reporter.timeline_section import timeline_section
 if TYPE_CHECKING:
     from flowscope.record.recorder import Recorder
 
-__all__ = ["REPORT_FILE", "render", "report", "summary"]
+__all__ = ["REPORT_FILE", "environment", "render", "report", "summary"]
 
 REPORT_FILE = "report.html"
 
@@ -299,7 +299,9 @@ def _css_class(value: Any) -> str:
     return re.sub(r"[^a-z0-9]+", "-", first).strip("-") or "none"
 
 
-def _environment() -> Any:
+def environment() -> Any:
+    """The Jinja2 environment of flowscope's templates: autoescaping on, undefined names an
+    error, filters ``num`` (:func:`fmt`), ``pct`` and ``css`` (a verdict's CSS class)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -520,7 +522,7 @@ def render(
     seeds = len(groups) < len(table)  # a section per setting, over its seeds
     axis_names = [a for a in _axis_names(table, by) if not (seeds and a == "seed")]
     return (
-        _environment()
+        environment()
         .get_template("report.html.j2")
         .render(
             header=_header(run),
