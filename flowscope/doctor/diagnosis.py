@@ -14,8 +14,9 @@ checks, per group of rows (``by``, default ``["run"]``) at its latest step:
 - **saturated**: the share of outputs beyond the activation's saturation interval
   (``frac_saturated``: tanh ±0.99, sigmoid 0.01/0.99, hardtanh/ReLU6 at their clamps);
 - **dead**: units of a ReLU-like layer that are zero for the whole batch (measured per unit
-  with :class:`DeadUnits` where the model is at hand), else the share of exact zeros
-  (``frac_zero``), an upper bound on the dead share;
+  with :class:`DeadUnits` where the model is at hand, or recorded by ``fs.watch`` as the
+  ``dead_units`` kind), else the share of exact zeros (``frac_zero``), an upper bound on the
+  dead share;
 - **non-finite**: any NaN or Inf in activations, gradients, weights or weight gradients;
 - **no data**: a layer whose activations and dL/dh hold no value (an empty batch); a run is
   ``no data`` when no layer holds one, or when every value is exactly 0 (nothing else
@@ -51,7 +52,7 @@ from flowscope.core.errors import FlowscopeError
 from flowscope.doctor.prescribe import prescribe
 from flowscope.doctor.render import format_diagnosis
 from flowscope.doctor.rules import check_layers, explain, worst_layer
-from flowscope.doctor.table import layer_table, main_role
+from flowscope.doctor.table import dead_counts, layer_table, main_role
 from flowscope.doctor.theory_table import phase_notes, theory_table
 from flowscope.doctor.thresholds import LAYER_COLUMNS, NO_DATA, RUN_COLUMNS, VERDICTS, Thresholds
 from flowscope.record.frames import KEYS, expected_passes, records_of
@@ -165,7 +166,8 @@ def diagnose(
             given). Adds mean-field predictions for its Linear → [norm] → activation chains
             (``Diagnosis.theory``) and exact fan-ins to the prescriptions.
         dead: per-unit dead counts from :class:`DeadUnits` (``DeadUnits.frame()``); rows may
-            carry the ``by`` columns, else they apply to every group.
+            carry the ``by`` columns, else they apply to every group. Default: the records'
+            own ``dead_units`` rows (``fs.watch(kinds=[..., "dead_units"])``), if any.
         step: the step to judge; default the latest step of each group.
 
     Returns:
@@ -204,7 +206,8 @@ def diagnose(
     for key, group in stats.groupby(by_cols, sort=True, dropna=False):
         keys = dict(zip(by_cols, key if isinstance(key, tuple) else (key,), strict=True))
         group = _at_step(group, step, keys)
-        table = layer_table(group, _dead_for(dead, keys, by_cols))
+        counts = dead_counts(group) if dead is None else _dead_for(dead, keys, by_cols)
+        table = layer_table(group, counts)
         rows = check_layers(table, thresholds)
         theory = theory_table(model, table) if model is not None else None
         run = _verdict(table, rows, thresholds, model, theory)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["PRE_ACTIVATION", "layer_table", "main_role", "role_of", "scale_pool"]
+__all__ = ["PRE_ACTIVATION", "dead_counts", "layer_table", "main_role", "role_of", "scale_pool"]
 
 PRE_ACTIVATION = re.compile(r"Linear|Conv")
+DEAD_COLUMNS = ["layer", "units", "dead", "samples"]
 
 
 def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
@@ -74,6 +75,40 @@ def layer_table(group: pd.DataFrame, dead: pd.DataFrame) -> pd.DataFrame:
     table["pre"] = table["module_type"].astype(str).str.contains(PRE_ACTIVATION)
     table["role"] = role_of(table["module_type"], table["layer"])
     return table
+
+
+def dead_counts(group: pd.DataFrame) -> pd.DataFrame:
+    """The per-unit dead counts of a group's ``dead_units`` rows (``fs.watch`` records them
+    per call of a ReLU-like module), in :class:`~flowscope.doctor.measure.DeadUnits`' layout.
+
+    Example:
+        >>> group = pd.DataFrame({"layer": "1", "kind": ["activation", "dead_units"],
+        ...                       "count": [512, 8], "mean": [0.3, 0.25]})
+        >>> dead_counts(group).values.tolist()
+        [['1', 8, 2, 64.0]]
+
+    Args:
+        group: the stats rows of one group at one step.
+
+    Returns:
+        ``layer, units, dead, samples``, one row per layer with ``dead_units`` rows: units
+        and dead units summed over the layer's calls (each call's units counted apart),
+        ``samples`` per unit = the layer's activation values over its units (NaN without
+        activation rows). Empty when the group has no ``dead_units`` rows.
+    """
+    kind = group["kind"]
+    rows = group[kind == "dead_units"]
+    if rows.empty:
+        return pd.DataFrame(columns=DEAD_COLUMNS)
+    units = rows["count"].astype(float)
+    dead = rows["mean"].astype(float) * units
+    per = pd.DataFrame({"layer": rows["layer"], "units": units, "dead": dead})
+    per = per.groupby("layer", sort=False)[["units", "dead"]].sum()
+    acts = group[kind == "activation"].groupby("layer", sort=False)["count"].sum()
+    per["samples"] = acts.reindex(per.index).astype(float) / per["units"].where(per["units"] > 0)
+    per["units"] = per["units"].astype("int64")
+    per["dead"] = per["dead"].round().astype("int64")
+    return per.reset_index()[DEAD_COLUMNS]
 
 
 def role_of(module_types: pd.Series, layers: pd.Series) -> pd.Series:

@@ -5,8 +5,10 @@ for each problem the first step and layer where it appeared.
 table as :func:`flowscope.doctor.table.layer_table`, the same roles and :class:`Thresholds`)
 on every step at once, with pandas group-bys over (run, step, layer) instead of one
 ``diagnose(step=s)`` per step: ``act_scale`` / ``grad_scale`` (exploding, vanishing),
-``saturated``, ``zero_share`` (dead: a run folder holds no per-unit counts, so the share of
-exact zeros is the doctor's rule here) and ``non-finite``. :func:`timeline` folds those rows
+``saturated``, ``dead_units`` (dead: the share of a ReLU-like layer's units that output 0 for
+the whole batch, from the ``dead_units`` rows ``fs.watch(kinds=[..., "dead_units"])`` records),
+else ``zero_share`` (records without them: the share of exact zeros, an upper bound) and
+``non-finite``. :func:`timeline` folds those rows
 into one row per (problem, check, layer): first and last step, how many steps, whether it
 persists to the last recorded step, and a line of text per problem naming where it began
 (for NaN/Inf the first layer of the forward pass that produced them, as
@@ -108,6 +110,9 @@ def _per_layer(stats: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     with np.errstate(invalid="ignore", over="ignore"):
         sq = finite * stats["rms"].to_numpy(float) ** 2
     zero = stats["frac_zero"].to_numpy(float) * finite
+    # per-unit rows (record/deadunits.py): count = the units, mean = the dead share
+    units = np.where((kind == "dead_units").to_numpy(bool), count, 0.0)
+    dead = units * stats["mean"].to_numpy(float) if units.any() else units
     sat = stats["frac_saturated"].to_numpy(float) * finite
     cols = {
         "nonfinite": bad,
@@ -118,6 +123,9 @@ def _per_layer(stats: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         "sw": np.where(act, sat, 0.0),
         "grad_fin": np.where(grad, finite, 0.0),
         "grad_sq": np.where(grad, sq, 0.0),
+        "act_count": np.where(act, count, 0.0),
+        "units": units,
+        "dead_n": dead,
     }
     # one int64 key per (group, step, layer), sorted once, summed with reduceat: a pandas
     # group-by on millions of (arrow) layer names spends its time hashing and copying
@@ -147,6 +155,9 @@ def _per_layer(stats: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         table["grad_rms"] = np.sqrt(table["grad_sq"] / table["grad_fin"])
         table["zero"] = table["zw"] / table["act_fin"]
         table["sat"] = table["sw"] / table["act_fin"]
+        units = table["units"].where(table["units"] > 0)  # NaN: no per-unit counts
+        table["samples"] = table["act_count"] / units  # per unit: batch × positions
+        table["dead_share"] = table["dead_n"] / units
     return table.sort_values([*by, "step", "layer_idx"], kind="stable").reset_index(drop=True)
 
 
@@ -194,8 +205,8 @@ def _scale_checks(table: pd.DataFrame, by: list[str], th: Thresholds) -> list[pd
 
 
 def _share_checks(table: pd.DataFrame, by: list[str], th: Thresholds) -> list[pd.DataFrame]:
-    """saturated, zero_share (dead) and non-finite flags (``rules._share_rows`` and the
-    non-finite row of ``rules.check_layers``)."""
+    """saturated, dead_units / zero_share (dead) and non-finite flags (``rules._share_rows``
+    and the non-finite row of ``rules.check_layers``)."""
     zeros = {t: _zero_output(t) for t in table["module_type"].unique()}
     zero_output = table["module_type"].map(zeros)
     sat = table["sat"].to_numpy(float)
@@ -205,7 +216,11 @@ def _share_checks(table: pd.DataFrame, by: list[str], th: Thresholds) -> list[pd
         sat = np.where(relu6, np.where(less < 0, 0.0, less), sat)  # ReLU6's floor is no clamp
         saturated = sat > th.saturated
         zero = table["zero"].to_numpy(float)
-        dead = zero_output.to_numpy() & (zero >= th.zero_share)
+        can_die = zero_output.to_numpy(bool)
+        counted = can_die & (table["samples"].to_numpy(float) >= th.dead_min_samples)
+        share = table["dead_share"].to_numpy(float)
+        died = counted & (share > th.dead)
+        dead = can_die & ~counted & (zero >= th.zero_share)
     count = table["nonfinite"].to_numpy(float)
     nonfinite = count > th.nonfinite
     # where NaN/Inf began: the first layer whose activations hold them, else the backward's
@@ -215,6 +230,8 @@ def _share_checks(table: pd.DataFrame, by: list[str], th: Thresholds) -> list[pd
     return [
         _flags(table[saturated], by, "saturated", "saturated", sat[saturated], th.saturated,
                -sat[saturated] / th.saturated),
+        _flags(table[died], by, "dead_units", "dead", share[died], th.dead,
+               -share[died] / th.dead),
         _flags(table[dead], by, "zero_share", "dead", zero[dead], th.zero_share,
                -zero[dead] / th.zero_share),
         _flags(table[nonfinite], by, "non-finite", "non-finite", count[nonfinite], th.nonfinite,
@@ -411,4 +428,6 @@ def _what(check: str, value: float, th: Thresholds) -> str:
         return f"dL/dh rms {value:.3g}x its role's last layer (limit {th.grad_ratio:g}x)"
     if check == "saturated":
         return f"{value:.0%} of outputs saturated (limit {th.saturated:.0%})"
+    if check == "dead_units":
+        return f"{value:.0%} of units output 0 for the whole batch (limit {th.dead:.0%})"
     return f"{value:.0%} of outputs exactly 0 (limit {th.zero_share:.0%})"

@@ -39,6 +39,7 @@ from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
 from flowscope.record import shards
 from flowscope.record.checkpoint import Recomputes
+from flowscope.record.deadunits import DEAD_UNITS, dead_indicator
 from flowscope.record.hooks import Hooks
 from flowscope.record.pending import Pending, SnapKey
 from flowscope.record.reader import Reader, device_name, dtype_name
@@ -476,6 +477,10 @@ class Recorder:
                 continue
             if "activation" in self.kinds:
                 self._record(tensor, key, module)
+            if DEAD_UNITS in self.kinds and zero_output(module):
+                dead = dead_indicator(tensor)
+                if dead is not None:
+                    self._record(dead, key._replace(kind=DEAD_UNITS))
             if "gradient" in self.kinds and tensor.requires_grad and self._room():
                 gkey = key._replace(kind="gradient", backward=0, order=1)
                 self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))

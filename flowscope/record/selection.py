@@ -35,8 +35,9 @@ __all__ = [
 
 KINDS = ("activation", "gradient", "weight", "weight_grad")
 # kinds recorded only when asked for (``update_ratio`` keeps a copy of the weights each
-# recorded step) or, for update_ratio, when watch() is given the optimizer
-OPTIONAL_KINDS = ("update_ratio",)
+# recorded step) or, for update_ratio, when watch() is given the optimizer; ``dead_units``
+# (record/deadunits.py): per recorded call of a ReLU-like module, its dead units
+OPTIONAL_KINDS = ("update_ratio", "dead_units")
 ALL_KINDS = (*KINDS, *OPTIONAL_KINDS)
 ROOT = "<root>"
 

@@ -58,7 +58,9 @@ def timeline_section(
 
     Returns:
         ``{"runs": [{"label", "anchor", "lines", "rows", "more", "last_step", "steps"}],
-        "problems": n, "error": ""}``; ``error`` says why the doctor could not read them.
+        "problems": n, "error": "", "dead_units": bool}``; ``error`` says why the doctor
+        could not read them; ``dead_units``: the runs hold per-unit dead counts (the kind
+        ``dead_units``), so dead is judged per unit rather than by the share of zeros.
     """
     if stats.empty or by not in stats:
         return None
@@ -68,10 +70,12 @@ def timeline_section(
     if not long:
         return None
     mine = stats[stats[by].astype(str).isin(long)]
+    per_unit = bool("kind" in mine and (mine["kind"] == "dead_units").any())
     try:
         t = timeline(mine, by=by)
     except FlowscopeError as err:
-        return {"runs": [], "problems": 0, "error": f"the doctor could not read them: {err}"}
+        error = f"the doctor could not read them: {err}"
+        return {"runs": [], "problems": 0, "error": error, "dead_units": per_unit}
     runs = []
     for key in long:
         rows = timeline_rows(t, {by: key})
@@ -79,4 +83,4 @@ def timeline_section(
         rows["anchor"] = (anchors or {}).get(key, "")
         rows["steps"] = int(counts[key])
         runs.append(rows)
-    return {"runs": runs, "problems": len(t.frame), "error": ""}
+    return {"runs": runs, "problems": len(t.frame), "error": "", "dead_units": per_unit}
