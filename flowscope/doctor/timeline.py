@@ -155,9 +155,9 @@ def _per_layer(stats: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         table["grad_rms"] = np.sqrt(table["grad_sq"] / table["grad_fin"])
         table["zero"] = table["zw"] / table["act_fin"]
         table["sat"] = table["sw"] / table["act_fin"]
-        units = table["units"].where(table["units"] > 0)  # NaN: no per-unit counts
-        table["samples"] = table["act_count"] / units  # per unit: batch × positions
-        table["dead_share"] = table["dead_n"] / units
+        counted = table["units"].where(table["units"] > 0)  # NaN: no per-unit counts
+        table["samples"] = table["act_count"] / counted  # per unit: batch × positions
+        table["dead_share"] = table["dead_n"] / counted
     return table.sort_values([*by, "step", "layer_idx"], kind="stable").reset_index(drop=True)
 
 

@@ -103,9 +103,11 @@ def watch(
         modules: which modules to watch: a module type, a glob on qualified names
             (``"encoder.*.mlp"``), or a list of them. Default: every leaf module and every
             module that owns parameters directly.
-        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``, and
+        kinds: any of ``activation``, ``gradient``, ``weight``, ``weight_grad``,
             ``update_ratio`` (||W_after - W_before|| / ||W_after|| of each parameter over a
-            recorded step's optimizer step; not recorded unless asked or ``optimizer`` given).
+            recorded step's optimizer step; not recorded unless asked or ``optimizer`` given)
+            and ``dead_units`` (per call of a ReLU-like module, which units output 0 for the
+            whole batch: ``count`` the units, ``mean`` the dead share; not unless asked).
         every: record on steps 0, every, 2*every, ...; ``rec.step()`` advances the step.
         bins: bins of the linear histogram (over each snapshot's own range).
         hist_sample: histograms count a strided sample of at most this many elements;
