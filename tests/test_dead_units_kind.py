@@ -26,9 +26,12 @@ WITH_DEAD = [*KINDS, "dead_units"]
 
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 1))
+    net = nn.Sequential(
+        nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(inplace=True), nn.Linear(20, 1)
+    )
     with torch.no_grad():
         net[0].bias[[1, 4, 7]] = -100.0  # three of the first ReLU's units never fire
+        net[2].bias[:5] = -100.0  # and five of the in-place one's
     return net
 
 
@@ -79,6 +82,8 @@ def test_recorded_share_equals_numpy_over_the_hooked_output(monkeypatch, kernels
         assert rows.loc[name, "count"] == units
         assert counts.loc[name, "samples"] == out.size / units  # batch × positions
     assert rows.loc["1", "mean"] == pytest.approx(3 / 20 if make is mlp else 2 / 6)
+    if make is mlp:
+        assert rows.loc["3", "mean"] == pytest.approx(5 / 20)
 
 
 def kill(part: float, at: int, steps: int = 8, out: Path | None = None) -> fs.Recorder:
@@ -184,3 +189,12 @@ def test_opt_in_only_relu_like_modules_and_the_report_says_so() -> None:
         fs.watch(tanh, kinds=["dead_unit"])
     section = timeline_section(kill(0.4, at=1, steps=3).stats, "run", {"": "run"})
     assert section is not None and section["dead_units"] is True
+
+
+def test_the_report_says_dead_is_judged_per_unit_when_the_counts_are_there(tmp_path: Path) -> None:
+    kill(0.4, at=1, steps=3, out=tmp_path / "run")
+    fs.report(tmp_path / "run", tmp_path / "report")
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "from the per-unit counts recorded at each step" in html
+    assert "per-unit counts were not recorded" not in html
+    assert "40% of units output 0 for the whole batch" in html
