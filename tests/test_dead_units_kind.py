@@ -15,6 +15,7 @@ from test_batched import SYNCING, Ops
 from torch import nn
 
 import flowscope as fs
+from flowscope.core.activations import alive_units
 from flowscope.core.errors import FlowscopeError
 from flowscope.doctor.table import dead_counts
 from flowscope.doctor.timeline import step_checks, timeline
@@ -198,3 +199,16 @@ def test_the_report_says_dead_is_judged_per_unit_when_the_counts_are_there(tmp_p
     assert "from the per-unit counts recorded at each step" in html
     assert "per-unit counts were not recorded" not in html
     assert "40% of units output 0 for the whole batch" in html
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6), (2, 3, 4, 5), (2, 3, 2, 2, 2), (5,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_alive_units_is_any_nonzero_over_batch_and_positions(shape, dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    out = torch.randn(shape, generator=gen).relu() * (torch.rand(shape, generator=gen) < 0.2)
+    flat = out.view(-1)
+    flat[:3] = torch.tensor([float("nan"), -0.0, float("-inf")])  # NaN/Inf alive, -0.0 dead
+    out = out.to(dtype)
+    axis = 1 if out.dim() in (4, 5) else out.dim() - 1
+    want = np.moveaxis(out.float().numpy(), axis, -1).reshape(-1, out.shape[axis]) != 0
+    assert alive_units(out).tolist() == want.any(axis=0).tolist()
