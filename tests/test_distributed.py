@@ -80,6 +80,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     try:
         seen = {"ddp": _ddp(rank, Path(out)), **_mismatch(rank), **_unsynced(rank)}
+        seen["dead"] = _dead_units(rank)
         study = spec.validate(copy.deepcopy(STUDY), "s.toml")
         result = sharded.run_study_sharded(study, Path(out) / "sh")
         seen["sharded_result"] = None if result is None else result.ran
@@ -129,6 +130,32 @@ def _unsynced(rank: int) -> dict[str, object]:
     stats = rec.stats
     counts = dict(zip(stats.layer + "." + stats.tensor, stats["count"], strict=True))
     return {"unsynced_warning": [str(w.message) for w in caught], "unsynced_counts": counts}
+
+
+def _dead_model() -> nn.Module:
+    """Units u0 = x0, u1 = -x0, u2 = x1, u3 = -x1 through a ReLU."""
+    lin = nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]]))
+    return nn.Sequential(lin, nn.ReLU())
+
+
+def _dead_batch() -> torch.Tensor:
+    """Rank 0's half: x0 > 0, x1 > 0 (u1, u3 dead); rank 1's: x0 < 0, x1 > 0 (u0, u3 dead);
+    the global batch: u3 dead only."""
+    x = torch.rand(BATCH, 2) + 0.5
+    x[BATCH // WORLD :, 0] *= -1
+    return x
+
+
+def _dead_units(rank: int) -> list[float]:
+    model = _dead_model()
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    with fs.watch(model, kinds=["activation", "dead_units"]) as rec:
+        model(_dead_batch()[rows])
+    distributed.merge_pending(rec)
+    dead = rec.stats[rec.stats.kind == "dead_units"]
+    return [float(dead["mean"].iloc[0]), float(dead["count"].iloc[0])]
 
 
 # -- the spawned run and the single-process reference ------------------------------------------
@@ -219,6 +246,16 @@ def test_unsynced_weight_grads_warn_and_merge_as_samples(spawned):
     seen = spawned[1][0]
     assert any("record_synced_grads" in w for w in seen["unsynced_warning"])
     assert seen["unsynced_counts"]["0.weight"] == 2 * 32 * 6  # both ranks' local gradients
+
+
+def test_dead_units_merge_into_the_global_batchs_share(spawned):
+    model = _dead_model()
+    with fs.watch(model, kinds=["dead_units"]) as rec:  # the global batch, one process
+        model(_dead_batch())
+    share = float(rec.stats.loc[rec.stats.kind == "dead_units", "mean"].iloc[0])
+    assert share == 0.25  # u3 only; the ranks' shares (0.5 each) would average to 0.5
+    for seen in spawned[1]:
+        assert seen["dead"] == [share, 4.0]
 
 
 def test_different_layers_on_ranks_raise_a_clear_error(spawned):

@@ -37,7 +37,10 @@ recorder's parameter hook fires *before* DDP averages the gradients, so call
 differ across ranks are merged as samples instead, with a warning. ``gradient`` rows hold
 ``dL_r/d(output)`` of each rank's own loss: with a mean-reduced loss, the gradient of the
 global-batch loss is these divided by the world size (the factor DDP applies to parameter
-gradients).
+gradients). ``dead_units`` (asked for with ``kinds=``): a unit is dead in the global batch
+when it is dead in every rank's, so the ranks' per-unit indicators (kept by the recorder
+until the flush) are MIN-reduced in one more collective and snapshotted again; the ranks'
+shares would only bound it from above.
 
 **Sharded parameters** (FSDP2, FSDP1, tensor parallel): each rank recorded its own part of a
 ``weight`` or ``weight_grad`` (:mod:`flowscope.record.shards`, noted in ``rec.shards``); those
@@ -152,12 +155,14 @@ def merge_pending(
     world = rank_and_world(group)[1]
     parts = dict(rec.shards)  # parts of sharded tensors -> the whole's size: samples
     rec.shards.clear()
+    dead = dict(rec.dead_vectors)
     if world > 1:
         order = sorted(range(count), key=lambda i: _match_key(pending[i][0]))
         keys = [(*_match_key(pending[i][0]), pending[i][0] in parts) for i in order]
         _check_same_keys(keys, group, world)
         if order:
             _merge_rows(rec, pending, order, group, world, (tuple(replicated), parts))
+            _merge_dead_units(rec, pending, order, dead, group)
             rec.set_pending(pending)
     rec.flush()
     return count
@@ -245,6 +250,28 @@ def _merge_rows(
     dist.all_reduce(hists, group=group)  # one SUM for every histogram of every snapshot
     for j, s in enumerate(rows):
         pending[order[s]] = pending[order[s]][0], torch.cat([merged[j], hists[j]])
+
+
+def _merge_dead_units(
+    rec: Recorder,
+    pending: list[tuple[SnapKey, torch.Tensor]],
+    order: list[int],
+    dead: dict[SnapKey, torch.Tensor],
+    group: Any,
+) -> None:
+    """``dead_units`` rows of the global batch: a unit is dead there when it is dead on every
+    rank's batch, so the ranks' per-unit indicators are MIN-reduced (one collective for all)
+    and snapshotted again; averaging the ranks' shares would overstate it."""
+    idx = [i for i in order if pending[i][0] in dead]  # the same keys, in the same order
+    if not idx:
+        return
+    vectors = [dead[pending[i][0]] for i in idx]
+    flat = torch.cat([v.reshape(-1) for v in vectors])
+    dist.all_reduce(flat, op=dist.ReduceOp.MIN, group=group)
+    for i, merged in zip(idx, flat.split([v.numel() for v in vectors]), strict=True):
+        row = rec.snapshot_row(merged, pending[i][0])
+        if row is not None:
+            pending[i] = pending[i][0], row
 
 
 def _agreeing(every: torch.Tensor, kinds: list[str], replicated: tuple[str, ...]) -> list[bool]:

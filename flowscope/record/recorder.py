@@ -228,6 +228,9 @@ class Recorder:
         self._pending = Pending()
         # snapshots of a part of a sharded tensor -> the whole tensor's size, until the merge
         self.shards: dict[SnapKey, int] = {}
+        # dead_units indicators (one float per unit, on the device), until the flush: ranks'
+        # dead shares do not average into the global batch's, their indicators MIN-reduce
+        self.dead_vectors: dict[SnapKey, torch.Tensor] = {}
         self._swapped = shards.managed(model)  # parameters FSDP swaps: read as stored
         if shards.inside_fsdp1(model):
             warnings.warn(f"flowscope: {shards.inside_fsdp1(model)}", RuntimeWarning, stacklevel=3)
@@ -482,7 +485,9 @@ class Recorder:
             if DEAD_UNITS in self.kinds and zero_output(module):
                 dead = dead_indicator(tensor)
                 if dead is not None:
-                    self._record(dead, key._replace(kind=DEAD_UNITS))
+                    dkey = key._replace(kind=DEAD_UNITS)
+                    self.dead_vectors[dkey] = dead  # for an exact merge across ranks
+                    self._record(dead, dkey)
             if "gradient" in self.kinds and tensor.requires_grad and self._room():
                 gkey = key._replace(kind="gradient", backward=0, order=1)
                 self._tensor_hooks.tensor(tensor, self._grad_hook(gkey, module))
@@ -691,6 +696,7 @@ class Recorder:
             self._frames = None
         self._reader.finish()
         pending, self._pending = self._pending, Pending()
+        self.dead_vectors.clear()
         if self.shards:
             self.shards.clear()
             self._skip("unmerged", _UNMERGED)
