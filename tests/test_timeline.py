@@ -127,3 +127,13 @@ def test_bad_input_is_refused() -> None:
         timeline(42)
     with pytest.raises(FlowscopeError, match="Thresholds"):
         timeline(pd.DataFrame(), thresholds=0.5)  # type: ignore[arg-type]
+
+
+def test_the_report_exports_the_timeline(run: Path, tmp_path: Path) -> None:
+    page = fs.report(run, tmp_path / "page")
+    exported = pd.read_csv(tmp_path / "page" / "timeline.csv", keep_default_na=False)
+    want = timeline(run).frame
+    assert len(exported) == len(want) > 0
+    assert exported["first_step"].tolist() == want["first_step"].tolist()
+    assert exported["layer"].astype(str).tolist() == want["layer"].astype(str).tolist()
+    assert 'href="timeline.csv"' in page.read_text()

@@ -47,7 +47,7 @@ from flowscope.reporter.figures import (
 )
 from flowscope.reporter.run import RunData, resolve_source
 from flowscope.reporter.study_figures import study_figures
-from flowscope.reporter.tables import settings, summary, write_exports
+from flowscope.reporter.tables import settings, summary, write_exports, write_timeline
 from flowscope.reporter.timeline_section import timeline_section
 
 if TYPE_CHECKING:
@@ -518,6 +518,8 @@ def render(
     timeline = timeline_section(
         run.records.stats, by, {str(k): str(v) for k, v in labels.items()}, anchors
     )
+    if timeline is not None and "frame" in timeline:
+        exports.append(write_timeline(out, timeline.pop("frame")))
     theory = theory_frame(run, table)
     seeds = len(groups) < len(table)  # a section per setting, over its seeds
     axis_names = [a for a in _axis_names(table, by) if not (seeds and a == "seed")]

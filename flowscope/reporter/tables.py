@@ -27,13 +27,14 @@ from flowscope.reporter.export import csv_text
 from flowscope.reporter.plots import group_column
 from flowscope.reporter.run import RunData
 
-__all__ = ["EXPORTS", "settings", "summary", "write_exports"]
+__all__ = ["EXPORTS", "settings", "summary", "write_exports", "write_timeline"]
 
 EXPORTS = {
     "summary.csv": "verdict and numbers per config / run",
     "layers.csv": "the doctor's checks per layer",
     "stats.csv": "every statistic per layer, kind and step",
     "claims.csv": "each claim of the source, held or not, with its numbers",
+    "timeline.csv": "the verdict timeline: each problem's first and last step per layer",
 }
 CSV_STEPS = 200  # stats.csv of a longer run holds this many evenly spaced steps
 
@@ -184,6 +185,13 @@ def write_exports(
         text = what if name == "stats.csv" and what else EXPORTS[name]
         links.append({"href": quote(name), "name": name, "what": text})
     return links
+
+
+def write_timeline(out: Path, frame: pd.DataFrame) -> dict[str, str]:
+    """``timeline.csv`` (the verdict timeline's frame, every row) written into ``out``; its
+    link."""
+    atomic_write_text(out / "timeline.csv", csv_text(frame))
+    return {"href": "timeline.csv", "name": "timeline.csv", "what": EXPORTS["timeline.csv"]}
 
 
 def _csv_steps(stats: pd.DataFrame) -> tuple[pd.DataFrame, str]:

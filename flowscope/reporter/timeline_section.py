@@ -58,7 +58,8 @@ def timeline_section(
 
     Returns:
         ``{"runs": [{"label", "anchor", "lines", "rows", "more", "last_step", "steps"}],
-        "problems": n, "error": "", "dead_units": bool}``; ``error`` says why the doctor
+        "problems": n, "error": "", "dead_units": bool, "frame": Timeline.frame}``
+        (``frame`` only when the doctor read them); ``error`` says why the doctor
         could not read them; ``dead_units``: the runs hold per-unit dead counts (the kind
         ``dead_units``), so dead is judged per unit rather than by the share of zeros.
     """
@@ -83,4 +84,10 @@ def timeline_section(
         rows["anchor"] = (anchors or {}).get(key, "")
         rows["steps"] = int(counts[key])
         runs.append(rows)
-    return {"runs": runs, "problems": len(t.frame), "error": "", "dead_units": per_unit}
+    return {
+        "runs": runs,
+        "problems": len(t.frame),
+        "error": "",
+        "dead_units": per_unit,
+        "frame": t.frame,
+    }
