@@ -346,6 +346,8 @@ class Snapshotter:
         self.lib = kernel()
         self._cfg: dict[tuple[torch.dtype, bool, tuple[float, float] | None], int] = {}
         self._size = max(spec.bins, spec.log.size) + 1
+        self._call = self.lib.fs_snapshot  # bound once: an attribute lookup per call less
+        self._teams: dict[int, tuple[int, int]] = {}  # torch's threads -> (team, counters)
 
     def __call__(
         self,
@@ -367,7 +369,7 @@ class Snapshotter:
         t.data = x.data_ptr()
         t.dtype = F32 if x.dtype == torch.float32 else F64
         t.numel = n
-        t.sample_stride = sample_stride(n, self.spec.sample)
+        t.sample_stride = 1 if n <= self.spec.sample else sample_stride(n, self.spec.sample)
         if x.is_contiguous():
             t.ndim = t.dense = 1
             t.sizes[0] = n
@@ -380,19 +382,18 @@ class Snapshotter:
             t.ndim, t.dense = len(sizes), int(_dense(sizes, strides))
             t.sizes[: len(sizes)] = sizes
             t.strides[: len(sizes)] = strides
-        threads = team_size()
-        need = 4 * threads * self._size
+        threads = 1 if _forked else torch.get_num_threads()
+        team, need = self._teams.get(threads) or self._team(threads)
         counts = sc.counters(need)
-        done = self.lib.fs_snapshot(
-            sc.tensor_at,
-            cfg,
-            _team_at(threads, MOMENTS_FROM, HIST_FROM),
-            row.data_ptr(),
-            counts,
-            counts + 4 * need,
-        )
-        if done != 0:
+        if self._call(sc.tensor_at, cfg, team, row.data_ptr(), counts, counts + 4 * need):
             raise RuntimeError(f"flowscope: the snapshot kernel refused a tensor of {x.shape}")
+
+    def _team(self, threads: int) -> tuple[int, int]:
+        """The team's address and the counters needed for ``threads`` (made once each)."""
+        size = threads if torch_team() is not None else 1  # team_size() without a runtime
+        made = (_team_at(size, MOMENTS_FROM, HIST_FROM), 4 * size * self._size)
+        self._teams[threads] = made
+        return made
 
 
 @cache

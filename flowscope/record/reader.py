@@ -77,7 +77,7 @@ class Reader:
     ) -> tuple[torch.Tensor, bool]:
         """A new snapshot row of ``t`` and whether it is final: the C kernel's is; one taken
         with torch ops is staged and filled when the step's batch is reduced."""
-        if t.numel() and self._c is not None and t.device.type == "cpu":  # the C kernel
+        if t.numel() and self._c is not None and t.is_cpu:  # the C kernel (t.device: ~0.3 us)
             row = self._rows.take()
             self._c(t if t.dtype in _C_DTYPES else t.float(), sat, drop, row)
             return row, True

@@ -581,20 +581,15 @@ class Recorder:
     def _key(
         self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
     ) -> SnapKey:
+        layer = _LAYERS.get(qualname)
+        if layer is None:  # FSDP1, checkpoint, compile wrappers out of the name (made once)
+            layer = _LAYERS[qualname] = shards.user_name(qualname) or ROOT
+        forward = self._passes.forward
+        device = "cpu" if t.is_cpu else device_name(t.device)  # t.device: ~0.3 us
         return SnapKey(
-            step=self.step_index,
-            layer_idx=self._layer_idx.get(qualname, -1),
-            layer=shards.user_name(qualname) or ROOT,  # FSDP1, checkpoint, compile wrappers
-            module_type=shards.user_type(module),
-            kind=kind,
-            call=call,
-            forward=max(self._passes.forward, 0),
-            backward=-1,
-            order=0,
-            tensor=path,
-            dtype=dtype_name(t.dtype),
-            device=device_name(t.device),
-        )
+            self.step_index, self._layer_idx.get(qualname, -1), layer, shards.user_type(module),
+            kind, call, forward if forward > 0 else 0, -1, 0, path, dtype_name(t.dtype), device,
+        )  # fmt: skip
 
     def _record(self, t: torch.Tensor, key: SnapKey, module: nn.Module | None = None) -> None:
         """Reduce one tensor on its device and keep the result (no host transfer)."""
@@ -635,7 +630,7 @@ class Recorder:
         device and not kept; None for a tensor with no float values (meta, int, bool)."""
         if t.is_meta or not t.is_floating_point():  # no values (meta); int/bool/complex params
             return None
-        part = shards.local_part(t)
+        part = None if type(t) in _PLAIN else shards.local_part(t)  # not a DTensor: ~0.2 us
         if part is not None:  # a DTensor: this rank's part (FSDP2, tensor parallel)
             if part.tensor is None:
                 where = f"{key.layer!r} {key.kind} {key.tensor!r}"
@@ -870,6 +865,8 @@ _UNMERGED = (
     "parts of sharded parameters (FSDP, DTensor) were flushed unmerged: each rank's rows hold"
     " its own shard only; call flowscope.distributed.merge_pending(rec) on every rank first"
 )
+_LAYERS: dict[str, str] = {}  # qualified name -> layer name, shared by recorders
+_PLAIN = (torch.Tensor, nn.Parameter)  # the types that are no DTensor (snapshot_row)
 MAX_STEP_ROWS = 100_000  # snapshots one step may take (Recorder.max_step_rows): ~110 MB
 _FUNCTORCH = (
     "under torch.func transforms (vmap, grad, jacrev, functional_call with them) only the"
