@@ -153,6 +153,10 @@ def test_load_reads_a_selection(tmp_path: Path) -> None:
         few.hists, full.hists[full.hists.step.isin([0, 4, 8])].reset_index(drop=True)
     )
     pd.testing.assert_frame_equal(few.stats, full.stats)  # read without the counts
+    none = fs.load(tmp_path / "run", hist_steps=0)  # the statistics only
+    assert none.hists.empty and none.stats.step.nunique() == 9 and len(none.scalars) == 9
+    with pytest.raises(FlowscopeError, match="hist_steps must be a count of steps >= 0"):
+        fs.load(tmp_path / "run", hist_steps=-1)
 
 
 def test_a_long_runs_stats_csv_holds_spaced_steps(

@@ -109,11 +109,14 @@ def load(
         kinds: only these kinds.
         hist_steps: histogram rows for at most this many recorded steps, evenly spaced,
             the first and the last included (the statistics keep every step): the tidy
-            histogram frame of a long run has ~70 rows per snapshot.
+            histogram frame of a long run has ~70 rows per snapshot; 0: none.
 
     Raises:
-        FlowscopeError: when the folder or one of its files is missing or not flowscope's.
+        FlowscopeError: when the folder or one of its files is missing or not flowscope's,
+            or ``hist_steps`` is negative.
     """
+    if hist_steps is not None and (isinstance(hist_steps, bool) or not hist_steps >= 0):
+        raise FlowscopeError(f"hist_steps must be a count of steps >= 0, got {hist_steps!r}")
     folder = Path(run_dir)
     if runstore.is_run_store(folder):
         return _load_store(folder, _filters(steps, layers, kinds), hist_steps)
@@ -125,11 +128,17 @@ def load(
 
 
 def spaced_steps(steps: np.ndarray, most: int) -> np.ndarray:
-    """At most ``most`` of the distinct ``steps``, evenly spaced, first and last included."""
+    """At most ``most`` of the distinct ``steps``, evenly spaced, first and last included
+    (the first only for ``most`` 1, none for 0).
+
+    Example:
+        >>> spaced_steps(np.arange(10), 4).tolist(), spaced_steps(np.arange(10), 0).tolist()
+        ([0, 3, 6, 9], [])
+    """
     unique = np.unique(steps)
     if len(unique) <= most:
         return unique
-    return unique[np.unique(np.linspace(0, len(unique) - 1, max(most, 1)).round().astype(int))]
+    return unique[np.unique(np.linspace(0, len(unique) - 1, most).round().astype(int))]
 
 
 def _filters(
@@ -186,11 +195,12 @@ def _load_store(
     edges = log_edges_of(meta)
     if table is None:
         snaps = Snapshots.of([], HistSpec(int(meta.get("bins", 64)), 1, edges), "")
-        return records_from(snaps, meta)
-    snaps = Snapshots.from_table(table, edges, folder.name, counts=not skip)
-    records = records_from(snaps, meta, binned=np.zeros(len(snaps), bool) if skip else None)
-    if skip:
-        keep = spaced_steps(snaps.keys["step"], cast(int, hist_steps))
+        records, keep = records_from(snaps, meta), np.zeros(0, np.int64)
+    else:
+        snaps = Snapshots.from_table(table, edges, folder.name, counts=not skip)
+        records = records_from(snaps, meta, binned=np.zeros(len(snaps), bool) if skip else None)
+        keep = spaced_steps(snaps.keys["step"], cast(int, hist_steps) if skip else 0)
+    if len(keep):  # hist_steps=0: the statistics only
         try:
             binned = runstore.read(folder, "snapshots", [*filters, ("step", "in", keep.tolist())])
         except (OSError, ValueError, pa.ArrowException) as err:
