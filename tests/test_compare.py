@@ -52,6 +52,9 @@ def test_the_cli_flags_the_exploding_run_and_exits_1(runs, tmp_path):
     assert f"exploding in '{BLOWN}' (Linear) from step {BLOW_STEP}, persists" in result.stdout
     assert (tmp_path / "compare.html").is_file()
     assert f"page: {tmp_path / 'compare.html'}" in result.stdout
+    page = (tmp_path / "compare.html").read_text()
+    for kind in ("activation", "gradient", "update_ratio"):  # both runs had an optimizer
+        assert f'id="steps-{kind}"' in page
 
 
 def test_swapped_the_healthy_run_adds_no_problem_and_exits_0(runs, tmp_path):

@@ -54,7 +54,11 @@ if TYPE_CHECKING:
 __all__ = ["COMPARE_FILE", "compare", "compare_report"]
 
 COMPARE_FILE = "compare.html"
-HEAT_KINDS = (("activation", "Activation rms"), ("gradient", "dL/dh rms"))
+HEAT_KINDS = (  # kind, column, label: the layer x step maps of both runs
+    ("activation", "rms", "Activation rms"),
+    ("gradient", "rms", "dL/dh rms"),
+    ("update_ratio", "mean", "update : weight ratio"),
+)
 
 
 @overload
@@ -190,14 +194,14 @@ def _figures(c: RunComparison) -> list[dict[str, str]]:
                 "src": src,
             }
         )
-    for kind, label in HEAT_KINDS:
+    for kind, column, label in HEAT_KINDS:
 
-        def draw_heat(fig: Figure, kind: str = kind) -> None:
-            _heat_pair(c, kind, fig)
+        def draw_heat(fig: Figure, kind: str = kind, column: str = column) -> None:
+            _heat_pair(c, kind, column, fig)
 
         try:
             src = canvases.png(("heat", kind), draw_heat, (13.0, 3.4))
-        except FlowscopeError:  # neither run recorded this kind
+        except FlowscopeError:  # a run did not record this kind (update_ratio: on request)
             continue
         figs.append(
             {
@@ -211,14 +215,14 @@ def _figures(c: RunComparison) -> list[dict[str, str]]:
     return figs
 
 
-def _heat_pair(c: RunComparison, kind: str, fig: Figure) -> None:
+def _heat_pair(c: RunComparison, kind: str, column: str, fig: Figure) -> None:
     """Both runs' layer x step heat maps of ``kind`` side by side, one colour scale."""
     from flowscope.reporter.plots import layer_steps
 
     axes = fig.subplots(1, 2)
     images = []
     for ax, stats, name in zip(axes, c.stats, c.names, strict=True):
-        layer_steps(stats, kind, ax=ax)
+        layer_steps(stats, kind, column, ax=ax)
         ax.set_title(f"{name}: {ax.get_title()}", fontsize=9)
         images.append(ax.images[0])
     ranges = [im.get_array() for im in images]
