@@ -185,33 +185,39 @@ def _load_store(
     """A streamed run's parts (those finished: a run cut off reads up to its last flush)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        edges = log_edges_of(meta)
         # with hist_steps, the counts (189 numbers a snapshot) are read for those steps only:
         # reading them all first made a 2000-step run's report peak at 2.3 GiB
-        skip = ("linear", "log") if hist_steps is not None else ()
-        table = runstore.read(folder, "snapshots", filters, skip=skip)
+        counts = hist_steps is None
+        snaps = read_store_snapshots(folder, edges, filters, counts=counts)
         scalars = runstore.read(folder, "scalars", [f for f in filters if f[0] == "step"])
+        if snaps is None:
+            snaps = Snapshots.of([], HistSpec(int(meta.get("bins", 64)), 1, edges), "")
+        records = records_from(snaps, meta, binned=None if counts else np.zeros(len(snaps), bool))
+        keep = spaced_steps(snaps.keys["step"], 0 if counts else cast(int, hist_steps))
+        if len(keep):  # hist_steps=0: the statistics only
+            step_in = ("step", "in", keep.tolist())
+            binned = read_store_snapshots(folder, edges, [*filters, step_in])
+            if binned is not None:
+                records.hists = records_from(binned, meta).hists
     except (OSError, ValueError, pa.ArrowException) as err:
         raise FlowscopeError(f"cannot read the flowscope run {str(folder)!r}: {err}") from err
-    edges = log_edges_of(meta)
-    if table is None:
-        snaps = Snapshots.of([], HistSpec(int(meta.get("bins", 64)), 1, edges), "")
-        records, keep = records_from(snaps, meta), np.zeros(0, np.int64)
-    else:
-        snaps = Snapshots.from_table(table, edges, folder.name, counts=not skip)
-        records = records_from(snaps, meta, binned=np.zeros(len(snaps), bool) if skip else None)
-        keep = spaced_steps(snaps.keys["step"], cast(int, hist_steps) if skip else 0)
-    if len(keep):  # hist_steps=0: the statistics only
-        try:
-            binned = runstore.read(folder, "snapshots", [*filters, ("step", "in", keep.tolist())])
-        except (OSError, ValueError, pa.ArrowException) as err:
-            raise FlowscopeError(f"cannot read the flowscope run {str(folder)!r}: {err}") from err
-        if binned is not None:
-            records.hists = records_from(
-                Snapshots.from_table(binned, edges, folder.name), meta
-            ).hists
     if scalars is not None:
         records.scalars = scalars.to_pandas()[SCALAR_COLUMNS]
     return records
+
+
+def read_store_snapshots(
+    folder: Path,
+    edges: LogEdges,
+    filters: list[tuple[str, str, Any]] | None = None,
+    counts: bool = True,
+) -> Snapshots | None:
+    """The snapshots of a run store's parts (``filters`` pushed down; without ``counts``,
+    no histograms: ``lin`` and ``log`` of no columns); None when it has no part yet."""
+    skip = () if counts else ("linear", "log")
+    table = runstore.read(folder, "snapshots", filters, skip=skip)
+    return None if table is None else Snapshots.from_table(table, edges, folder.name, counts)
 
 
 def _load_files(folder: Path) -> Records:
