@@ -232,8 +232,9 @@ class Recorder:
         # dead shares do not average into the global batch's, their indicators MIN-reduce
         self.dead_vectors: dict[SnapKey, torch.Tensor] = {}
         self._swapped = shards.managed(model)  # parameters FSDP swaps: read as stored
-        if shards.inside_fsdp1(model):
-            warnings.warn(f"flowscope: {shards.inside_fsdp1(model)}", RuntimeWarning, stacklevel=3)
+        hidden = shards.inside_fsdp1(model)
+        if hidden:
+            warnings.warn(f"flowscope: {hidden}", RuntimeWarning, stacklevel=3)
         self.started = time.time()
         if out is not None:
             self._open_store(Path(out))
@@ -581,9 +582,7 @@ class Recorder:
     def _key(
         self, qualname: str, module: nn.Module, kind: str, call: int, path: str, t: torch.Tensor
     ) -> SnapKey:
-        layer = _LAYERS.get(qualname)
-        if layer is None:  # FSDP1, checkpoint, compile wrappers out of the name (made once)
-            layer = _LAYERS[qualname] = shards.user_name(qualname) or ROOT
+        layer = shards.user_name(qualname) or ROOT  # no wrapper names; cached by qualname
         forward = self._passes.forward
         device = "cpu" if t.is_cpu else device_name(t.device)  # t.device: ~0.3 us
         return SnapKey(
@@ -772,7 +771,7 @@ class Recorder:
             held.lin, held.log = held.lin[:, :0], held.log[:, :0]
         if self.out is None or (not self._stored_rows and not self._parts):
             return held
-        stored = _stored_snapshots(self.out, held.edges, counts)
+        stored = frames.read_store_snapshots(self.out, held.edges, counts=counts)
         return frames.Snapshots.concat([stored, held]) if stored is not None else held
 
     @property
@@ -805,7 +804,7 @@ class Recorder:
             "every": self.every,
             "bins": self.hist.bins,
             "hist_sample": self.hist.sample,
-            "log_edges": [self.hist.log.lo, self.hist.log.hi, self.hist.log.per_decade],
+            "log_edges": _edges(self.hist),
             "steps": self.step_index + 1,
             "started": self.started,
             "written": time.time(),
@@ -838,16 +837,6 @@ def _edges(hist: HistSpec) -> list[int]:
     return [hist.log.lo, hist.log.hi, hist.log.per_decade]
 
 
-def _stored_snapshots(folder: Path, edges: Any, counts: bool = True) -> Snapshots | None:
-    """Every snapshot written to a run folder so far (without ``counts``: no histograms)."""
-    from flowscope.record import frames, runstore
-
-    table = runstore.read(folder, "snapshots", skip=() if counts else ("linear", "log"))
-    if table is None:
-        return None
-    return frames.Snapshots.from_table(table, edges, folder.name, counts=counts)
-
-
 def _scalar(value: torch.Tensor | float) -> torch.Tensor:
     """A loss or learning rate as a float64 tensor of one element on its device (no sync)."""
     if isinstance(value, torch.Tensor):
@@ -865,7 +854,6 @@ _UNMERGED = (
     "parts of sharded parameters (FSDP, DTensor) were flushed unmerged: each rank's rows hold"
     " its own shard only; call flowscope.distributed.merge_pending(rec) on every rank first"
 )
-_LAYERS: dict[str, str] = {}  # qualified name -> layer name, shared by recorders
 _PLAIN = (torch.Tensor, nn.Parameter)  # the types that are no DTensor (snapshot_row)
 MAX_STEP_ROWS = 100_000  # snapshots one step may take (Recorder.max_step_rows): ~110 MB
 _FUNCTORCH = (
