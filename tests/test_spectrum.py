@@ -58,9 +58,9 @@ def test_per_layer_spectra_are_the_jacobians_of_the_prefixes():
 
 def test_power_iteration_finds_the_largest_values():
     model = net(30, 30, 4, 30)
-    x = torch.randn(1, 30, dtype=torch.float64)
-    full = fs.jacobian_spectrum(model, x, method="full").reshape(1, -1)
-    top = fs.jacobian_spectrum(model, x, method="power", k=8, iters=60).reshape(1, 8)
+    x = torch.randn(2, 30, dtype=torch.float64)
+    full = fs.jacobian_spectrum(model, x, method="full").reshape(2, -1)
+    top = fs.jacobian_spectrum(model, x, method="power", k=8, iters=60).reshape(2, 8)
     np.testing.assert_allclose(top[:, :3], full[:, :3], rtol=1e-6)  # the block's top converge first
 
 
