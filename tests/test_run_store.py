@@ -336,3 +336,10 @@ def test_a_streamed_recorder_reads_stats_without_the_histogram_counts(
     pd.testing.assert_frame_equal(stats, stored.stats)
     pd.testing.assert_frame_equal(rec.hists, stored.hists)  # then built with the counts
     assert rec.scalars["step"].tolist() == list(range(8))
+    # against the same run kept in memory (no run folder, no part read back)
+    twin = _net()
+    with fs.watch(twin, flush_every=1000) as held:
+        _train(twin, held, 8, torch.optim.SGD(twin.parameters(), lr=0.05))
+    assert held.out is None
+    pd.testing.assert_frame_equal(stats, held.stats)
+    pd.testing.assert_frame_equal(rec.hists, held.hists)
