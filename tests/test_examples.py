@@ -41,7 +41,7 @@ def test_ddp_example_under_torchrun_writes_the_global_batch_and_the_report(tmp_p
     assert (out / "report.html").is_file()  # flowscope.reporter.page drew it on rank 0
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1-flat"])
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1", "fsdp1-flat"])
 def test_fsdp_example_under_torchrun_merges_the_shards(tmp_path, strategy):
     out = tmp_path / strategy
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -54,7 +54,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _first_nan_output(model: nn.Sequential, x: torch.Tensor) -> str:
-    """The first module of the forward pass whose output holds a NaN (hooks of our own)."""
+    """The first module of the forward pass whose output holds a NaN (run child by child)."""
     seen: list[str] = []
     for name, module in model.named_children():
         x = module(x)
