@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,15 +139,11 @@ def _scenario(rank: int, name: str) -> dict[str, object]:
         rec = fs.watch(model, bins=16)
         _train(model, rec, x, 1.0)
         rec.close()
-        dist.barrier()
-        start = time.perf_counter()
         distributed.merge_pending(rec)
-        seconds = time.perf_counter() - start
     return {
         "stats": rec.stats,
         "hists": rec.hists,
         "warnings": [str(w.message) for w in caught if "flowscope" in str(w.message)],
-        "merge_s": seconds,
     }
 
 
