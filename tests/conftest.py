@@ -99,3 +99,13 @@ def _forget_user_packages() -> Iterator[None]:
     yield
     for name in [n for n in sys.modules if n.split(".")[0] in USER_PACKAGES]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def compare_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two streamed training runs, healthy and with an exploding layer (test_compare's
+    ``_train``), trained once for the comparison tests and the browser check."""
+    from test_compare import _train
+
+    root = tmp_path_factory.mktemp("compare-runs")
+    return _train(root / "healthy", False), _train(root / "blown", True)

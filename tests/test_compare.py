@@ -40,9 +40,8 @@ def _train(out: Path, blow: bool) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("compare")
-    return _train(root / "healthy", False), _train(root / "blown", True)
+def runs(compare_runs: tuple[Path, Path]) -> tuple[Path, Path]:
+    return compare_runs  # trained once per session (conftest)
 
 
 def test_the_cli_flags_the_exploding_run_and_exits_1(runs, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compare import BLOW_STEP, BLOWN, _train
+from test_compare import BLOW_STEP, BLOWN
 from test_report_browser import chromium
 
 import flowscope as fs
@@ -21,9 +21,8 @@ DECODED = (
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("browser-runs")
-    return _train(root / "healthy", False), _train(root / "blown", True)
+def runs(compare_runs: tuple[Path, Path]) -> tuple[Path, Path]:
+    return compare_runs  # trained once per session (conftest)
 
 
 @pytest.fixture(scope="module")
