@@ -24,7 +24,7 @@ _LAZY = {
     "watch": "flowscope.record.recorder",
     "Recorder": "flowscope.record.recorder",
     "KINDS": "flowscope.record.recorder",
-    "load": "flowscope.record.frames",
+    "load": "flowscope.record.loading",
     "Records": "flowscope.record.frames",
     "FlowscopeError": "flowscope.core.errors",
     "diagnose": "flowscope.doctor",
@@ -57,7 +57,8 @@ if TYPE_CHECKING:
         reinit,
     )
     from flowscope.doctor.signal import signal_propagation  # noqa: F401
-    from flowscope.record.frames import Records, load  # noqa: F401
+    from flowscope.record.frames import Records  # noqa: F401
+    from flowscope.record.loading import load  # noqa: F401
     from flowscope.record.recorder import KINDS, Recorder, watch  # noqa: F401
     from flowscope.reporter.compare import compare  # noqa: F401
     from flowscope.reporter.export import to_csv, to_tensorboard  # noqa: F401

@@ -55,7 +55,8 @@ from flowscope.doctor.rules import check_layers, explain, worst_layer
 from flowscope.doctor.table import dead_counts, layer_table, main_role
 from flowscope.doctor.theory_table import phase_notes, theory_table
 from flowscope.doctor.thresholds import LAYER_COLUMNS, NO_DATA, RUN_COLUMNS, VERDICTS, Thresholds
-from flowscope.record.frames import KEYS, expected_passes, records_of
+from flowscope.record.frames import KEYS, expected_passes
+from flowscope.record.loading import records_of
 from flowscope.record.recorder import Recorder
 
 __all__ = ["Diagnosis", "compare", "diagnose"]

@@ -36,7 +36,8 @@ from flowscope.doctor.diagnosis import diagnose
 from flowscope.doctor.table import layer_table
 from flowscope.doctor.thresholds import Thresholds
 from flowscope.doctor.timeline import TIMELINE_COLUMNS, Timeline, timeline
-from flowscope.record.frames import SCALAR_COLUMNS, Records, expected_passes, load, records_of
+from flowscope.record.frames import SCALAR_COLUMNS, Records, expected_passes
+from flowscope.record.loading import load, records_of
 
 __all__ = ["LAYER_STATS", "RunComparison", "compare_runs", "read_records"]
 

@@ -49,7 +49,8 @@ from flowscope.core.activations import activation_type
 from flowscope.core.errors import FlowscopeError
 from flowscope.doctor.table import PRE_ACTIVATION, role_of
 from flowscope.doctor.thresholds import VERDICTS, Thresholds
-from flowscope.record.frames import expected_passes, records_of
+from flowscope.record.frames import expected_passes
+from flowscope.record.loading import records_of
 
 __all__ = ["CHECK_COLUMNS", "TIMELINE_COLUMNS", "Timeline", "step_checks", "timeline"]
 

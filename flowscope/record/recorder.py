@@ -763,7 +763,7 @@ class Recorder:
         """All snapshots so far on the host, before they become frames (what the study engine
         saves per config; :class:`flowscope.record.frames.Snapshots`); without ``counts``,
         without the histograms (``lin`` and ``log`` of no columns)."""
-        from flowscope.record import frames
+        from flowscope.record import frames, loading
 
         self.flush()
         held = frames.Snapshots.of(self._host, self.hist, self.name)
@@ -771,7 +771,7 @@ class Recorder:
             held.lin, held.log = held.lin[:, :0], held.log[:, :0]
         if self.out is None or (not self._stored_rows and not self._parts):
             return held
-        stored = frames.read_store_snapshots(self.out, held.edges, counts=counts)
+        stored = loading.read_store_snapshots(self.out, held.edges, counts=counts)
         return frames.Snapshots.concat([stored, held]) if stored is not None else held
 
     @property

@@ -37,7 +37,8 @@ import pandas as pd
 
 from flowscope.core.columns import KEYS
 from flowscope.core.errors import FlowscopeError
-from flowscope.record.frames import Records, atomic_write_text, log_edges_of, records_of
+from flowscope.record.frames import Records, atomic_write_text, log_edges_of
+from flowscope.record.loading import records_of
 from flowscope.record.recorder import Recorder
 from flowscope.record.snapshot import LogEdges
 

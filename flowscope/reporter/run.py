@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from flowscope.core.errors import FlowscopeError
-from flowscope.record.frames import Records, expected_passes, load, records_of
+from flowscope.record.frames import Records, expected_passes
+from flowscope.record.loading import load, records_of
 from flowscope.reporter.plots import group_column
 
 __all__ = ["DATA_FILES", "STUDY_FILES", "RunData", "read_run", "resolve_source"]

@@ -22,7 +22,8 @@ from urllib.parse import quote
 import pandas as pd
 
 from flowscope.doctor import RUN_COLUMNS
-from flowscope.record.frames import atomic_write_text, spaced_steps
+from flowscope.record.frames import atomic_write_text
+from flowscope.record.loading import spaced_steps
 from flowscope.reporter.export import csv_text
 from flowscope.reporter.plots import group_column
 from flowscope.reporter.run import RunData
