@@ -10,13 +10,13 @@ views of one result tensor that ``finish`` fills in stream order.
 Layout: each tensor takes whole chunks of ``CHUNK`` values in the buffer, its tail padded
 with NaN; the buffer is viewed as (chunks, CHUNK). Per chunk: the finite, NaN, nonzero and
 saturated counts, the finite extremes, and the sums of (x - c_k) / s and of their squares
-about the chunk's first finite value c_k (s a power of two at least the tensor's abs-max, so
-nothing overflows). Chunks are merged per tensor in float64 about the tensor's first finite
-value, and both histograms of every tensor's strided sample are counted with one
-``scatter_add`` each. The result is the same row as the C kernel's
-(:func:`flowscope.record.snapshot.snapshot_row`). Every pass over the buffer writes into
-scratch kept with it: on the CPU a fresh temporary of the buffer's size per op cost more than
-the op itself (new pages, zeroed by the kernel).
+about the chunk's largest finite value c_k (s a power of two at least the tensor's abs-max,
+so nothing overflows). Chunks are merged per tensor in float64 about a finite value of the
+tensor, and both histograms of every tensor's strided sample are counted with one
+``scatter_add`` each. The statistics are the C kernel's
+(:func:`flowscope.record.snapshot.snapshot_row`) to float rounding. Every pass over the
+buffer writes into scratch kept with it: on the CPU a fresh temporary of the buffer's size
+per op cost more than the op itself (new pages, zeroed by the kernel).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Batch:
     _buffer: torch.Tensor | None = None
     _flat: torch.Tensor | None = None
     _work: torch.Tensor | None = None  # scratch of the buffer's shape and dtype
-    _finite: torch.Tensor | None = None  # (chunks, chunk) bool scratch
+    _work2: torch.Tensor | None = None  # the same, a second
     _staged: list[_Staged] = field(default_factory=list)
     _used: int = 0  # chunks
     _rows: torch.Tensor | None = None
@@ -157,7 +157,7 @@ class Batch:
             # the reduction writes into these (out=): a fresh temporary of the buffer's size
             # per op cost more than the op itself on the CPU (new pages, zeroed by the kernel)
             self._work = torch.empty_like(self._buffer)
-            self._finite = torch.empty(shape, dtype=torch.bool, device=self.device)
+            self._work2 = torch.empty_like(self._buffer)
         if self._rows is None:
             width = row_width(self.spec)
             self._rows = torch.empty(self.max_rows, width, dtype=torch.float64, device=self.device)
@@ -174,10 +174,10 @@ class Batch:
             return
         staged, used, rows = self._staged, self._used, self._rows
         assert self._buffer is not None and rows is not None
-        assert self._work is not None and self._finite is not None
+        assert self._work is not None and self._work2 is not None
         view = self._buffer[:used]
         with torch.no_grad():
-            scratch = (self._work[:used], self._finite[:used])
+            scratch = (self._work[:used], self._work2[:used])
             out = _reduce(view, len(staged), self._layout(staged), self.spec, scratch)
             rows[: len(staged)].copy_(out)
             view.fill_(math.nan)  # padding for the next batch's tails
@@ -253,36 +253,40 @@ def _reduce(
     scratch: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:  # fmt: skip
     """The rows of ``tensors`` staged tensors from the (chunks, chunk width) buffer ``v``;
-    ``scratch``: a tensor of ``v``'s shape and dtype and a (5, chunks, chunk width) bool one.
+    ``scratch``: two tensors of ``v``'s shape and dtype.
 
-    As the CPU kernel: sums of (x - c) / s about c, the tensor's first finite value (a
-    constant tensor has exactly zero spread), s a power of two at least its abs-max, so no
-    value, difference or square leaves the dtype's range. Per chunk, the sums are taken
-    about the chunk's own first finite value c_k (non-finite entries replaced by it add 0),
-    then moved to c in float64: sum += n_k d, sumsq += 2 d sum_k + n_k d^2, d = (c_k - c)/s.
+    Sums of (x - c) / s about c, a finite value of the tensor (a constant tensor has exactly
+    zero spread), s a power of two at least its abs-max, so no value, difference or square
+    leaves the dtype's range. Per chunk, the sums are taken about the chunk's largest finite
+    value c_k (non-finite entries replaced by it add 0), then moved to c, the c_k of the
+    tensor's first chunk holding a finite value, in float64: sum += n_k d,
+    sumsq += 2 d sum_k + n_k d^2, d = (c_k - c) / s. (The C kernel takes the sums about the
+    tensor's first finite value: the rows' shift and sums differ, the moments agree.)
     Written for few kernels (each op is a launch on a GPU): one op per pass over the buffer,
     per-chunk numbers as rows of one matrix, one reduction per kind of merge. Every pass
-    writes into ``scratch``: no temporary of the buffer's size is allocated.
+    writes into ``scratch``: no temporary of the buffer's size is allocated. No pass writes
+    bool or needs an argmax: on the CPU either is ~5x slower than a pass in the buffer's
+    dtype (4M values: a compare 1.3 ms into bool, 0.25 ms into float32).
     """
     f64 = torch.float64
-    work, fin = scratch
-    # per chunk: finite, NaN, nonzero (NaN and Inf are), outside the saturation interval
-    # (Inf compares outside) values, the NaN padding included. Only the finite mask is bool
-    # (where and argmax need it); the others are written as 0/1 in the buffer's dtype into
-    # `work` and summed (exact): a compare writing bool is ~5x slower on the CPU
-    torch.eq(torch.sub(v, v, out=work), 0, out=fin)  # Inf - Inf and NaN: NaN
-    rows = [_count(fin, v.dtype), torch.ne(v, v, out=work).sum(1), torch.ne(v, 0, out=work).sum(1)]
+    w, work = scratch
+    # the finite extremes per chunk: non-finite values (and the NaN padding) as +inf, -inf
+    mn = torch.nan_to_num(v, math.inf, math.inf, math.inf, out=w).amin(1)
+    mx = torch.nan_to_num(v, -math.inf, -math.inf, -math.inf, out=work).amax(1)
+    # counts per chunk as 0/1 in the buffer's dtype, summed (exact), the padding included:
+    # non-finite, NaN, nonzero (NaN and Inf are), outside the saturation interval (Inf
+    # compares outside)
+    rows = [torch.eq(work, -math.inf, out=work).sum(1)]  # only non-finite values are -inf
+    rows += [torch.ne(v, v, out=work).sum(1), torch.ne(v, 0, out=work).sum(1)]
     if lay.saturating:  # at most lo or at least hi: never both
         below = torch.le(v, lay.lo, out=work).sum(1)
         rows.append(torch.ge(v, lay.hi, out=work).sum(1).add_(below))
-    first = v.gather(1, fin.view(torch.uint8).argmax(1, keepdim=True)).nan_to_num_(0.0, 0.0, 0.0)
-    w = torch.where(fin, v, first, out=work)  # non-finite -> c_k: in range, adds 0 about c_k
-    # amin and amax apart: torch's CPU aminmax does not vectorise (4M values: 4.8 ms against
-    # 0.2 ms for the two); on a GPU one kernel
-    mn, mx = torch.aminmax(w, dim=1) if v.is_cuda else (w.amin(1), w.amax(1))
-    per_chunk = torch.stack([*rows, -mn, mx, first.view(-1)]).to(f64)  # one conversion
+    ck = mx.nan_to_num(0.0, 0.0, 0.0)  # c_k: the largest finite value, 0 when none
+    # non-finite (+inf in w) -> c_k: in range, adds 0 about c_k; finite values are <= c_k
+    w = torch.minimum(w, ck[:, None], out=w)
+    per_chunk = torch.stack([*rows, -mn, mx, ck]).to(f64)  # one conversion
     counts, ends = per_chunk[: len(rows)], per_chunk[len(rows) :]  # (4 or 3, chunks), (3, chunks)
-    n = counts[0]
+    n = lay.width_row[0] - counts[0]  # finite values
     # per tensor, one max-reduction: -min, max, abs-max, -(first chunk holding a value)
     peaks = torch.cat([ends[:2], ends[:2].amax(0, keepdim=True), lay.down])
     peaks = peaks.where(n > 0, -math.inf)
@@ -294,7 +298,7 @@ def _reduce(
     c = ends[2][(-top[3]).nan_to_num_(0.0, 0.0, 0.0).long()]  # the first holding chunk's c_k
     inv = scale.reciprocal().index_select(0, lay.seg)
     inv_v = inv.to(v.dtype)[:, None]
-    d = w.mul_(inv_v).sub_(first * inv_v)  # (x - c_k) / s, |d| <= 2: no overflow
+    d = w.mul_(inv_v).sub_(ck[:, None] * inv_v)  # (x - c_k) / s, |d| <= 2: no overflow
     # sums of a chunk in the buffer's dtype (torch sums pairwise: 1024 values lose ~1e-7),
     # then float64: a sum with dtype=float64 would convert the whole buffer first
     sk = d.sum(1).to(f64)
@@ -319,31 +323,17 @@ def _reduce(
     return torch.cat([raw, lin, log], 1)
 
 
-def _count(masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """True values along the last dimension of a bool tensor (its last dimension
-    contiguous), as ``dtype``.
-
-    As bytes summed in uint8 over runs of 128 (a count of at most 128 cannot wrap), then the
-    runs in ``dtype``: ``count_nonzero`` and a bool ``sum`` widen every value to int64 first
-    (4M values on this CPU: 10 ms against 0.12 ms).
-    """
-    *lead, width = masks.shape
-    run = math.gcd(width, 128)
-    runs = masks.view(torch.uint8).view(*lead, width // run, run)
-    return runs.sum(-1, dtype=torch.uint8).sum(-1, dtype=dtype)
-
-
 def _additive() -> torch.Tensor:
-    """RAW_FIELDS (rows) from a chunk's [width, finite, NaN, nonzero, outside, sum, sumsq,
-    padding] (columns); the NaN padding is taken out, Inf = width - finite - NaN is taken
+    """RAW_FIELDS (rows) from a chunk's [width, non-finite, NaN, nonzero, outside, sum,
+    sumsq, padding] (columns); the NaN padding is taken out, Inf = non-finite - NaN is taken
     out of the values outside the saturation interval (Inf compares outside)."""
     m = torch.zeros(len(RAW_FIELDS), 8, dtype=torch.float64)
     m[RAW["numel"], [0, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    m[RAW["nonfinite"], [0, 1, 7]] = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)
+    m[RAW["nonfinite"], [1, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
     m[RAW["nan"], [2, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
     m[RAW["sum"], 5] = m[RAW["sumsq"], 6] = 1.0
     m[RAW["nonzero"], [3, 7]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    m[RAW["saturated"], [0, 1, 2, 4]] = torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    m[RAW["saturated"], [1, 2, 4]] = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
     return m
 
 
