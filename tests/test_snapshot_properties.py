@@ -282,6 +282,22 @@ def test_float64_values_near_the_limit_keep_their_std(backend):
                               False, HistSpec())  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("empty", [(0, 1), (0, 2), (2, 3), (4, 5), (1, 2, 4, 5)])
+def test_whole_chunks_without_a_finite_value(backend, dtype, empty):
+    # the torch path takes each chunk's sums about the chunk's largest finite value and moves
+    # them to the first chunk holding one; here chunks of 8, those listed in `empty` hold only
+    # NaN and Inf, the rest values about a large offset (where a wrong shift shows in the std)
+    v = 3e6 + np.arange(41) * 0.25 - (np.arange(41) % 3) * 7.5  # exact in float32
+    specials = [math.nan, math.inf, -math.inf]
+    for chunk in empty:
+        for i in range(chunk * 8, min(chunk * 8 + 8, v.size)):
+            v[i] = specials[i % 3]
+    x = torch.tensor(v, dtype=dtype)
+    assert_snapshot_exact(x, backend, 1, (3e6 - 10, 3e6 + 8), False, HistSpec(bins=16))
+    assert_snapshot_exact(x.view(41, 1).expand(41, 3).t(), backend, 1, None, True, HistSpec())
+
+
 def test_all_nan_has_undefined_extremes_on_both_paths(backend):
     row, *_ = run_snapshot(torch.full((5,), math.nan), backend, 1, None, False, HistSpec())
     assert math.isnan(row["min"]) and math.isnan(row["max"]) and row["nan"] == 5
