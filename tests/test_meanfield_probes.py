@@ -122,6 +122,31 @@ def test_depth_ratio_reads_the_initial_weights():
     assert got == pytest.approx(12 / (6 * depth_scales("tanh", 1.2, 0.05)["xi_c"]), rel=0.15)
 
 
+def tanh_edge_of_chaos(sigma_b2):
+    """The σ_w² where χ₁ = σ_w² E[sech⁴(√q* z)] = 1 for tanh, q* the root of
+    q = σ_w² E[tanh²(√q z)] + σ_b², in numpy alone (not flowscope's quadrature): E[.] by the
+    trapezoid rule with step 0.1 on |z| <= 9 (the integrands are analytic in the strip
+    |Im z| < π / (2√q), at least 1 wide for q < 2.4, so the rule's error is ~exp(-2π / 0.1),
+    far below 1e-12; the normal mass beyond 9 is 2e-19), q* and σ_w² by 60 bisections
+    (brackets [0, 9] and [1, 4]: to rounding, ~1e-16)."""
+    z = np.arange(-90, 91) / 10
+    w = 0.1 * np.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
+
+    def bisect(g, a, b):
+        ga = g(a)
+        assert ga * g(b) < 0  # a bracket
+        for _ in range(60):
+            m = (a + b) / 2
+            a, b = (m, b) if (g(m) > 0) == (ga > 0) else (a, m)
+        return (a + b) / 2
+
+    def chi_1_minus_1(sw2):
+        q = bisect(lambda q: sw2 * float(w @ np.tanh(math.sqrt(q) * z) ** 2) + sigma_b2 - q, 0, 9)
+        return sw2 * float(w @ np.cosh(math.sqrt(q) * z) ** -4) - 1
+
+    return bisect(chi_1_minus_1, 1.0, 4.0)  # χ₁ < 1 at σ_w² = 1 once σ_b² > 0, > 1 at 4
+
+
 def test_doctor_says_where_an_mlp_sits_on_the_phase_diagram():
     import flowscope as fs
     from flowscope.theory import depth_scales
@@ -134,7 +159,23 @@ def test_doctor_says_where_an_mlp_sits_on_the_phase_diagram():
     assert "ordered phase" in note and "depth 30 is beyond ~6 xi_c" in note
     found = re.search(r"xi_c = ([0-9.]+) layers", note)
     assert found and float(found.group(1)) == pytest.approx(xi, rel=0.1)  # at the net's sigmas
-    assert "expect it not to train" in note and "sigma_w2=1.7" in note  # the critical init
+    assert "expect it not to train" in note
+    # the critical σ_w² is quoted at the σ_b² the biases have, mean(b²) over the Linears that
+    # follow an activation (layers 1-29): 0.0513 for this seed, where the edge of chaos is at
+    # 1.768 (1.761 at the nominal 0.05)
+    biases = [model.layers[i].linear.bias.detach().double() for i in range(1, 30)]
+    sb2 = float(np.mean([float(b.pow(2).mean()) for b in biases]))
+    quoted = re.search(r"sigma_b\^2 ([0-9.e-]+) ->", note)
+    half_unit = 0.5 * 10 ** (math.floor(math.log10(sb2)) - 2)  # of 3 significant figures
+    assert quoted and abs(float(quoted.group(1)) - sb2) <= half_unit
+    want = tanh_edge_of_chaos(sb2)
+    critical = re.findall(
+        r"sigma_w\^2 = ([0-9.]+) \(init 'meanfield' with sigma_w2=([0-9.]+)\)", note
+    )
+    assert len(critical) == 1 and critical[0][0] == critical[0][1]
+    # printed to 3 significant figures: within half a unit of the last, 0.005, of the root
+    # (whose own error, < 1e-12, does not count); the nominal σ_b² would print 1.76 and fail
+    assert abs(float(critical[0][0]) - want) <= 0.005
     apply_init(model, "xavier", generator=torch.Generator().manual_seed(1))
     with fs.watch(model) as rec:
         model(torch.randn(32, 64)).pow(2).mean().backward()
