@@ -81,9 +81,10 @@ class _Layout:
     hi: torch.Tensor
     sample: torch.Tensor  # flat buffer positions of every tensor's histogram sample
     sample_seg: torch.Tensor  # the tensor of each sampled value
-    lin_base: torch.Tensor  # sample_seg * bins: where a sampled value's linear bins start
+    lin_base: torch.Tensor  # float64 sample_seg * bins: where a sampled value's bins start
     log_base: torch.Tensor  # sample_seg * log size + the zero bin
     drop: torch.Tensor  # per sampled value: its tensor leaves zeros out of the linear bins
+    dropping: bool  # some tensor does
     ones: torch.Tensor  # float64 ones, one per sampled value: what the histograms add
 
 
@@ -241,9 +242,10 @@ def _make_layout(
         hi=put(np.concatenate(hi)[:, None], dtype),
         sample=put(np.concatenate(sample), torch.int64),
         sample_seg=put(sample_seg_a, torch.int64),
-        lin_base=put(sample_seg_a * spec.bins, torch.int64),
+        lin_base=put(sample_seg_a * spec.bins, torch.float64),
         log_base=put(sample_seg_a * spec.log.size + spec.log.zero_index, torch.int64),
         drop=put(drop[sample_seg_a], torch.bool),
+        dropping=bool(drop.any()),
         ones=put(np.ones(sample_seg_a.size), torch.float64),
     )
 
@@ -346,19 +348,32 @@ def _histograms(
     spec: HistSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Linear and log counts of every tensor's sample: one gather, one scatter each. A value
-    a histogram leaves out is added to a slot past its end, cut off before returning."""
+    a histogram leaves out is added to a slot past its end, cut off before returning.
+
+    The linear bin as the C kernel's: (x * pre - lo * pre) * bins / width, pre = 1/2 (so the
+    width hi * pre - lo * pre stays finite at float64's limits), 2^600 for a range too
+    narrow to divide (< 1e-290); one value (width 0): bin 0.
+    """
     s = flat[lay.sample].to(torch.float64)
     bins, edges = spec.bins, spec.log
-    skip = ((s - s) != 0) | (lay.drop & (s == 0))  # not finite, or a zero left out
     seg = lay.sample_seg
-    half_lo = (lo * 0.5)[seg]
-    # in halves: hi - lo stays finite up to float64's limits; 0/0 (one value): NaN -> bin 0
-    pos = (s * 0.5 - half_lo) / ((hi * 0.5)[seg] - half_lo) * bins
-    b = pos.nan_to_num_(0.0, bins - 1.0, 0.0).clamp_(0, bins - 1).long()
+    pre: torch.Tensor | float = 0.5
+    if flat.dtype == torch.float64:  # float32 ranges are never that narrow
+        span = hi - lo
+        pre = torch.full_like(lo, 0.5).masked_fill_((span > 0) & (span < 1e-290), 2.0**600)
+    low = lo * pre
+    scale = (bins / (hi * pre - low)).nan_to_num_(0.0, 0.0, 0.0)  # width 0: bin 0
+    shifted = s * (pre[seg] if isinstance(pre, torch.Tensor) else pre)  # exact: a power of 2
+    pos = shifted.sub_(low[seg]).mul_(scale[seg])  # finite for finite values
+    pos.add_(s - s)  # NaN for NaN and Inf
+    if lay.dropping:
+        pos.masked_fill_(lay.drop & (s == 0), math.nan)
+    dummy = float(tensors * bins)  # the slot of the values left out (NaN here)
+    pos.clamp_(0, bins - 1).add_(lay.lin_base).nan_to_num_(dummy, dummy, dummy)
     lin = torch.zeros(tensors * bins + 1, dtype=torch.float64, device=flat.device)
-    lin.scatter_add_(0, (lay.lin_base + b).masked_fill_(skip, tensors * bins), lay.ones)
+    lin.scatter_add_(0, pos.long(), lay.ones)
     j = torch.bucketize(s.abs(), log_edges_on(edges, flat.device), right=True)
-    slot = lay.log_base + torch.sign(s.nan_to_num(0.0)).long() * (j + 1)
+    slot = lay.log_base + torch.sign(s).long() * j.add_(1)  # NaN: sign 0, masked below
     log = torch.zeros(tensors * edges.size + 1, dtype=torch.float64, device=flat.device)
     log.scatter_add_(0, slot.masked_fill_(s != s, tensors * edges.size), lay.ones)  # NaN: left out
     return lin[:-1].view(tensors, bins), log[:-1].view(tensors, edges.size)
