@@ -1,4 +1,5 @@
-"""Shared test set-up: a tiny valid study and its TOML text, one-thread torch, user packages.
+"""Shared test set-up: a tiny valid study and its TOML text, one-thread torch, user packages,
+an independent numpy quadrature for the mean-field tests.
 
 Test modules import the helpers by name (``from conftest import TINY_STUDY, study_toml``):
 pytest puts this folder on ``sys.path``.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 USER_PACKAGES = ("userpkg",)  # packages tests write into tmp_path and import by name
@@ -27,6 +30,23 @@ TINY_STUDY: dict[str, Any] = {  # valid, and runs its two configs in well under 
     "sweep": {"net.activation": ["tanh", "relu"]},
     "run": {"seeds": [0]},
 }
+
+
+# E[f(z)], z standard normal, as NORMAL_W @ f(NORMAL_Z): the trapezoid rule with step 0.1 on
+# |z| <= 9, in numpy alone (the mean-field tests' reference, independent of flowscope's
+# Gauss-Hermite quadrature); each test bounds the rule's error for its own integrands
+NORMAL_Z = np.arange(-90, 91) / 10
+NORMAL_W = 0.1 * np.exp(-(NORMAL_Z**2) / 2) / math.sqrt(2 * math.pi)
+
+
+def bisect(g: Callable[[float], float], a: float, b: float) -> float:
+    """The root of ``g`` in the bracket [a, b] after 60 halvings (to float rounding)."""
+    ga = g(a)
+    assert ga * g(b) < 0  # a bracket
+    for _ in range(60):
+        m = (a + b) / 2
+        a, b = (m, b) if (g(m) > 0) == (ga > 0) else (a, m)
+    return (a + b) / 2
 
 
 def study_toml(study: Mapping[str, Any]) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import NORMAL_W, NORMAL_Z, bisect
 from flowscope.core.errors import FlowscopeError
 from flowscope.theory import correlation_map, depth_scales, edge_of_chaos, fixed_point
 
@@ -73,16 +74,7 @@ def tanh_fixed_points(sw2, sb2):
     analytic in the strip |Im z| < pi / (2 sqrt(q)), 0.98 wide at the largest q* here, 2.55,
     so the rule's error is ~exp(-2 pi 0.98 / 0.1) ~ 1e-27; step 0.05 changes nothing beyond
     1e-13, float rounding; the normal mass beyond 9 is 2e-19); q* and c* by 60 bisections."""
-    z = np.arange(-90, 91) / 10
-    w = 0.1 * np.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
-
-    def bisect(g, a, b):
-        ga = g(a)
-        assert ga * g(b) < 0  # a bracket
-        for _ in range(60):
-            m = (a + b) / 2
-            a, b = (m, b) if (g(m) > 0) == (ga > 0) else (a, m)
-        return (a + b) / 2
+    z, w = NORMAL_Z, NORMAL_W
 
     q = bisect(lambda q: sw2 * float(w @ np.tanh(math.sqrt(q) * z) ** 2) + sb2 - q, 0.0, 100.0)
     chi = sw2 * float(w @ np.cosh(math.sqrt(q) * z) ** -4)

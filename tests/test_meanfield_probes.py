@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import NORMAL_W, NORMAL_Z, bisect
 from flowscope.models.inits import apply_init
 from flowscope.models.nets import mlp
 from flowscope.study.claims import reduce_series
@@ -129,16 +130,7 @@ def tanh_edge_of_chaos(sigma_b2):
     |Im z| < π / (2√q), at least 1 wide for q < 2.4, so the rule's error is ~exp(-2π / 0.1),
     far below 1e-12; the normal mass beyond 9 is 2e-19), q* and σ_w² by 60 bisections
     (brackets [0, 9] and [1, 4]: to rounding, ~1e-16)."""
-    z = np.arange(-90, 91) / 10
-    w = 0.1 * np.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
-
-    def bisect(g, a, b):
-        ga = g(a)
-        assert ga * g(b) < 0  # a bracket
-        for _ in range(60):
-            m = (a + b) / 2
-            a, b = (m, b) if (g(m) > 0) == (ga > 0) else (a, m)
-        return (a + b) / 2
+    z, w = NORMAL_Z, NORMAL_W
 
     def chi_1_minus_1(sw2):
         q = bisect(lambda q: sw2 * float(w @ np.tanh(math.sqrt(q) * z) ** 2) + sigma_b2 - q, 0, 9)
