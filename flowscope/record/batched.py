@@ -272,17 +272,18 @@ def _reduce(
     """
     f64 = torch.float64
     w, work = scratch
+    # counts per chunk as 0/1 in the buffer's dtype, summed (exact), the padding included:
+    # outside the saturation interval (Inf compares outside; an interval given upside down,
+    # lo >= hi, can hold a value on both sides), non-finite, NaN, nonzero (NaN and Inf are)
+    outside = []
+    if lay.saturating:
+        torch.le(v, lay.lo, out=w)
+        outside.append(torch.maximum(w, torch.ge(v, lay.hi, out=work), out=w).sum(1))
     # the finite extremes per chunk: non-finite values (and the NaN padding) as +inf, -inf
     mn = torch.nan_to_num(v, math.inf, math.inf, math.inf, out=w).amin(1)
     mx = torch.nan_to_num(v, -math.inf, -math.inf, -math.inf, out=work).amax(1)
-    # counts per chunk as 0/1 in the buffer's dtype, summed (exact), the padding included:
-    # non-finite, NaN, nonzero (NaN and Inf are), outside the saturation interval (Inf
-    # compares outside)
     rows = [torch.eq(work, -math.inf, out=work).sum(1)]  # only non-finite values are -inf
-    rows += [torch.ne(v, v, out=work).sum(1), torch.ne(v, 0, out=work).sum(1)]
-    if lay.saturating:  # at most lo or at least hi: never both
-        below = torch.le(v, lay.lo, out=work).sum(1)
-        rows.append(torch.ge(v, lay.hi, out=work).sum(1).add_(below))
+    rows += [torch.ne(v, v, out=work).sum(1), torch.ne(v, 0, out=work).sum(1), *outside]
     ck = mx.nan_to_num(0.0, 0.0, 0.0)  # c_k: the largest finite value, 0 when none
     # non-finite (+inf in w) -> c_k: in range, adds 0 about c_k; finite values are <= c_k
     w = torch.minimum(w, ck[:, None], out=w)
@@ -311,8 +312,8 @@ def _reduce(
     # (ADDITIVE); summed per tensor by one index_add
     # with no saturation interval in the batch, the count outside it is any row: `mask`
     # makes every tensor's saturated count NaN
-    outside = [] if lay.saturating else [lay.pad_row]
-    base = torch.cat([lay.width_row, counts, *outside, sums, lay.pad_row])  # (8, chunks)
+    no_interval = [] if lay.saturating else [lay.pad_row]
+    base = torch.cat([lay.width_row, counts, *no_interval, sums, lay.pad_row])  # (8, chunks)
     raw = lay.start.clone().index_add_(1, lay.seg, lay.additive @ base)  # (12, tensors)
     # top[3] is -0 or -inf: `undefined` is 0, or NaN for the extremes when nothing is finite;
     # c is finite (a value of some chunk), the shift is 0 when nothing is
