@@ -327,10 +327,11 @@ static void offsets(const fs_tensor *t, int64_t j0, int m, cursor_t *k, int64_t 
 }
 
 /* Bin indices (+1; 0: not counted) of the sampled values: linear over [min, max] for the
-   finite values (zeros unless dropped), in a loop that vectorises; log by the octave's base
-   bin and the decade edges inside it (Inf: base[exponent all ones], the overflow bin; NaN in
-   neither), in a scalar loop: its two table lookups vectorise into emulated gathers that
-   cost more than they save (16384 samples: 64 -> 38 us on an AVX-512 EPYC). */
+   finite values (zeros unless dropped); log by the octave's base bin and the decade edges
+   inside it (Inf: base[exponent all ones], the overflow bin; NaN in neither). Both loops
+   vectorise, the log one with gathers for its two table lookups: on this project's AVX-512
+   EPYC (gcc 12) 2.2 ns per sampled value against 2.7 with the log loop kept scalar (an
+   earlier `#pragma GCC novector` here, which gcc before 14 ignores, meant to keep it so). */
 #define BIN_LOOP(T, U, EXPSHIFT, INF)                                                        \
     for (int i = 0; i < m; i++) {                                                           \
         const T f = p[i];                                                                   \
@@ -344,7 +345,6 @@ static void offsets(const fs_tensor *t, int64_t j0, int m, cursor_t *k, int64_t 
         pos = pos > top ? top : pos;                                                        \
         li[i] = (fin && !(zero && drop)) ? (int32_t)pos + 1 : 0;                            \
     }                                                                                       \
-    _Pragma("GCC novector")                                                                 \
     for (int i = 0; i < m; i++) {                                                           \
         const T f = p[i];                                                                   \
         U b;                                                                                \
