@@ -317,3 +317,16 @@ def test_readme_pattern_sum_backward_gradients_are_ones(backend, monkeypatch):
     assert (g["mean"], g["std"], g["min"], g["max"], g["nan"]) == (1.0, 0.0, 1.0, 1.0, 0)
     verdict = fs.diagnose(rec).runs.iloc[0]["verdict"]
     assert "non-finite" not in verdict
+
+
+def test_a_value_on_a_linear_bin_edge_lands_where_the_c_kernel_puts_it(backend):
+    # the C kernel bins (x * pre - lo * pre) * (bins / width); torch's `bins / tensor` is
+    # reciprocal(tensor) * bins, rounded twice (and 1 / width is subnormal for a float64
+    # width near its limit): 1.5 of [0, 3] is exactly edge 50 of 100, 0 of [-max, max]
+    # exactly edge 32 of 64, and the torch path put both one bin low
+    top = sys.float_info.max
+    for values, dtype, bins, want in (([0.0, 1.5, 3.0], torch.float32, 100, 50),
+                                      ([-top, 0.0, top], torch.float64, 64, 32)):  # fmt: skip
+        _, _, lin, _ = run_snapshot(torch.tensor(values, dtype=dtype), backend, 1, None, False,
+                                    HistSpec(bins=bins))  # fmt: skip
+        assert lin.nonzero()[0].tolist() == [0, want, bins - 1], (values, backend)
