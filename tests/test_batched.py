@@ -185,3 +185,18 @@ def test_batches_that_fill_up_or_a_tensor_beyond_the_buffer_give_the_same_rows()
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-12, atol=0)
     raw, lin, _ = split_row(rows[1], spec)
     assert raw[0] == 5000 and lin.sum() == len(range(0, 5000, 79))  # stride: prime >= 5000/64
+
+
+def test_a_tensor_staged_after_another_keeps_its_linear_bins():
+    # its bins start at index * bins in one scatter; added to the bin position (float64)
+    # before truncating, 64 + 31.999999999999996 rounds to 96: 0.9 of [0, 1.8] (bin 31
+    # alone and in the C kernel) went to bin 32
+    spec = HistSpec(bins=64)
+    y = torch.tensor([0.0, 0.9, 1.8])
+    alone = snapshot_row(y, spec, backend="eager")
+    b = Batch(torch.device("cpu"), torch.float32, spec, capacity=4 * CHUNK)
+    b.add(torch.tensor([1.0, 2.0]), None, False)
+    row = b.add(y, None, False)
+    b.finish()
+    assert split_row(alone, spec)[1].nonzero().view(-1).tolist() == [0, 31, 63]
+    torch.testing.assert_close(row, alone, equal_nan=True, rtol=0, atol=0)
