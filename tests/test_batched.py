@@ -7,6 +7,8 @@ one on a GPU.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,17 @@ def test_a_tensor_staged_after_another_keeps_its_linear_bins():
     b.finish()
     assert split_row(alone, spec)[1].nonzero().view(-1).tolist() == [0, 31, 63]
     torch.testing.assert_close(row, alone, equal_nan=True, rtol=0, atol=0)
+
+
+def test_a_tensor_without_a_finite_value_beside_a_huge_float64_one_keeps_its_counts():
+    # a tensor with no finite value takes c, the shift its chunks' sums are moved to, from
+    # chunk 0 of the batch (another tensor's): d = (0 - 1e200) / 1, n d^2 = 0 * inf = NaN,
+    # and the additive map spread the NaN over numel, the NaN / Inf counts and the rest
+    spec = HistSpec(bins=4)
+    y = torch.tensor([math.nan, math.inf], dtype=torch.float64)
+    b = Batch(torch.device("cpu"), torch.float64, spec, capacity=4 * CHUNK)
+    b.add(torch.tensor([1e200, 1.0], dtype=torch.float64), None, False)
+    row = b.add(y, None, False)
+    b.finish()
+    torch.testing.assert_close(row, snapshot_row(y, spec, backend="c"), equal_nan=True,
+                               rtol=0, atol=0)  # fmt: skip
