@@ -298,7 +298,9 @@ def _reduce(
     limit = math.frexp(torch.finfo(v.dtype).max)[1]
     e = torch.frexp(top[2].clamp(min=0)).exponent.clamp_(-(limit - 8), limit - 1)
     scale = torch.exp2(e.to(f64))  # s: a power of two >= the abs-max
-    c = ends[2][(-top[3]).nan_to_num_(0.0, 0.0, 0.0).long()]  # the first holding chunk's c_k
+    # c: the first holding chunk's c_k; 0 for a tensor with no finite value (chunk 0's c_k
+    # belongs to another tensor, and moving its chunks' sums there could overflow)
+    c = ends[2][(-top[3]).nan_to_num_(0.0, 0.0, 0.0).long()] * some
     inv = scale.reciprocal().index_select(0, lay.seg)
     inv_v = inv.to(v.dtype)[:, None]
     d = w.mul_(inv_v).sub_(ck[:, None] * inv_v)  # (x - c_k) / s, |d| <= 2: no overflow
@@ -315,10 +317,9 @@ def _reduce(
     no_interval = [] if lay.saturating else [lay.pad_row]
     base = torch.cat([lay.width_row, counts, *no_interval, sums, lay.pad_row])  # (8, chunks)
     raw = lay.start.clone().index_add_(1, lay.seg, lay.additive @ base)  # (12, tensors)
-    # top[3] is -0 or -inf: `undefined` is 0, or NaN for the extremes when nothing is finite;
-    # c is finite (a value of some chunk), the shift is 0 when nothing is
+    # top[3] is -0 or -inf: `undefined` is 0, or NaN for the extremes when nothing is finite
     undefined = top[3] * 0
-    rest = torch.stack([c * some, scale, undefined - top[0], undefined + top[1]])
+    rest = torch.stack([c, scale, undefined - top[0], undefined + top[1]])
     raw.index_copy_(0, lay.not_additive, rest)
     raw = (raw * lay.mask).T  # saturated: NaN where no interval
     lo, hi = raw[:, 7], raw[:, 8]
@@ -363,14 +364,17 @@ def _histograms(
         span = hi - lo
         pre = torch.full_like(lo, 0.5).masked_fill_((span > 0) & (span < 1e-290), 2.0**600)
     low = lo * pre
-    scale = (bins / (hi * pre - low)).nan_to_num_(0.0, 0.0, 0.0)  # width 0: bin 0
+    # bins / width rounded once, as the C kernel's (a Python number over a tensor is taken
+    # as bins * (1 / width): two roundings put values on a bin edge one bin low)
+    scale = torch.full_like(lo, float(bins)).div_(hi * pre - low).nan_to_num_(0.0, 0.0, 0.0)
     shifted = s * (pre[seg] if isinstance(pre, torch.Tensor) else pre)  # exact: a power of 2
     pos = shifted.sub_(low[seg]).mul_(scale[seg])  # finite for finite values
     pos.add_(s - s)  # NaN for NaN and Inf
     if lay.dropping:
         pos.masked_fill_(lay.drop & (s == 0), math.nan)
     dummy = float(tensors * bins)  # the slot of the values left out (NaN here)
-    pos.clamp_(0, bins - 1).add_(lay.lin_base).nan_to_num_(dummy, dummy, dummy)
+    # the bin (truncated) before its tensor's base is added: 64 + 31.999999999999996 rounds up
+    pos.clamp_(0, bins - 1).trunc_().add_(lay.lin_base).nan_to_num_(dummy, dummy, dummy)
     lin = torch.zeros(tensors * bins + 1, dtype=torch.float64, device=flat.device)
     lin.scatter_add_(0, pos.long(), lay.ones)
     j = torch.bucketize(s.abs(), log_edges_on(edges, flat.device), right=True)
