@@ -29,6 +29,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,6 +57,7 @@ from flowscope.record.selection import (
     zero_output,
 )
 from flowscope.record.snapshot import RAW_FIELDS, HistSpec, split_row
+from flowscope.record.writer import PartWriter
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -206,6 +208,7 @@ class Recorder:
         self._parts = 0  # the next part's number
         self._held_steps = 0  # recorded steps whose snapshots are in memory
         self._stored_rows = 0  # snapshots written to the run folder
+        self._writer = PartWriter()  # the parts, on a thread: a step does not wait for them
         self._scalars: list[tuple[int, str, torch.Tensor]] = []  # on their devices
         self._host_scalars: list[tuple[list[int], list[str], Any]] = []
         self._before: dict[tuple[str, str], tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
@@ -265,9 +268,13 @@ class Recorder:
         self._finalizer.detach()
         self._hooks.remove()
         self._tensor_hooks.remove()
-        if not was_closed and self.out is not None and not self._temporary:
-            self._spill()  # the run folder is complete once the watch is closed
-        self._reader.close()
+        try:
+            if not was_closed and self.out is not None and not self._temporary:
+                self._spill()  # the run folder is complete once the watch is closed
+            self._wait_for_part()
+        finally:
+            self._writer.close()
+            self._reader.close()
 
     @property
     def closed(self) -> bool:
@@ -383,9 +390,10 @@ class Recorder:
         frames.atomic_write_text(self.out / "meta.json", json.dumps(meta, indent=2, default=str))
 
     def _spill(self) -> None:
-        """Write the finished steps held in memory to the run folder and drop them: one
-        transfer per device (the flush), one part per kind, each written then renamed."""
-        from flowscope.record import frames
+        """Hand the finished steps held in memory to the part writer and drop them: one
+        transfer per device (the flush), then on the writer's thread one part per kind, each
+        written then renamed, and ``meta.json`` (:mod:`flowscope.record.writer`)."""
+        from flowscope.record import runstore
 
         self.flush()
         self._held_steps = 0
@@ -397,19 +405,24 @@ class Recorder:
             self._store_finalizer = weakref.finalize(self, shutil.rmtree, folder, True)
             self._open_store(folder)
         assert self.out is not None
+        self._wait_for_part()  # parts in order, at most one in flight
         meta = {**self.meta, "run": self.name}
-        if self._host_scalars:
-            steps = [s for chunk in self._host_scalars for s in chunk[0]]
-            names = [n for chunk in self._host_scalars for n in chunk[1]]
-            values = [v for chunk in self._host_scalars for v in chunk[2]]
-            frames.write_scalars_part(self.out, self._parts, self.name, steps, names, values)
-        if self._host:
-            snaps = frames.Snapshots.of(self._host, self.hist, self.name)
-            snaps.write_part(self.out, self._parts, meta)
-            self._stored_rows += len(snaps)
+        folder_meta = {**meta, "format": runstore.FORMAT}
+        host, scalars = self._host, self._host_scalars
+        part = _Part(self.out, self._parts, self.name, self.hist, meta, folder_meta, host, scalars)
         self._parts += 1
         self._host, self._host_scalars = [], []
-        self._write_meta()
+        self._writer.submit(_write_part, part, rows=sum(len(keys) for keys, *_ in part.host))
+
+    def _wait_for_part(self) -> None:
+        """Wait for the part being written; if writing it failed, hold its snapshots again
+        (a later flush writes them) and raise the error."""
+
+        def give_back(part: _Part) -> None:
+            self._host[:0], self._host_scalars[:0] = part.host, part.scalars
+            self._parts = part.number
+
+        self._stored_rows += self._writer.wait(give_back)
 
     @property
     def written(self) -> Path | None:
@@ -423,6 +436,7 @@ class Recorder:
         return (
             len(self._pending.keys)
             + sum(len(keys) for keys, *_ in self._host)
+            + self._writer.held
             + len(self._scalars)
             + sum(len(steps) for steps, *_ in self._host_scalars)
         )
@@ -671,7 +685,7 @@ class Recorder:
     def recorded(self) -> int:
         """Snapshots taken so far, flushed or not."""
         held = len(self._pending.keys) + sum(len(keys) for keys, *_ in self._host)
-        return held + self._stored_rows
+        return held + self._writer.in_flight + self._stored_rows
 
     def _saturation_for(self, module: nn.Module) -> tuple[float, float] | None:
         for cls in type(module).__mro__:  # the user's intervals first, then the catalogue's
@@ -754,6 +768,7 @@ class Recorder:
         ).astype({"step": "int64", "value": "float64"})
         if self.out is None:
             return held
+        self._wait_for_part()
         stored = runstore.read(self.out, "scalars")
         if stored is None:
             return held
@@ -766,6 +781,7 @@ class Recorder:
         from flowscope.record import frames, loading
 
         self.flush()
+        self._wait_for_part()
         held = frames.Snapshots.of(self._host, self.hist, self.name)
         if not counts:
             held.lin, held.log = held.lin[:, :0], held.log[:, :0]
@@ -825,6 +841,39 @@ class Recorder:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self.step_index}"
         return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
+
+
+@dataclass
+class _Part:
+    """What one part of the run folder is written from (on the writer's thread)."""
+
+    out: Path
+    number: int
+    run: str
+    hist: HistSpec
+    meta: dict[str, Any]  # the part's schema metadata
+    folder_meta: dict[str, Any]  # meta.json after it
+    host: list[tuple[list[SnapKey], Any, Any, Any]]
+    scalars: list[tuple[list[int], list[str], Any]]
+
+
+def _write_part(part: _Part) -> int:
+    """Write ``part`` (snapshots, scalars, then meta.json); the snapshots written."""
+    from flowscope.record import frames
+
+    if part.scalars:
+        steps = [s for chunk in part.scalars for s in chunk[0]]
+        names = [n for chunk in part.scalars for n in chunk[1]]
+        values = [v for chunk in part.scalars for v in chunk[2]]
+        frames.write_scalars_part(part.out, part.number, part.run, steps, names, values)
+    rows = 0
+    if part.host:
+        snaps = frames.Snapshots.of(part.host, part.hist, part.run)
+        snaps.write_part(part.out, part.number, part.meta)
+        rows = len(snaps)
+    text = json.dumps(part.folder_meta, indent=2, default=str)
+    frames.atomic_write_text(part.out / "meta.json", text)
+    return rows
 
 
 def _flowscope_version() -> str:

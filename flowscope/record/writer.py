@@ -1,0 +1,89 @@
+"""The run folder's parts written on a thread of their own, so that a training step does not
+wait for them.
+
+Every ``flush_every`` recorded steps the recorder turns the snapshots it holds into a Parquet
+part (pandas-free arrays, zstd, an fsync and a rename) and writes ``meta.json``: 50-60 ms for
+the 8300 snapshots of 50 steps of a 20 x 128 MLP, 15 % of its recorded steps' time when the
+step waited for it. :class:`PartWriter` runs those writes on one thread, in the order they
+were handed over, with at most one part in flight: memory holds at most two parts' worth of
+snapshots, and the next hand-over, or any read of the run folder, first waits for the part
+before it (:meth:`PartWriter.wait`). The write releases the GIL in compression and I/O.
+
+A write that fails is not lost: :meth:`PartWriter.wait` gives the part's data back to the
+caller (to hold again) and raises the error there, at the next hand-over, read or close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PartWriter"]
+
+
+@dataclass
+class _InFlight:
+    job: Future[int]
+    rows: int  # what the part holds
+    data: Any  # handed back when the write fails; dropped once it succeeded
+
+    def written(self, job: Future[int]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self.data = None  # its memory goes as soon as the part is on disk
+
+
+class PartWriter:
+    """One background thread writing parts in order, one at a time.
+
+    Example:
+        >>> w = PartWriter()
+        >>> w.submit(lambda rows: len(rows), ["a", "b"], rows=2)
+        >>> w.wait(lambda data: None), w.in_flight, w.held
+        (2, 0, 0)
+        >>> w.close()
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._part: _InFlight | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Rows handed over and not yet waited for (0 when none)."""
+        return self._part.rows if self._part is not None else 0
+
+    @property
+    def held(self) -> int:
+        """Rows handed over whose data is still in memory (not yet written)."""
+        part = self._part
+        return part.rows if part is not None and part.data is not None else 0
+
+    def submit(self, write: Callable[[Any], int], data: Any, rows: int) -> None:
+        """Write ``data`` with ``write(data)`` (it returns the rows written) on the thread;
+        the part before must have been waited for."""
+        assert self._part is None, "wait() for the part in flight first"
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowscope-writer")
+        part = _InFlight(self._pool.submit(write, data), rows, data)
+        part.job.add_done_callback(part.written)
+        self._part = part
+
+    def wait(self, give_back: Callable[[Any], None]) -> int:
+        """Wait for the part in flight; the rows it wrote (0 when none). When the write
+        failed, ``give_back(data)`` gets the part's data and the error is raised here."""
+        part, self._part = self._part, None
+        if part is None:
+            return 0
+        try:
+            return part.job.result()
+        except BaseException:
+            give_back(part.data)  # kept: a failed write keeps its data
+            raise
+
+    def close(self) -> None:
+        """Stop the thread (after its write; :meth:`wait` first to see its result)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
