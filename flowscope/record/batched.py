@@ -8,7 +8,7 @@ number of layers. Nothing waits on the device: the rows handed out at :meth:`Bat
 views of one result tensor that ``finish`` fills in stream order.
 
 Layout: each tensor takes whole chunks of ``CHUNK`` values in the buffer, its tail padded
-with NaN; the buffer is viewed as (chunks, CHUNK). Per chunk: the finite, NaN, nonzero and
+with NaN; the buffer is viewed as (chunks, CHUNK). Per chunk: the non-finite, NaN, nonzero and
 saturated counts, the finite extremes, and the sums of (x - c_k) / s and of their squares
 about the chunk's largest finite value c_k (s a power of two at least the tensor's abs-max,
 so nothing overflows). Chunks are merged per tensor in float64 about a finite value of the

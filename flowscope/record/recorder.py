@@ -757,6 +757,7 @@ class Recorder:
 
         from flowscope.record import frames, runstore
 
+        self._wait_for_part()  # its scalars on disk before the held ones are read
         held = pd.DataFrame(
             {
                 "run": self.name,
@@ -768,7 +769,6 @@ class Recorder:
         ).astype({"step": "int64", "value": "float64"})
         if self.out is None:
             return held
-        self._wait_for_part()
         stored = runstore.read(self.out, "scalars")
         if stored is None:
             return held
