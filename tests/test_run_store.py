@@ -403,3 +403,123 @@ def test_a_part_that_fails_to_write_is_held_and_written_later(tmp_path, monkeypa
     run = fs.load(out)
     assert sorted(run.stats.step.unique()) == list(range(6))
     assert sorted(run.scalars[run.scalars.name == "loss"].step) == list(range(6))
+
+
+def test_a_recorder_dropped_while_its_part_is_written_leaves_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no out=: the part goes to a temporary folder that the recorder's finalizer removes;
+    # collected while the writer's thread still writes into it, the folder must not come back
+    import tempfile
+    import threading
+
+    from flowscope.record import frames
+    from flowscope.record import recorder as recorder_module
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    release, started, done = threading.Event(), threading.Event(), threading.Event()
+    write, write_part = frames.Snapshots.write_part, recorder_module._write_part
+
+    def slow(self, *args, **kwargs):
+        started.set()
+        assert release.wait(30)
+        return write(self, *args, **kwargs)
+
+    def watched(part):
+        try:
+            return write_part(part)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(frames.Snapshots, "write_part", slow)
+    monkeypatch.setattr(recorder_module, "_write_part", watched)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = fs.watch(model, flush_every=2)
+    _train(model, rec, 2, opt)  # step 2 hands its part over: a temporary folder
+    folder = rec.out
+    assert folder is not None and folder.parent == tmp_path and started.wait(30)
+    with pytest.warns(RuntimeWarning, match="dropped without close"):
+        del rec
+        gc.collect()  # the finalizer removes the folder; the part is still being written
+    release.set()
+    assert done.wait(30)
+    assert not folder.exists(), sorted(p.name for p in folder.rglob("*"))
+
+
+def test_an_interrupted_wait_for_the_part_in_flight_does_not_hold_it_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while a read waits for the part being written: the write goes on and succeeds,
+    # so its rows must not also be held again (read twice: once from disk, once from memory)
+    import threading
+
+    from flowscope.record import frames
+
+    release, started, done, calls = threading.Event(), threading.Event(), threading.Event(), []
+    write = frames.Snapshots.write_part
+
+    def slow_second(self, *args, **kwargs):
+        calls.append(len(self))
+        if len(calls) != 2:
+            return write(self, *args, **kwargs)
+        started.set()
+        assert release.wait(30)
+        try:
+            return write(self, *args, **kwargs)
+        finally:
+            done.set()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frames.Snapshots, "write_part", slow_second)
+    model, out = _net(), tmp_path / "run"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = fs.watch(model, out=out, flush_every=2)
+    _train(model, rec, 5, opt)  # part 0 written, part 1 (steps 2-3) in flight, step 4 held
+    assert started.wait(30)
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            _ = rec.stats  # waits for part 1: interrupted
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    release.set()
+    assert done.wait(30)
+    per_step = 3 + 3 + 4 + 4
+    stats = rec.stats
+    assert stats.step.value_counts().sort_index().tolist() == [per_step] * 5
+    assert sorted(rec.scalars.step) == list(range(5))
+    rec.close()
+    assert sorted(fs.load(out).scalars.step) == list(range(5))
+
+
+def test_a_part_that_fails_once_in_flight_is_written_by_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the last part handed over fails once (a transient error) and the failure shows at
+    # close(): close must still write it, as close() did when parts were written in step()
+    import contextlib
+
+    from flowscope.record import frames
+
+    write, calls = frames.Snapshots.write_part, []
+
+    def failing_second(self, *args, **kwargs):
+        calls.append(len(self))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(frames.Snapshots, "write_part", failing_second)
+    model, out = _net(), tmp_path / "run"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with contextlib.suppress(OSError):  # the error may be reported; the rows must be written
+        with fs.watch(model, out=out, flush_every=2) as rec:
+            _train(model, rec, 4, opt)  # step 3 hands over steps 2-3: that write fails
+    run = fs.load(out)
+    assert sorted(run.stats.step.unique()) == [0, 1, 2, 3]
+    assert sorted(run.scalars.step) == [0, 1, 2, 3]
