@@ -205,6 +205,7 @@ class Recorder:
         self.optimizer = optimizer
         self.out: Path | None = None  # the run folder, once there is one
         self._temporary = False  # out is a temporary folder of this recorder
+        self._unwritten = False  # closing could not write everything to the run folder
         self._parts = 0  # the next part's number
         self._held_steps = 0  # recorded steps whose snapshots are in memory
         self._stored_rows = 0  # snapshots written to the run folder
@@ -270,11 +271,24 @@ class Recorder:
         self._tensor_hooks.remove()
         try:
             if not was_closed and self.out is not None and not self._temporary:
-                self._spill()  # the run folder is complete once the watch is closed
+                self._complete_store()
             self._wait_for_part()
         finally:
             self._writer.close()
             self._reader.close()
+
+    def _complete_store(self) -> None:
+        """Write what is held, the snapshots of a part that failed on the writer's thread
+        included (written again once, with a warning), and wait: the run folder is complete
+        once the watch is closed, or close raises."""
+        self._unwritten = True
+        try:
+            self._wait_for_part()
+        except Exception as err:  # its snapshots are held again: the spill below has them
+            self._skip("rewritten", f"writing a part of {self.out} failed ({err!r}); retried")
+        self._spill()
+        self._wait_for_part()
+        self._unwritten = False
 
     @property
     def closed(self) -> bool:
@@ -402,7 +416,9 @@ class Recorder:
         if self.out is None:  # no folder given: a temporary one, removed with the recorder
             folder = Path(tempfile.mkdtemp(prefix="flowscope-run-"))
             self._temporary = True
-            self._store_finalizer = weakref.finalize(self, shutil.rmtree, folder, True)
+            # removed with the recorder, once a part being written there is done (the write
+            # would make the folder again)
+            self._store_finalizer = weakref.finalize(self, _remove_store, self._writer, folder)
             self._open_store(folder)
         assert self.out is not None
         self._wait_for_part()  # parts in order, at most one in flight
@@ -412,7 +428,8 @@ class Recorder:
         part = _Part(self.out, self._parts, self.name, self.hist, meta, folder_meta, host, scalars)
         self._parts += 1
         self._host, self._host_scalars = [], []
-        self._writer.submit(_write_part, part, rows=sum(len(keys) for keys, *_ in part.host))
+        rows = sum(len(keys) for keys, *_ in host)
+        self._writer.submit(_write_part, part, rows, rows + sum(len(st) for st, *_ in scalars))
 
     def _wait_for_part(self) -> None:
         """Wait for the part being written; if writing it failed, hold its snapshots again
@@ -428,7 +445,7 @@ class Recorder:
     def written(self) -> Path | None:
         """The run folder when it holds every snapshot and scalar of this watch (closed, with
         ``out=``), else None."""
-        return self.out if self._closed and not self._temporary else None
+        return self.out if self._closed and not self._temporary and not self._unwritten else None
 
     @property
     def retained(self) -> int:
@@ -855,6 +872,12 @@ class _Part:
     folder_meta: dict[str, Any]  # meta.json after it
     host: list[tuple[list[SnapKey], Any, Any, Any]]
     scalars: list[tuple[list[int], list[str], Any]]
+
+
+def _remove_store(writer: PartWriter, folder: Path) -> None:
+    """Remove a recorder's temporary run folder after the part being written there."""
+    writer.settle()
+    shutil.rmtree(folder, True)
 
 
 def _write_part(part: _Part) -> int:

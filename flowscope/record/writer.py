@@ -16,6 +16,7 @@ caller (to hold again) and raises the error there, at the next hand-over, read o
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ __all__ = ["PartWriter"]
 @dataclass
 class _InFlight:
     job: Future[int]
-    rows: int  # what the part holds
+    rows: int  # the rows the write returns when it succeeds
+    size: int  # what the part holds in memory (rows and any other entries)
     data: Any  # handed back when the write fails; dropped once it succeeded
 
     def written(self, job: Future[int]) -> None:
@@ -39,7 +41,7 @@ class PartWriter:
 
     Example:
         >>> w = PartWriter()
-        >>> w.submit(lambda rows: len(rows), ["a", "b"], rows=2)
+        >>> w.submit(lambda rows: len(rows), ["a", "b"], rows=2, size=2)
         >>> w.wait(lambda data: None), w.in_flight, w.held
         (2, 0, 0)
         >>> w.close()
@@ -56,34 +58,49 @@ class PartWriter:
 
     @property
     def held(self) -> int:
-        """Rows handed over whose data is still in memory (not yet written)."""
+        """The size of the part handed over while its data is in memory (not yet written)."""
         part = self._part
-        return part.rows if part is not None and part.data is not None else 0
+        return part.size if part is not None and part.data is not None else 0
 
-    def submit(self, write: Callable[[Any], int], data: Any, rows: int) -> None:
-        """Write ``data`` with ``write(data)`` (it returns the rows written) on the thread;
-        the part before must have been waited for."""
+    def submit(self, write: Callable[[Any], int], data: Any, rows: int, size: int) -> None:
+        """Write ``data`` with ``write(data)`` (it returns ``rows``, the rows written) on the
+        thread; ``size``: what ``data`` holds in memory. The part before must have been waited
+        for."""
         assert self._part is None, "wait() for the part in flight first"
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowscope-writer")
-        part = _InFlight(self._pool.submit(write, data), rows, data)
+        part = _InFlight(self._pool.submit(write, data), rows, size, data)
         part.job.add_done_callback(part.written)
         self._part = part
 
     def wait(self, give_back: Callable[[Any], None]) -> int:
         """Wait for the part in flight; the rows it wrote (0 when none). When the write
-        failed, ``give_back(data)`` gets the part's data and the error is raised here."""
-        part, self._part = self._part, None
+        failed, ``give_back(data)`` gets the part's data and the error is raised here; when
+        the wait itself is interrupted (Ctrl-C), the part stays in flight."""
+        part = self._part
         if part is None:
             return 0
         try:
-            return part.job.result()
+            rows = part.job.result()
         except BaseException:
-            give_back(part.data)  # kept: a failed write keeps its data
+            job = part.job
+            if job.done() and not job.cancelled() and job.exception() is not None:
+                self._part = None
+                give_back(part.data)  # the write failed: its data is kept by the caller
             raise
+        self._part = None
+        return rows
 
     def close(self) -> None:
         """Stop the thread (after its write; :meth:`wait` first to see its result)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def settle(self) -> None:
+        """Let the part in flight finish, whatever its result, and stop the thread: before
+        a temporary run folder is removed under it."""
+        part, self._part = self._part, None
+        if part is not None:
+            futures.wait([part.job])
+        self.close()
