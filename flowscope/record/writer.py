@@ -10,7 +10,9 @@ snapshots, and the next hand-over, or any read of the run folder, first waits fo
 before it (:meth:`PartWriter.wait`). The write releases the GIL in compression and I/O.
 
 A write that fails is not lost: :meth:`PartWriter.wait` gives the part's data back to the
-caller (to hold again) and raises the error there, at the next hand-over, read or close.
+caller (to hold again) and raises the error there, at the next hand-over or read; the
+recorder's ``close()`` writes it again once. A wait interrupted by Ctrl-C leaves the part in
+flight. :meth:`PartWriter.settle` lets a part finish before its folder is removed.
 """
 
 from __future__ import annotations
