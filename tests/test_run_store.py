@@ -380,18 +380,25 @@ def test_a_step_does_not_wait_for_its_part_to_be_written(tmp_path: Path, monkeyp
     assert len(runstore.part_paths(out, "snapshots")) == 2 and rec.retained == 0
 
 
-def test_a_part_that_fails_to_write_is_held_and_written_later(tmp_path, monkeypatch) -> None:
+def _disk_full_on(monkeypatch: pytest.MonkeyPatch, call: int) -> list[int]:
+    """Make the ``call``-th part's snapshot write fail as a full disk does; the sizes of the
+    parts written or tried, in order."""
     from flowscope.record import frames
 
     write, calls = frames.Snapshots.write_part, []
 
-    def failing_once(self, *args, **kwargs):
+    def write_part(self, *args, **kwargs):
         calls.append(len(self))
-        if len(calls) == 1:
+        if len(calls) == call:
             raise OSError(28, "No space left on device")
         return write(self, *args, **kwargs)
 
-    monkeypatch.setattr(frames.Snapshots, "write_part", failing_once)
+    monkeypatch.setattr(frames.Snapshots, "write_part", write_part)
+    return calls
+
+
+def test_a_part_that_fails_to_write_is_held_and_written_later(tmp_path, monkeypatch) -> None:
+    calls = _disk_full_on(monkeypatch, 1)
     model, out = _net(), tmp_path / "run"
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     rec = fs.watch(model, out=out, flush_every=2)
@@ -401,6 +408,8 @@ def test_a_part_that_fails_to_write_is_held_and_written_later(tmp_path, monkeypa
     assert rec.retained == 4 * (3 + 3 + 4 + 4 + 1)  # steps 0-3 and their losses held again
     _train(model, rec, 2, opt)
     rec.close()
+    per_step = 3 + 3 + 4 + 4
+    assert calls == [2 * per_step, 6 * per_step]  # the failed steps went with steps 2-5
     run = fs.load(out)
     assert sorted(run.stats.step.unique()) == list(range(6))
     assert sorted(run.scalars[run.scalars.name == "loss"].step) == list(range(6))
@@ -503,17 +512,7 @@ def test_a_part_that_fails_once_in_flight_is_written_by_close(
 ) -> None:
     # the last part handed over fails once (a transient error) and the failure shows at
     # close(): close must still write it, as close() did when parts were written in step()
-    from flowscope.record import frames
-
-    write, calls = frames.Snapshots.write_part, []
-
-    def failing_second(self, *args, **kwargs):
-        calls.append(len(self))
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return write(self, *args, **kwargs)
-
-    monkeypatch.setattr(frames.Snapshots, "write_part", failing_second)
+    calls = _disk_full_on(monkeypatch, 2)
     model, out = _net(), tmp_path / "run"
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     warned = pytest.warns(RuntimeWarning, match="No space left.*retried")  # said, not raised
