@@ -18,14 +18,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from longrun import _rss_mib  # the same VmRSS reading as the long-run bench
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(steps: int) -> None:
