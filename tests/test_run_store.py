@@ -424,11 +424,11 @@ def test_a_recorder_dropped_while_its_part_is_written_leaves_no_temporary_folder
     import threading
 
     from flowscope.record import frames
-    from flowscope.record import recorder as recorder_module
+    from flowscope.record import writer as part_writer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     release, started, done = threading.Event(), threading.Event(), threading.Event()
-    write, write_part = frames.Snapshots.write_part, recorder_module._write_part
+    write, write_part = frames.Snapshots.write_part, part_writer.write_part
 
     def slow(self, *args, **kwargs):
         started.set()
@@ -442,7 +442,7 @@ def test_a_recorder_dropped_while_its_part_is_written_leaves_no_temporary_folder
             done.set()
 
     monkeypatch.setattr(frames.Snapshots, "write_part", slow)
-    monkeypatch.setattr(recorder_module, "_write_part", watched)
+    monkeypatch.setattr(part_writer, "write_part", watched)
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     rec = fs.watch(model, flush_every=2)

@@ -22,14 +22,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +37,7 @@ from torch import nn
 from flowscope.core.activations import saturation_of
 from flowscope.core.errors import FlowscopeError
 from flowscope.record import shards
+from flowscope.record import writer as part_writer
 from flowscope.record.checkpoint import Recomputes
 from flowscope.record.deadunits import DEAD_UNITS, dead_indicator
 from flowscope.record.hooks import Hooks
@@ -57,7 +56,7 @@ from flowscope.record.selection import (
     zero_output,
 )
 from flowscope.record.snapshot import RAW_FIELDS, HistSpec, split_row
-from flowscope.record.writer import PartWriter
+from flowscope.record.writer import Part, PartWriter
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -418,24 +417,28 @@ class Recorder:
             self._temporary = True
             # removed with the recorder, once a part being written there is done (the write
             # would make the folder again)
-            self._store_finalizer = weakref.finalize(self, _remove_store, self._writer, folder)
+            self._store_finalizer = weakref.finalize(
+                self, part_writer.remove_store, self._writer, folder
+            )
             self._open_store(folder)
         assert self.out is not None
         self._wait_for_part()  # parts in order, at most one in flight
         meta = {**self.meta, "run": self.name}
         folder_meta = {**meta, "format": runstore.FORMAT}
         host, scalars = self._host, self._host_scalars
-        part = _Part(self.out, self._parts, self.name, self.hist, meta, folder_meta, host, scalars)
+        part = Part(self.out, self._parts, self.name, self.hist, meta, folder_meta, host, scalars)
         self._parts += 1
         self._host, self._host_scalars = [], []
         rows = sum(len(keys) for keys, *_ in host)
-        self._writer.submit(_write_part, part, rows, rows + sum(len(st) for st, *_ in scalars))
+        self._writer.submit(
+            part_writer.write_part, part, rows, rows + sum(len(st) for st, *_ in scalars)
+        )
 
     def _wait_for_part(self) -> None:
         """Wait for the part being written; if writing it failed, hold its snapshots again
         (a later flush writes them) and raise the error."""
 
-        def give_back(part: _Part) -> None:
+        def give_back(part: Part) -> None:
             self._host[:0], self._host_scalars[:0] = part.host, part.scalars
             self._parts = part.number
 
@@ -858,45 +861,6 @@ class Recorder:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self.step_index}"
         return f"<flowscope.Recorder {len(self.targets)} modules, {state}>"
-
-
-@dataclass
-class _Part:
-    """What one part of the run folder is written from (on the writer's thread)."""
-
-    out: Path
-    number: int
-    run: str
-    hist: HistSpec
-    meta: dict[str, Any]  # the part's schema metadata
-    folder_meta: dict[str, Any]  # meta.json after it
-    host: list[tuple[list[SnapKey], Any, Any, Any]]
-    scalars: list[tuple[list[int], list[str], Any]]
-
-
-def _remove_store(writer: PartWriter, folder: Path) -> None:
-    """Remove a recorder's temporary run folder after the part being written there."""
-    writer.settle()
-    shutil.rmtree(folder, True)
-
-
-def _write_part(part: _Part) -> int:
-    """Write ``part`` (snapshots, scalars, then meta.json); the snapshots written."""
-    from flowscope.record import frames
-
-    if part.scalars:
-        steps = [s for chunk in part.scalars for s in chunk[0]]
-        names = [n for chunk in part.scalars for n in chunk[1]]
-        values = [v for chunk in part.scalars for v in chunk[2]]
-        frames.write_scalars_part(part.out, part.number, part.run, steps, names, values)
-    rows = 0
-    if part.host:
-        snaps = frames.Snapshots.of(part.host, part.hist, part.run)
-        snaps.write_part(part.out, part.number, part.meta)
-        rows = len(snaps)
-    text = json.dumps(part.folder_meta, indent=2, default=str)
-    frames.atomic_write_text(part.out / "meta.json", text)
-    return rows
 
 
 def _flowscope_version() -> str:

@@ -17,13 +17,18 @@ flight. :meth:`PartWriter.settle` lets a part finish before its folder is remove
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["PartWriter"]
+from flowscope.record.fields import HistSpec
+
+__all__ = ["Part", "PartWriter", "remove_store", "write_part"]
 
 
 @dataclass
@@ -106,3 +111,43 @@ class PartWriter:
         if part is not None:
             futures.wait([part.job])
         self.close()
+
+
+@dataclass
+class Part:
+    """What one part of a run folder is written from (on the writer's thread): the
+    recorder's held snapshots (``SnapKey`` lists with raw, linear and log arrays) and scalars."""
+
+    out: Path
+    number: int
+    run: str
+    hist: HistSpec
+    meta: dict[str, Any]  # the part's schema metadata
+    folder_meta: dict[str, Any]  # meta.json after it
+    host: list[tuple[list[Any], Any, Any, Any]]
+    scalars: list[tuple[list[int], list[str], Any]]
+
+
+def remove_store(writer: PartWriter, folder: Path) -> None:
+    """Remove a recorder's temporary run folder after the part being written there."""
+    writer.settle()
+    shutil.rmtree(folder, True)
+
+
+def write_part(part: Part) -> int:
+    """Write ``part`` (snapshots, scalars, then meta.json); the snapshots written."""
+    from flowscope.record import frames
+
+    if part.scalars:
+        steps = [s for chunk in part.scalars for s in chunk[0]]
+        names = [n for chunk in part.scalars for n in chunk[1]]
+        values = [v for chunk in part.scalars for v in chunk[2]]
+        frames.write_scalars_part(part.out, part.number, part.run, steps, names, values)
+    rows = 0
+    if part.host:
+        snaps = frames.Snapshots.of(part.host, part.hist, part.run)
+        snaps.write_part(part.out, part.number, part.meta)
+        rows = len(snaps)
+    text = json.dumps(part.folder_meta, indent=2, default=str)
+    frames.atomic_write_text(part.out / "meta.json", text)
+    return rows
